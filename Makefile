@@ -1,0 +1,40 @@
+# The two commands a newcomer needs:  `make run`  and  `make test`.
+# Both install whatever is missing (etcd from Debian's etcd-server package,
+# a virtualenv with the project and its test dependencies) before they start.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint bench setup etcd clean
+
+run: setup
+	$(BIN)/statestore serve
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check statestore api tests benchmarks
+	$(BIN)/ruff format --check statestore api tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench_store.py
+
+setup: etcd $(VENV)/.installed
+
+etcd:
+	@command -v etcd >/dev/null 2>&1 || { \
+	  echo "etcd not found: installing Debian package etcd-server"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq etcd-server; }
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .statestore .pytest_cache .hypothesis

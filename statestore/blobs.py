@@ -1,0 +1,395 @@
+"""State blobs through fsspec: write once, hash on the way, verify on read.
+
+A blob lives at ``<blob_root>/<namespace>/<blob-id>``; the id is fresh and
+random, never derived from a handle name, so a blob is never overwritten and
+no name can reach another namespace's blobs.
+
+All fsspec calls are blocking (s3fs runs its own IO loop behind its sync
+API), so they run on this module's thread pool, never on the event loop.
+Streamed data is buffered up to ``chunk_size`` between hops, so memory stays
+bounded by a few chunks whatever the blob size.
+
+Failure behaviour:
+
+- the blob store raises while writing: the partial object is deleted (best
+  effort) and :class:`~statestore.errors.Unavailable` is raised;
+- the data exceeds ``max_size`` or does not match ``expected_sha256``: the
+  partial object is deleted and ``TooLarge`` / ``IntegrityError`` is raised;
+- a read whose bytes do not match size and SHA-256: ``IntegrityError`` after
+  the last chunk (an iterator cannot take back chunks already yielded);
+- delete of a missing blob succeeds (deletes are idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import os
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+
+from statestore.errors import (
+    IntegrityError,
+    InvalidArgument,
+    StateStoreError,
+    TooLarge,
+    Unavailable,
+)
+from statestore.keys import encode
+
+T = TypeVar("T")
+
+#: What ``add_and_lock``/``replace`` accept as state.
+Data = bytes | bytearray | memoryview | Any  # file objects and (async) iterables of bytes
+
+_S3_MIN_PART = 5 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    url: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    """One blob found by listing a namespace (for the GC)."""
+
+    blob_id: str
+    url: str
+    size: int
+    mtime: float | None
+
+
+def new_blob_id() -> str:
+    """A fresh id: a millisecond timestamp (for people reading listings) and
+    128 random bits (for uniqueness)."""
+    return f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex}"
+
+
+class BlobStore:
+    def __init__(
+        self,
+        root_url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        chunk_size: int = 4 * 1024 * 1024,
+        max_workers: int = 32,
+    ) -> None:
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(root_url, **(storage_options or {}))
+        except (ImportError, ValueError, TypeError) as e:
+            raise InvalidArgument(f"cannot use blob_root {root_url!r}: {e}") from None
+        self.root = self.root.rstrip("/")
+        self.root_url = root_url
+        self.chunk_size = chunk_size
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self._local = "file" in protocols or "local" in protocols
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="blob")
+        self._made_dirs: set[str] = set()
+        #: Called with (operation, seconds) after each operation, for metrics.
+        self.observer: Callable[[str, float], None] | None = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- naming ------------------------------------------------------------------
+
+    def ns_dir(self, namespace: str) -> str:
+        return f"{self.root}/{encode(namespace)}"
+
+    def path_for(self, namespace: str, blob_id: str) -> str:
+        return f"{self.ns_dir(namespace)}/{blob_id}"
+
+    def url_of(self, path: str) -> str:
+        return str(self.fs.unstrip_protocol(path))
+
+    def path_of(self, url: str) -> str:
+        return str(self.fs._strip_protocol(url))
+
+    # -- plumbing ----------------------------------------------------------------
+
+    async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            result = await loop.run_in_executor(self._pool, fn, *args)
+        except StateStoreError:
+            raise
+        except FileNotFoundError:
+            raise
+        except (OSError, ConnectionError, TimeoutError) as e:
+            raise Unavailable(
+                f"blob store {self.root_url} failed to {what}: {e}; check that it is "
+                "reachable and writable, then retry"
+            ) from None
+        except Exception as e:  # botocore and friends have no common base
+            if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "aiohttp"):
+                raise Unavailable(f"blob store {self.root_url} failed to {what}: {e}") from None
+            raise
+        if self.observer is not None:
+            self.observer(what, time.perf_counter() - start)
+        return result
+
+    def _open_write(self, path: str) -> Any:
+        if self._local:
+            parent = path.rsplit("/", 1)[0]
+            if parent not in self._made_dirs:
+                self.fs.makedirs(parent, exist_ok=True)
+                self._made_dirs.add(parent)
+        return self.fs.open(path, "wb", block_size=max(self.chunk_size, _S3_MIN_PART))
+
+    def _finish(self, f: Any) -> None:
+        if self._local:
+            f.flush()
+            os.fsync(f.fileno())  # acknowledged state must survive a crash
+        f.close()
+
+    def _discard(self, f: Any, path: str) -> None:
+        try:
+            if hasattr(f, "discard"):
+                f.discard()  # s3fs: abort the multipart upload
+            f.close()
+        except Exception:
+            pass
+        try:
+            self.fs.rm_file(path)
+        except Exception:
+            pass
+
+    # -- write -------------------------------------------------------------------
+
+    async def write(
+        self,
+        namespace: str,
+        blob_id: str,
+        data: Data,
+        *,
+        max_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> BlobInfo:
+        """Write ``data`` as a new blob; returns its URL, size and SHA-256."""
+        path = self.path_for(namespace, blob_id)
+        limit = max_size if max_size is not None else -1
+
+        def check(size: int) -> None:
+            if limit >= 0 and size > limit:
+                raise TooLarge(f"state is over the size limit of {limit} bytes; nothing was stored")
+
+        def verify(info: BlobInfo) -> BlobInfo:
+            if expected_sha256 is not None and info.sha256 != expected_sha256.lower():
+                raise IntegrityError(
+                    f"the state's SHA-256 is {info.sha256} but the caller declared "
+                    f"{expected_sha256}; nothing was stored, resend the data"
+                )
+            return info
+
+        if isinstance(data, bytes | bytearray | memoryview):
+            buf = bytes(data)
+            check(len(buf))
+
+            def write_all() -> BlobInfo:
+                digest = hashlib.sha256(buf).hexdigest()
+                info = verify(BlobInfo(self.url_of(path), len(buf), digest))
+                f = self._open_write(path)
+                try:
+                    f.write(buf)
+                    self._finish(f)
+                except BaseException:
+                    self._discard(f, path)
+                    raise
+                return info
+
+            return await self._run("write", write_all)
+
+        if isinstance(data, str):
+            raise InvalidArgument("state must be bytes, not str; encode it first")
+
+        read = getattr(data, "read", None)
+        if read is not None and not inspect.iscoroutinefunction(read):
+            return await self._run("write", self._write_sync_file, path, data, check, verify)
+        if isinstance(data, Iterable) and not hasattr(data, "__aiter__") and read is None:
+            return await self._run("write", self._write_sync_iter, path, data, check, verify)
+        if read is not None or isinstance(data, AsyncIterable):
+            return await self._write_async(path, data, check, verify)
+        raise InvalidArgument(
+            f"state must be bytes, a binary file object or an (async) iterable of bytes, "
+            f"not {type(data).__name__}"
+        )
+
+    def _write_sync_iter(
+        self, path: str, chunks: Iterable[Any], check: Callable[[int], None], verify: Any
+    ) -> BlobInfo:
+        h, size = hashlib.sha256(), 0
+        f = self._open_write(path)
+        try:
+            for chunk in chunks:
+                chunk = _as_bytes(chunk)
+                size += len(chunk)
+                check(size)
+                h.update(chunk)
+                f.write(chunk)
+            info = verify(BlobInfo(self.url_of(path), size, h.hexdigest()))
+            self._finish(f)
+        except BaseException:
+            self._discard(f, path)
+            raise
+        return info  # type: ignore[no-any-return]
+
+    def _write_sync_file(
+        self, path: str, fobj: Any, check: Callable[[int], None], verify: Any
+    ) -> BlobInfo:
+        def chunks() -> Iterable[bytes]:
+            while True:
+                chunk = fobj.read(self.chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+
+        return self._write_sync_iter(path, chunks(), check, verify)
+
+    async def _write_async(
+        self, path: str, data: Any, check: Callable[[int], None], verify: Any
+    ) -> BlobInfo:
+        async def chunks() -> AsyncIterator[bytes]:
+            if hasattr(data, "__aiter__"):
+                async for c in data:
+                    yield _as_bytes(c)
+            else:
+                while True:
+                    c = await data.read(self.chunk_size)
+                    if not c:
+                        return
+                    yield _as_bytes(c)
+
+        h, size = hashlib.sha256(), 0
+        f = await self._run("open", self._open_write, path)
+        pending: list[bytes] = []
+        pending_len = 0
+
+        def flush(parts: list[bytes]) -> None:
+            block = b"".join(parts)
+            h.update(block)
+            f.write(block)
+
+        try:
+            async for chunk in chunks():
+                size += len(chunk)
+                check(size)
+                pending.append(chunk)
+                pending_len += len(chunk)
+                if pending_len >= self.chunk_size:
+                    parts, pending, pending_len = pending, [], 0
+                    await self._run("write", flush, parts)
+            if pending:
+                await self._run("write", flush, pending)
+            info = verify(BlobInfo(self.url_of(path), size, h.hexdigest()))
+            await self._run("write", self._finish, f)
+        except BaseException:
+            await asyncio.shield(self._run("discard", self._discard, f, path))
+            raise
+        return info  # type: ignore[no-any-return]
+
+    # -- read --------------------------------------------------------------------
+
+    async def open_read(self, url: str, size: int, sha256: str) -> AsyncIterator[bytes]:
+        """Yield the blob's chunks; raise IntegrityError at the end on mismatch."""
+        path = self.path_of(url)
+        try:
+            f = await self._run("open", self.fs.open, path, "rb")
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"the blob {url} of this handle is missing from the blob store; the handle's "
+                "state is lost or the blob store is not the one that wrote it"
+            ) from None
+        h, seen = hashlib.sha256(), 0
+        try:
+            while True:
+                chunk = await self._run("read", f.read, self.chunk_size)
+                if not chunk:
+                    break
+                seen += len(chunk)
+                h.update(chunk)
+                if seen > size:
+                    break
+                yield chunk
+        finally:
+            await self._run("close", f.close)
+        if seen != size or h.hexdigest() != sha256:
+            raise IntegrityError(
+                f"the blob {url} does not match its handle (expected {size} bytes with SHA-256 "
+                f"{sha256}, read {seen} bytes with SHA-256 {h.hexdigest()}); the state was "
+                "altered or truncated outside statestore"
+            )
+
+    async def read(self, url: str, size: int, sha256: str) -> bytes:
+        return b"".join([c async for c in self.open_read(url, size, sha256)])
+
+    # -- delete, list, ping ------------------------------------------------------
+
+    async def delete(self, url: str) -> None:
+        path = self.path_of(url)
+
+        def rm() -> None:
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+        await self._run("delete", rm)
+
+    async def exists(self, url: str) -> bool:
+        return bool(await self._run("exists", self.fs.exists, self.path_of(url)))
+
+    async def list_namespace(self, namespace: str) -> list[BlobEntry]:
+        """Every blob under the namespace's directory (for the GC)."""
+        d = self.ns_dir(namespace)
+
+        def ls() -> list[BlobEntry]:
+            try:
+                infos = self.fs.ls(d, detail=True)
+            except FileNotFoundError:
+                return []
+            out = []
+            for info in infos:
+                if info.get("type") == "directory":
+                    continue
+                name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+                mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+                if hasattr(mtime, "timestamp"):
+                    mtime = mtime.timestamp()
+                out.append(
+                    BlobEntry(
+                        name,
+                        self.url_of(str(info["name"])),
+                        int(info.get("size") or 0),
+                        float(mtime) if mtime is not None else None,
+                    )
+                )
+            return out
+
+        return await self._run("list", ls)
+
+    async def ping(self) -> None:
+        """Raise Unavailable unless the blob store answers."""
+
+        def probe() -> None:
+            self.fs.exists(self.root)
+
+        await self._run("answer", probe)
+
+
+def _as_bytes(chunk: Any) -> bytes:
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, bytearray | memoryview):
+        return bytes(chunk)
+    raise InvalidArgument(f"state chunks must be bytes, got {type(chunk).__name__}")

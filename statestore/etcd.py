@@ -1,0 +1,622 @@
+"""The one module that talks to etcd.
+
+Everything else in statestore speaks to etcd through :class:`EtcdClient`, so
+the client library can be swapped by rewriting this file alone. We use aetcd
+for the etcd v3 protocol (its generated gRPC stubs and messages) and own the
+channel ourselves, because aetcd's high-level ``Client`` connects to one
+``host:port`` only and cannot pin a range read to a revision or page it, both
+of which a consistent listing of tens of thousands of handles needs.
+
+Failure mapping (what callers see):
+
+=============================================  ==================================
+gRPC outcome                                   raised
+=============================================  ==================================
+could not connect (request never sent)         retried until the deadline, then
+                                               :class:`~statestore.errors.Unavailable`
+lost/timed out after sending, on a write       :class:`Ambiguous` (the caller
+                                               resolves it by re-reading)
+same, on a read                                retried, then ``Unavailable``
+``too many operations in txn request``         :class:`TooManyOps` (caller splits)
+``mvcc: database space exceeded`` (NOSPACE)    ``Unavailable`` naming the alarm/fix
+``requested lease not found``                  :class:`~statestore.errors.SessionExpired`
+``request is too large``                       :class:`~statestore.errors.TooLarge`
+``required revision has been compacted``       :class:`Compacted`
+=============================================  ==================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import grpc
+from aetcd import rpc
+
+from statestore.errors import (
+    InvalidArgument,
+    SessionExpired,
+    StateStoreError,
+    TooLarge,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------
+# errors specific to this layer
+
+
+class Ambiguous(Unavailable):
+    """A write was sent but no answer came back: it may or may not be applied."""
+
+
+class TooManyOps(InvalidArgument):
+    """etcd refused a txn for having more operations than ``--max-txn-ops``."""
+
+
+class Compacted(StateStoreError):
+    """A read or watch asked for a revision that etcd has compacted away."""
+
+    kind = "compacted"
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message, compact_revision=compact_revision)
+        self.compact_revision = compact_revision
+
+
+# Phrases in gRPC/etcd error details that prove the request never left us.
+_NOT_SENT = (
+    "failed to connect",
+    "connection refused",
+    "dns resolution failed",
+    "no address",
+    "etcdserver: no leader",
+    "etcdserver: not capable",
+    "etcdserver: too many requests",
+)
+
+
+def _describe(e: grpc.aio.AioRpcError) -> str:
+    return f"{e.code().name}: {e.details()}"
+
+
+def map_error(e: grpc.aio.AioRpcError, what: str, endpoints: str, *, write: bool) -> Exception:
+    """Turn a gRPC error into a statestore error (see the module table)."""
+    code, details = e.code(), (e.details() or "")
+    low = details.lower()
+    if "too many operations in txn request" in low:
+        return TooManyOps(f"{what}: etcd refused the transaction: {details}")
+    if "database space exceeded" in low or "nospace" in low:
+        return Unavailable(
+            f"{what}: etcd raised its NOSPACE alarm (database space exceeded): nothing was "
+            "written. Fix: compact and defragment etcd (`etcdctl compact`, `etcdctl defrag`), "
+            "raise --quota-backend-bytes if needed, then `etcdctl alarm disarm`.",
+            alarm="NOSPACE",
+        )
+    if "requested lease not found" in low or "lease not found" in low:
+        return SessionExpired(
+            f"{what}: the instance's etcd lease is gone (expired or revoked), so its locks "
+            "are gone too; the store takes a new lease, retry the call"
+        )
+    if "request is too large" in low:
+        return TooLarge(
+            f"{what}: etcd refused the request as larger than its --max-request-bytes; "
+            "reduce the metadata size"
+        )
+    if "required revision has been compacted" in low:
+        return Compacted(f"{what}: {details}", compact_revision=0)
+    if code == grpc.StatusCode.UNAUTHENTICATED or code == grpc.StatusCode.PERMISSION_DENIED:
+        return Unavailable(f"{what}: etcd refused our credentials ({_describe(e)})")
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return InvalidArgument(f"{what}: etcd refused the request ({_describe(e)})")
+    sent = not any(p in low for p in _NOT_SENT)
+    if write and sent:
+        return Ambiguous(
+            f"{what}: etcd at {endpoints} did not confirm the write ({_describe(e)}); "
+            "it may or may not have been applied"
+        )
+    return Unavailable(
+        f"{what}: etcd at {endpoints} is unreachable ({_describe(e)}); "
+        "check that etcd runs and the endpoints are right, then retry"
+    )
+
+
+# ---------------------------------------------------------------------------
+# values
+
+
+@dataclass(slots=True, frozen=True)
+class KV:
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+    @classmethod
+    def of(cls, kv: Any) -> KV:
+        return cls(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+
+
+@dataclass(slots=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    #: One entry per operation of the branch that ran: ``list[KV]`` for a get,
+    #: the number of deleted keys for a delete, ``None`` for a put.
+    results: list[Any]
+
+
+@dataclass(slots=True)
+class Txn:
+    """A transaction under construction: ``If(compares) Then(ops) Else(ops)``.
+
+    Compare targets are ``create``, ``mod``, ``version``, ``value``; a compare
+    with ``range_end`` must hold for every key in ``[key, range_end)`` (and
+    holds vacuously, against zero values, for an empty range).
+    """
+
+    compares: list[Any] = field(default_factory=list)
+    success: list[Any] = field(default_factory=list)
+    failure: list[Any] = field(default_factory=list)
+
+    _OPS: ClassVar[dict[str, int]] = {
+        "==": rpc.Compare.EQUAL,
+        "!=": rpc.Compare.NOT_EQUAL,
+        "<": rpc.Compare.LESS,
+        ">": rpc.Compare.GREATER,
+    }
+
+    def compare(
+        self, target: str, key: bytes, op: str, value: int | bytes, range_end: bytes | None = None
+    ) -> Txn:
+        c = rpc.Compare(key=key, result=self._OPS[op])
+        if range_end is not None:
+            c.range_end = range_end
+        if target == "create":
+            c.target, c.create_revision = rpc.Compare.CREATE, int(value)  # type: ignore[arg-type]
+        elif target == "mod":
+            c.target, c.mod_revision = rpc.Compare.MOD, int(value)  # type: ignore[arg-type]
+        elif target == "version":
+            c.target, c.version = rpc.Compare.VERSION, int(value)  # type: ignore[arg-type]
+        elif target == "value":
+            c.target, c.value = rpc.Compare.VALUE, value  # type: ignore[assignment]
+        else:
+            raise ValueError(f"unknown compare target {target!r}")
+        self.compares.append(c)
+        return self
+
+    @staticmethod
+    def put(key: bytes, value: bytes, lease: int = 0) -> Any:
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+
+    @staticmethod
+    def delete(key: bytes, range_end: bytes | None = None) -> Any:
+        r = rpc.DeleteRangeRequest(key=key)
+        if range_end is not None:
+            r.range_end = range_end
+        return rpc.RequestOp(request_delete_range=r)
+
+    @staticmethod
+    def get(key: bytes, range_end: bytes | None = None, keys_only: bool = False) -> Any:
+        r = rpc.RangeRequest(key=key, keys_only=keys_only)
+        if range_end is not None:
+            r.range_end = range_end
+        return rpc.RequestOp(request_range=r)
+
+    def then(self, *ops: Any) -> Txn:
+        self.success.extend(ops)
+        return self
+
+    def orelse(self, *ops: Any) -> Txn:
+        self.failure.extend(ops)
+        return self
+
+    @property
+    def size(self) -> int:
+        """The largest branch, as etcd's --max-txn-ops counts it."""
+        return max(len(self.compares), len(self.success), len(self.failure))
+
+    def request(self) -> Any:
+        return rpc.TxnRequest(compare=self.compares, success=self.success, failure=self.failure)
+
+
+@dataclass(slots=True)
+class Status:
+    version: str
+    db_size: int
+    leader: int
+    member_id: int
+    raft_term: int
+    revision: int
+
+
+# ---------------------------------------------------------------------------
+# the client
+
+
+def grpc_target(endpoints: Sequence[str]) -> str:
+    """One gRPC target for a list of ``host:port`` endpoints.
+
+    gRPC's ``ipv4:``/``ipv6:`` schemes take a comma list of addresses and fail
+    over between them; hostnames are resolved here once, at connect time (a
+    single hostname is left to gRPC's own DNS resolver).
+    """
+    v4: list[str] = []
+    v6: list[str] = []
+    for ep in endpoints:
+        ep = ep.strip().removeprefix("http://").removeprefix("https://").rstrip("/")
+        host, _, port = ep.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            raise InvalidArgument(f"etcd endpoint {ep!r} is not host:port")
+        try:
+            ips = [ipaddress.ip_address(host)]
+        except ValueError:
+            if len(endpoints) == 1:
+                return f"dns:///{host}:{port}"
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except OSError as e:
+                raise Unavailable(f"cannot resolve etcd endpoint {ep!r}: {e}") from None
+            ips = sorted({ipaddress.ip_address(str(i[4][0])) for i in infos}, key=str)
+        for ip in ips:
+            if ip.version == 4:
+                v4.append(f"{ip}:{port}")
+            else:
+                v6.append(f"[{ip}]:{port}")
+    # One target cannot mix families; IPv4 wins when both are present.
+    return "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
+
+
+_CHANNEL_OPTIONS = [
+    # Reconnect fast after an etcd restart or failover (gRPC's default backoff
+    # grows to 120 s, far longer than a lease).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # Detect a dead member behind an idle connection (etcd permits pings >= 5 s).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Listings page themselves, but a page of big records can exceed 4 MiB.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.lb_policy_name", "pick_first"),
+]
+
+
+class EtcdClient:
+    """Async access to one etcd cluster.
+
+    Every call has a deadline (``timeout``). Calls that could not reach etcd
+    are retried with short backoff until that deadline, so an unreachable etcd
+    gives :class:`Unavailable` within ``timeout`` seconds, never a hang.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float = 5.0,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self._username = username
+        self._password = password
+        self._channel: grpc.aio.Channel | None = None
+        self._metadata: tuple[tuple[str, str], ...] | None = None
+        self._kv_stub: Any = None
+        self._lease_stub: Any = None
+        self._maint_stub: Any = None
+        self._watch_stub: Any = None
+        #: Called with (operation, seconds) after each call, for metrics.
+        self.observer: Callable[[str, float], None] | None = None
+
+    @property
+    def _where(self) -> str:
+        return ",".join(self.endpoints)
+
+    def _ensure_channel(self) -> None:
+        if self._channel is not None:
+            return
+        self._channel = grpc.aio.insecure_channel(
+            grpc_target(self.endpoints), options=_CHANNEL_OPTIONS
+        )
+        self._kv_stub = rpc.KVStub(self._channel)
+        self._lease_stub = rpc.LeaseStub(self._channel)
+        self._maint_stub = rpc.MaintenanceStub(self._channel)
+        self._watch_stub = rpc.WatchStub(self._channel)
+
+    # Stubs are created on first use, so a client can be built outside a loop.
+    @property
+    def _kv(self) -> Any:
+        self._ensure_channel()
+        return self._kv_stub
+
+    @property
+    def _lease(self) -> Any:
+        self._ensure_channel()
+        return self._lease_stub
+
+    @property
+    def _maint(self) -> Any:
+        self._ensure_channel()
+        return self._maint_stub
+
+    @property
+    def _watch(self) -> Any:
+        self._ensure_channel()
+        return self._watch_stub
+
+    async def connect(self) -> None:
+        """Open the channel and, with credentials, authenticate. Idempotent."""
+        self._ensure_channel()
+        if self._username is not None and self._metadata is None:
+            auth = rpc.AuthStub(self._channel)
+            resp = await self._call(
+                "authenticate",
+                auth.Authenticate,
+                rpc.AuthenticateRequest(name=self._username, password=self._password or ""),
+                write=False,
+            )
+            self._metadata = (("token", resp.token),)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            ch, self._channel = self._channel, None
+            self._metadata = None
+            await ch.close()
+
+    async def __aenter__(self) -> EtcdClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- core call with retry and error mapping --------------------------------
+
+    async def _call(
+        self, what: str, method: Any, request: Any, *, write: bool, timeout: float | None = None
+    ) -> Any:
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        attempt = 0
+        start = time.perf_counter()
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                resp = await method(request, timeout=max(remaining, 0.05), metadata=self._metadata)
+            except grpc.aio.AioRpcError as e:
+                err = map_error(e, what, self._where, write=write)
+                retryable = type(err) is Unavailable and "NOSPACE" not in err.message
+                if retryable and time.monotonic() + 0.05 < deadline:
+                    attempt += 1
+                    await asyncio.sleep(min(0.02 * 2**attempt, 0.5, deadline - time.monotonic()))
+                    continue
+                raise err from None
+            if self.observer is not None:
+                self.observer(what, time.perf_counter() - start)
+            return resp
+
+    # -- KV --------------------------------------------------------------------
+
+    async def get(self, key: bytes, *, revision: int = 0) -> KV | None:
+        resp = await self._call(
+            "get", self._kv.Range, rpc.RangeRequest(key=key, revision=revision), write=False
+        )
+        return KV.of(resp.kvs[0]) if resp.kvs else None
+
+    async def range(
+        self,
+        key: bytes,
+        range_end: bytes,
+        *,
+        revision: int = 0,
+        limit: int = 0,
+        keys_only: bool = False,
+        count_only: bool = False,
+    ) -> tuple[list[KV], bool, int, int]:
+        """One range request: (kvs, more, count, revision)."""
+        req = rpc.RangeRequest(
+            key=key,
+            range_end=range_end,
+            revision=revision,
+            limit=limit,
+            keys_only=keys_only,
+            count_only=count_only,
+        )
+        resp = await self._call("range", self._kv.Range, req, write=False)
+        return [KV.of(kv) for kv in resp.kvs], resp.more, resp.count, resp.header.revision
+
+    async def range_all(
+        self,
+        key: bytes,
+        range_end: bytes,
+        *,
+        revision: int = 0,
+        page: int = 2000,
+        keys_only: bool = False,
+    ) -> tuple[list[KV], int]:
+        """Every key in ``[key, range_end)`` at ONE revision, read in pages.
+
+        The first page fixes the revision (unless given); later pages are
+        pinned to it, so the result is one consistent snapshot.
+        """
+        out: list[KV] = []
+        start = key
+        while True:
+            kvs, more, _, rev = await self.range(
+                start, range_end, revision=revision, limit=page, keys_only=keys_only
+            )
+            revision = revision or rev
+            out.extend(kvs)
+            if not more or not kvs:
+                return out, revision
+            start = kvs[-1].key + b"\0"
+
+    async def count(self, key: bytes, range_end: bytes) -> int:
+        _, _, n, _ = await self.range(key, range_end, count_only=True)
+        return n
+
+    async def put(self, key: bytes, value: bytes, *, lease: int = 0) -> int:
+        resp = await self._call(
+            "put", self._kv.Put, rpc.PutRequest(key=key, value=value, lease=lease), write=True
+        )
+        return int(resp.header.revision)
+
+    async def delete(self, key: bytes, range_end: bytes | None = None) -> int:
+        req = rpc.DeleteRangeRequest(key=key)
+        if range_end is not None:
+            req.range_end = range_end
+        resp = await self._call("delete", self._kv.DeleteRange, req, write=True)
+        return int(resp.deleted)
+
+    async def txn(self, txn: Txn, *, what: str = "txn") -> TxnResult:
+        resp = await self._call(what, self._kv.Txn, txn.request(), write=True)
+        results: list[Any] = []
+        for r in resp.responses:
+            kind = r.WhichOneof("response")
+            if kind == "response_range":
+                results.append([KV.of(kv) for kv in r.response_range.kvs])
+            elif kind == "response_delete_range":
+                results.append(int(r.response_delete_range.deleted))
+            else:
+                results.append(None)
+        return TxnResult(bool(resp.succeeded), int(resp.header.revision), results)
+
+    # -- leases ----------------------------------------------------------------
+
+    async def lease_grant(self, ttl: int) -> tuple[int, int]:
+        """Grant a lease: (lease id, granted ttl)."""
+        resp = await self._call(
+            "lease grant", self._lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl), write=False
+        )
+        if resp.error:
+            raise Unavailable(f"etcd refused to grant a lease: {resp.error}")
+        return int(resp.ID), int(resp.TTL)
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        try:
+            await self._call(
+                "lease revoke",
+                self._lease.LeaseRevoke,
+                rpc.LeaseRevokeRequest(ID=lease_id),
+                write=False,
+            )
+        except SessionExpired:
+            pass  # already gone: that is what revoking wanted
+
+    async def lease_keepalive(self, lease_id: int, *, timeout: float | None = None) -> int:
+        """Refresh a lease once; returns the remaining TTL (<= 0: the lease is lost)."""
+
+        async def once(request: Any, timeout: float, metadata: Any) -> Any:
+            call = self._lease.LeaseKeepAlive(iter([request]), timeout=timeout, metadata=metadata)
+            async for reply in call:
+                call.cancel()
+                return reply
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "keepalive stream closed without a reply",
+            )
+
+        resp = await self._call(
+            "lease keepalive",
+            once,
+            rpc.LeaseKeepAliveRequest(ID=lease_id),
+            write=False,
+            timeout=timeout,
+        )
+        return int(resp.TTL)
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Remaining TTL of a lease; -1 when it does not exist."""
+        resp = await self._call(
+            "lease ttl",
+            self._lease.LeaseTimeToLive,
+            rpc.LeaseTimeToLiveRequest(ID=lease_id),
+            write=False,
+        )
+        return int(resp.TTL)
+
+    # -- maintenance -----------------------------------------------------------
+
+    async def status(self) -> Status:
+        resp = await self._call("status", self._maint.Status, rpc.StatusRequest(), write=False)
+        return Status(
+            resp.version,
+            resp.dbSize,
+            resp.leader,
+            resp.header.member_id,
+            resp.raftTerm,
+            resp.header.revision,
+        )
+
+    async def alarms(self) -> list[str]:
+        """Active alarms, e.g. ``["NOSPACE"]``."""
+        req = rpc.AlarmRequest(action=rpc.AlarmRequest.GET, memberID=0, alarm=rpc.NONE)
+        resp = await self._call("alarms", self._maint.Alarm, req, write=False)
+        names = {rpc.NOSPACE: "NOSPACE", rpc.CORRUPT: "CORRUPT"}
+        return [names.get(a.alarm, str(a.alarm)) for a in resp.alarms]
+
+    async def compact(self, revision: int, *, physical: bool = False) -> None:
+        req = rpc.CompactionRequest(revision=revision, physical=physical)
+        await self._call("compact", self._kv.Compact, req, write=True)
+
+    # -- watch -----------------------------------------------------------------
+
+    async def watch(
+        self, key: bytes, range_end: bytes, *, start_revision: int = 0
+    ) -> AsyncIterator[tuple[int, list[tuple[str, KV]]]]:
+        """Watch a range: yields (revision, [(\"put\"|\"delete\", kv), ...]).
+
+        Raises :class:`Compacted` (with ``compact_revision``) when
+        ``start_revision`` was compacted away: re-list and watch again.
+        Raises :class:`Unavailable` when the stream breaks.
+        """
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        create = rpc.WatchRequest(
+            create_request=rpc.WatchCreateRequest(
+                key=key, range_end=range_end, start_revision=start_revision, progress_notify=True
+            )
+        )
+
+        async def requests() -> AsyncIterator[Any]:
+            yield create
+            await queue.get()  # hold the stream open until cancelled
+
+        call = self._watch.Watch(requests(), metadata=self._metadata)
+        try:
+            async for resp in call:
+                if resp.compact_revision:
+                    raise Compacted(
+                        f"watch from revision {start_revision} is compacted "
+                        f"(compact revision {resp.compact_revision})",
+                        compact_revision=int(resp.compact_revision),
+                    )
+                if resp.canceled:
+                    raise Unavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
+                events = [
+                    ("put" if ev.type == rpc.Event.PUT else "delete", KV.of(ev.kv))
+                    for ev in resp.events
+                ]
+                yield int(resp.header.revision), events
+        except grpc.aio.AioRpcError as e:
+            raise map_error(e, "watch", self._where, write=False) from None
+        finally:
+            call.cancel()

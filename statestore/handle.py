@@ -1,0 +1,114 @@
+"""The handle: the small record in etcd that points at a state blob."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from statestore.errors import IntegrityError, InvalidArgument, TooLarge
+
+RECORD_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """An immutable view of one handle record.
+
+    ``version`` is the etcd mod_revision of the record: it changes on every
+    replace and is what ``replace(expected_version=...)`` compares.
+    """
+
+    name: str
+    version: int
+    size: int
+    sha256: str
+    created_at: datetime
+    metadata: dict[str, Any]
+    blob_url: str
+    blob_id: str = ""
+    request_id: str = ""
+    writer: str = ""
+    create_revision: int = field(default=0, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The handle as rest-v1.md shows it (without ``locks``)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "size": self.size,
+            "sha256": self.sha256,
+            "created_at": self.created_at.isoformat(),
+            "metadata": self.metadata,
+        }
+
+
+def encode_metadata(metadata: Any, limit: int) -> dict[str, Any]:
+    """Validate user metadata: a JSON object of at most ``limit`` bytes."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidArgument(
+            f"metadata must be a JSON object (a dict), got {type(metadata).__name__}"
+        )
+    try:
+        raw = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"metadata is not JSON-serialisable: {e}") from None
+    if len(raw.encode()) > limit:
+        raise TooLarge(
+            f"metadata is {len(raw.encode())} bytes of JSON, over the limit of {limit}; "
+            "keep large data in the state itself"
+        )
+    return dict(json.loads(raw))
+
+
+def make_record(
+    *,
+    name: str,
+    blob_url: str,
+    blob_id: str,
+    size: int,
+    sha256: str,
+    metadata: dict[str, Any],
+    request_id: str,
+    writer: str,
+    created_at: datetime | None = None,
+) -> bytes:
+    rec = {
+        "format": RECORD_FORMAT,
+        "name": name,
+        "blob_url": blob_url,
+        "blob_id": blob_id,
+        "size": size,
+        "sha256": sha256,
+        "created_at": (created_at or datetime.now(UTC)).isoformat(),
+        "request_id": request_id,
+        "writer": writer,
+        "metadata": metadata,
+    }
+    return json.dumps(rec, separators=(",", ":")).encode()
+
+
+def parse_record(value: bytes, version: int, create_revision: int = 0) -> Handle:
+    try:
+        rec = json.loads(value)
+        return Handle(
+            name=rec["name"],
+            version=version,
+            size=int(rec["size"]),
+            sha256=rec["sha256"],
+            created_at=datetime.fromisoformat(rec["created_at"]),
+            metadata=rec.get("metadata") or {},
+            blob_url=rec["blob_url"],
+            blob_id=rec.get("blob_id", ""),
+            request_id=rec.get("request_id", ""),
+            writer=rec.get("writer", ""),
+            create_revision=create_revision,
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(
+            f"a handle record in etcd is unreadable ({e}): it was written by something other "
+            "than statestore or is corrupt; inspect it with etcdctl"
+        ) from None

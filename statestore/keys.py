@@ -1,0 +1,147 @@
+"""The etcd key layout (protocol.md section 2) and name encoding.
+
+Every user-supplied name and namespace is validated, then percent-encoded so
+that the encoded form never contains ``/``. That is what stops aliasing: a
+handle named ``a/locks/x`` becomes ``a%2Flocks%2Fx``, which cannot be the lock
+key ``a/locks/x`` of handle ``a``, nor a key of another namespace.
+
+Percent-encoding works character by character, so ``encode(p)`` is a prefix of
+``encode(p + s)``: a prefix filter on names is a range read on encoded keys.
+It does not keep sort order (``%`` sorts before most characters), so listings
+are sorted by decoded name.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from statestore.errors import InvalidArgument
+
+MAX_NAME_BYTES = 512
+# Characters left readable in etcd keys; '/' and '%' are always escaped.
+_SAFE = " !$&'()*+,-.:;=@[]^_`{|}~"
+
+
+def _validate(kind: str, value: object, max_bytes: int = MAX_NAME_BYTES) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{kind} must be a string, got {type(value).__name__}")
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(
+            f"{kind} {value!r} is not valid UTF-8 (it holds a lone surrogate); "
+            "use a name of valid Unicode text"
+        ) from None
+    if not raw:
+        raise InvalidArgument(f"{kind} must not be empty")
+    if len(raw) > max_bytes:
+        raise InvalidArgument(
+            f"{kind} is {len(raw)} bytes of UTF-8, over the limit of {max_bytes}; "
+            "use a shorter name"
+        )
+    for ch in value:
+        if unicodedata.category(ch) == "Cc":
+            raise InvalidArgument(
+                f"{kind} {value!r} contains the control character U+{ord(ch):04X}; "
+                "names may hold any printable character but no control characters"
+            )
+    return value
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid handle name, else raise InvalidArgument."""
+    return _validate("handle name", name)
+
+
+def validate_namespace(ns: object) -> str:
+    """Return ``ns`` if it is a valid namespace, else raise InvalidArgument."""
+    return _validate("namespace", ns, max_bytes=253)
+
+
+def encode(name: str) -> str:
+    """Encode a validated name into one etcd key segment (never contains '/')."""
+    return quote(name, safe=_SAFE)
+
+
+def decode(segment: str) -> str:
+    return unquote(segment)
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that makes ``[prefix, end)`` cover every key with ``prefix``."""
+    b = bytearray(prefix)
+    for i in reversed(range(len(b))):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\0"  # all 0xff: the whole rest of the keyspace
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Keys of one namespace under one root (see protocol.md section 2)."""
+
+    root: str
+    namespace: str
+
+    @property
+    def ns_prefix(self) -> bytes:
+        return f"{self.root}/{encode(self.namespace)}/".encode()
+
+    # handles and their locks -------------------------------------------------
+    @property
+    def handles_prefix(self) -> bytes:
+        return self.ns_prefix + b"handles/"
+
+    def handle(self, name: str) -> bytes:
+        return self.handles_prefix + encode(name).encode()
+
+    def lock_prefix(self, name: str) -> bytes:
+        return self.handle(name) + b"/locks/"
+
+    def lock(self, name: str, instance_id: str) -> bytes:
+        return self.lock_prefix(name) + instance_id.encode()
+
+    def parse_handles_key(self, key: bytes) -> tuple[str, str | None]:
+        """Split a key under ``handles/`` into (name, lock holder or None)."""
+        rest = key[len(self.handles_prefix) :].decode()
+        seg, sep, tail = rest.partition("/locks/")
+        return decode(seg), (tail if sep else None)
+
+    # deferred removals, gc, uploads, counters, leadership --------------------
+    @property
+    def removals_prefix(self) -> bytes:
+        return self.ns_prefix + b"removals/"
+
+    def removal(self, name: str) -> bytes:
+        return self.removals_prefix + encode(name).encode()
+
+    def parse_removal_key(self, key: bytes) -> str:
+        return decode(key[len(self.removals_prefix) :].decode())
+
+    @property
+    def gc_prefix(self) -> bytes:
+        return self.ns_prefix + b"gc/"
+
+    def gc(self, blob_id: str) -> bytes:
+        return self.gc_prefix + blob_id.encode()
+
+    @property
+    def uploads_prefix(self) -> bytes:
+        return self.ns_prefix + b"uploads/"
+
+    def upload(self, blob_id: str) -> bytes:
+        return self.uploads_prefix + blob_id.encode()
+
+    def counter(self, name: str) -> bytes:
+        return self.ns_prefix + b"counters/" + encode(name).encode()
+
+    @property
+    def leader_prefix(self) -> bytes:
+        return self.ns_prefix + b"leader/"
+
+    @property
+    def compactor(self) -> bytes:
+        return f"{self.root}/_compactor".encode()

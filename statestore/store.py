@@ -1,0 +1,1015 @@
+"""``StateHandleStore``: handles in etcd, state in blobs, lease-guarded deletes.
+
+This is the equivalent of Flink's ``StateHandleStore`` (ZooKeeper/Kubernetes
+flavours), on etcd v3. Each instance has one instance id and one lease; a
+lock is the key ``handles/<name>/locks/<instance-id>`` attached to that lease,
+so the locks of a crashed instance vanish when its lease expires. A handle is
+removed only by one transaction that also proves no lock of anyone else
+exists (protocol.md invariant 2), so a checkpoint recovered (locked) by a new
+leader can never be deleted by a zombie old one (FLINK-6612).
+
+Every operation below documents its ordering and what a failure at each step
+leaves behind; docs/design.md has the same as one table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from statestore.blobs import BlobStore, Data, new_blob_id
+from statestore.config import StoreConfig
+from statestore.errors import (
+    AlreadyExists,
+    Fenced,
+    InvalidArgument,
+    NotFound,
+    PossibleInconsistentState,
+    SessionExpired,
+    StateStoreError,
+    Unavailable,
+    VersionConflict,
+)
+from statestore.etcd import KV, Ambiguous, EtcdClient, TooManyOps, Txn, TxnResult
+from statestore.handle import Handle, encode_metadata, make_record, parse_record
+from statestore.keys import Layout, prefix_end, validate_name, validate_namespace
+from statestore.session import Session
+
+# How many times an operation re-reads and retries after losing a race or an
+# ambiguous answer before giving up.
+_MAX_ROUNDS = 8
+
+
+class Fence(Protocol):
+    """What fencing needs from a leader election (see statestore.election)."""
+
+    @property
+    def leader_key(self) -> bytes: ...
+
+    @property
+    def token(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """Outcome of a removal attempt."""
+
+    removed: bool
+    #: Instance ids that still hold locks (when not removed).
+    holders: list[str]
+    #: True when the removal was recorded to complete later.
+    pending: bool = False
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Every handle of a namespace (optionally under a name prefix) at one revision."""
+
+    revision: int
+    handles: list[Handle]
+    locks: dict[str, list[str]]
+    pending_removal: set[str]
+
+
+class _Shared:
+    """State shared by a store and its fenced views: one client, one lease."""
+
+    def __init__(self, cfg: StoreConfig, instance_id: str | None) -> None:
+        self.cfg = cfg
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self.client = EtcdClient(
+            cfg.etcd_endpoints,
+            timeout=cfg.etcd_timeout,
+            username=cfg.etcd_username,
+            password=cfg.etcd_password,
+        )
+        self.blobs = BlobStore(cfg.blob_root, cfg.storage_options, chunk_size=cfg.blob_chunk_size)
+        self.session = Session(self.client, cfg.lease_ttl)
+        # Learned from etcd when it refuses a txn as too large (--max-txn-ops).
+        self.max_ops = cfg.max_txn_ops
+        self.writes_in_flight = 0
+        self.closed = False
+
+
+class StateHandleStore:
+    """Async store of state handles for one namespace. Open with :meth:`open`."""
+
+    def __init__(
+        self,
+        cfg: StoreConfig,
+        *,
+        instance_id: str | None = None,
+        _shared: _Shared | None = None,
+        _fence: Fence | None = None,
+    ) -> None:
+        validate_namespace(cfg.namespace)
+        self._s = _shared or _Shared(cfg, instance_id)
+        self._cfg = cfg
+        self._keys = Layout(cfg.root, cfg.namespace)
+        self._fence = _fence
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, cfg: StoreConfig | None = None, **kwargs: Any) -> _Opener:
+        """``async with StateHandleStore.open(cfg) as store`` (or ``await``):
+        connects, takes the instance's lease, and on exit releases it."""
+        return _Opener(cls(cfg or StoreConfig(), **kwargs))
+
+    async def start(self) -> StateHandleStore:
+        try:
+            await self._s.session.start()
+        except BaseException:
+            await self._s.client.close()
+            self._s.blobs.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        """Release the lease (all locks go at once) and free connections."""
+        if self._s.closed:
+            return
+        self._s.closed = True
+        await self._s.session.close()
+        await self._s.client.close()
+        self._s.blobs.close()
+
+    @property
+    def instance_id(self) -> str:
+        return self._s.instance_id
+
+    @property
+    def namespace(self) -> str:
+        return self._cfg.namespace
+
+    @property
+    def config(self) -> StoreConfig:
+        return self._cfg
+
+    @property
+    def keys(self) -> Layout:
+        return self._keys
+
+    @property
+    def etcd(self) -> EtcdClient:
+        return self._s.client
+
+    @property
+    def blobs(self) -> BlobStore:
+        return self._s.blobs
+
+    @property
+    def session(self) -> Session:
+        return self._s.session
+
+    def with_fencing(self, election: Fence) -> StateHandleStore:
+        """A view of this store (same instance id and lease) whose every
+        mutating call carries ``compare(create_revision(leader key) == token)``
+        and raises :class:`Fenced` once leadership is gone."""
+        return type(self)(self._cfg, _shared=self._s, _fence=election)
+
+    def for_namespace(self, namespace: str) -> StateHandleStore:
+        """A view of the same instance (same id and lease) on another namespace."""
+        validate_namespace(namespace)
+        cfg = self._cfg.model_copy(update={"namespace": namespace})
+        return type(self)(cfg, _shared=self._s, _fence=self._fence)
+
+    # -- transaction plumbing ----------------------------------------------------
+
+    def _fence_token(self) -> tuple[bytes, int] | None:
+        if self._fence is None:
+            return None
+        token = self._fence.token
+        if token is None:
+            raise Fenced(
+                "this store is fenced by a leader election it does not lead (any more); "
+                "nothing was changed. Campaign again before writing"
+            )
+        return self._fence.leader_key, token
+
+    async def _txn(self, build: Callable[[int], Txn], what: str, *, fenced: bool) -> TxnResult:
+        """Run ``build(lease_id)`` as one txn, adding the fence compare.
+
+        Retries transparently when our own ``release_all`` swapped the lease
+        mid-call; raises :class:`SessionExpired` when the lease was lost.
+        """
+        for _ in range(3):
+            fence = self._fence_token() if fenced else None
+            lease = self._s.session.lease_id
+            lost = self._s.session.lost_count
+            t = build(lease)
+            if fence is not None:
+                t.compare("create", fence[0], "==", fence[1])
+                t.orelse(Txn.get(fence[0]))
+            try:
+                res = await self._s.client.txn(t, what=what)
+            except SessionExpired:
+                if self._s.session.lease_id != lease and self._s.session.lost_count == lost:
+                    continue  # we renewed it ourselves (release_all): use the new lease
+                raise
+            if not res.succeeded and fence is not None:
+                leader = res.results[-1]
+                if not leader or leader[0].create_revision != fence[1]:
+                    raise Fenced(
+                        f"{what} refused: leadership token {fence[1]} is no longer current "
+                        f"(current leader key revision: "
+                        f"{leader[0].create_revision if leader else 'none'}); nothing was "
+                        "changed. This instance must stop acting as leader"
+                    )
+            return res
+        raise SessionExpired(f"{what}: the lease changed repeatedly while the call ran; retry")
+
+    def _lock_value(self) -> bytes:
+        return self._s.instance_id.encode()
+
+    def _gc_record(self, handle: Handle, reason: str) -> bytes:
+        return json.dumps(
+            {
+                "blob_url": handle.blob_url,
+                "handle": handle.name,
+                "reason": reason,
+                "queued_at": time.time(),
+                "by": self._s.instance_id,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    def _upload_record(self, url: str) -> bytes:
+        return json.dumps(
+            {"blob_url": url, "started_at": time.time(), "writer": self._s.instance_id},
+            separators=(",", ":"),
+        ).encode()
+
+    async def _put_intent(self, blob_id: str, url: str) -> None:
+        """Upload intent on our lease, before the first byte (protocol.md s5)."""
+        key = self._keys.upload(blob_id)
+        for _ in range(3):
+            try:
+                await self._s.client.put(
+                    key, self._upload_record(url), lease=self._s.session.lease_id
+                )
+                return
+            except Ambiguous:
+                continue  # a put is idempotent: just send it again
+            except SessionExpired:
+                if self._s.session.lost_count:
+                    raise
+                continue
+
+    async def _drop_blob(self, blob_id: str, url: str) -> None:
+        """Delete a never-committed blob and its intent (best effort: a blob
+        left behind is an orphan the GC sweeps once the intent is gone)."""
+        try:
+            await self._s.blobs.delete(url)
+            await self._s.client.delete(self._keys.upload(blob_id))
+        except StateStoreError:
+            pass
+
+    def _precheck_wanted(self, data: Data) -> bool:
+        # Streamed or big state: a cheap read first avoids uploading it all
+        # only to find the name taken. Small bytes go straight to the txn.
+        return not isinstance(data, bytes | bytearray | memoryview) or len(data) > 1 << 20
+
+    # -- add ---------------------------------------------------------------------
+
+    async def add_and_lock(
+        self,
+        name: str,
+        data: Data,
+        metadata: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        expected_sha256: str | None = None,
+        max_size: int | None = None,
+    ) -> Handle:
+        """Store ``data`` under a new handle ``name`` and lock it.
+
+        Ordering:
+
+        1. validate name and metadata (nothing written on error);
+        2. put ``uploads/<blob-id>`` on our lease (a crashed writer's blob
+           becomes sweepable when the lease expires);
+        3. stream the data to a fresh blob, hashing it;
+        4. ONE txn: ``If(create_revision(handle) == 0 [and fence]) Then(put
+           handle, put own lock on own lease, delete upload intent)``.
+
+        Failures:
+
+        - 1: ``InvalidArgument``/``TooLarge``, nothing written.
+        - 2/3: the error (``Unavailable``, ``TooLarge``, ``IntegrityError``);
+          the partial blob and the intent are deleted.
+        - 4, definite "no": the new blob is deleted; ``AlreadyExists`` (or
+          ``Fenced``). If the existing handle carries our ``request_id`` this
+          is a retry of a write that did succeed, and its handle is returned.
+        - 4, ambiguous (sent, no answer): re-read the handle. Our request id
+          -> success. Absent -> the write did not happen; the txn is sent
+          again (safe: it still compares that the handle is absent). Another
+          request id, or etcd still unreachable -> ``PossibleInconsistentState``
+          and the blob is kept for the GC to resolve.
+        """
+        name = validate_name(name)
+        meta = encode_metadata(metadata, self._cfg.max_metadata_bytes)
+        self._fence_token()  # fail fast before uploading anything
+        rid = request_id or uuid.uuid4().hex
+        hkey = self._keys.handle(name)
+        if self._precheck_wanted(data):
+            existing = await self._s.client.get(hkey)
+            if existing is not None:
+                h = parse_record(existing.value, existing.mod_revision, existing.create_revision)
+                if h.request_id == rid:
+                    return h
+                raise self._already_exists(name, h)
+
+        blob_id = new_blob_id()
+        url = self._s.blobs.url_of(self._s.blobs.path_for(self._cfg.namespace, blob_id))
+        self._s.writes_in_flight += 1
+        try:
+            await self._put_intent(blob_id, url)
+            try:
+                info = await self._s.blobs.write(
+                    self._cfg.namespace,
+                    blob_id,
+                    data,
+                    max_size=max_size,
+                    expected_sha256=expected_sha256,
+                )
+            except BaseException:
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                raise
+            record = make_record(
+                name=name,
+                blob_url=info.url,
+                blob_id=blob_id,
+                size=info.size,
+                sha256=info.sha256,
+                metadata=meta,
+                request_id=rid,
+                writer=self._s.instance_id,
+            )
+            return await self._commit_add(name, hkey, blob_id, info.url, record, rid)
+        finally:
+            self._s.writes_in_flight -= 1
+
+    def _already_exists(self, name: str, h: Handle) -> AlreadyExists:
+        return AlreadyExists(
+            f"cannot add handle {name!r}: it already exists (version {h.version}, written "
+            f"{h.created_at.isoformat()}); use replace() with its version, or another name",
+            version=h.version,
+        )
+
+    async def _commit_add(
+        self, name: str, hkey: bytes, blob_id: str, url: str, record: bytes, rid: str
+    ) -> Handle:
+        lock_key = self._keys.lock(name, self._s.instance_id)
+        upload_key = self._keys.upload(blob_id)
+
+        def build(lease: int) -> Txn:
+            return (
+                Txn()
+                .compare("create", hkey, "==", 0)
+                .then(
+                    Txn.put(hkey, record),
+                    Txn.put(lock_key, self._lock_value(), lease),
+                    Txn.delete(upload_key),
+                )
+                .orelse(Txn.get(hkey))
+            )
+
+        for _ in range(_MAX_ROUNDS):
+            try:
+                res = await self._txn(build, "add_and_lock", fenced=True)
+            except Ambiguous as e:
+                found = await self._resolve(hkey, e)
+                if found is None:
+                    continue  # definitely not applied: send it again
+                h = parse_record(found.value, found.mod_revision, found.create_revision)
+                if h.request_id == rid:
+                    return h
+                await self._forget_intent(upload_key)
+                raise PossibleInconsistentState(
+                    f"add_and_lock({name!r}): etcd did not confirm the write and the handle now "
+                    f"holds another writer's record (request {h.request_id}); the new blob "
+                    f"{url} is kept for the GC to resolve. Re-read the handle before retrying",
+                    blob_url=url,
+                ) from None
+            except (Fenced, SessionExpired):
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                raise
+            if res.succeeded:
+                return parse_record(record, res.revision, res.revision)
+            existing = res.results[0]
+            await asyncio.shield(self._drop_blob(blob_id, url))
+            if not existing:
+                continue  # removed between compare and read: cannot happen in one txn
+            h = parse_record(
+                existing[0].value, existing[0].mod_revision, existing[0].create_revision
+            )
+            if h.request_id == rid:
+                return h  # an earlier attempt of this very request succeeded
+            raise self._already_exists(name, h)
+        raise PossibleInconsistentState(
+            f"add_and_lock({name!r}) could not get a definite answer from etcd after "
+            f"{_MAX_ROUNDS} attempts; the blob {url} is kept for the GC to resolve",
+            blob_url=url,
+        )
+
+    async def _forget_intent(self, upload_key: bytes) -> None:
+        # Let the orphan sweeper judge the kept blob (it skips blobs with a
+        # live intent). Best effort: if etcd is gone the lease expiry does it.
+        try:
+            await self._s.client.delete(upload_key)
+        except StateStoreError:
+            pass
+
+    async def _resolve(self, key: bytes, cause: Exception) -> KV | None:
+        """Re-read ``key`` after an ambiguous write, retrying while etcd is
+        unreachable for up to two request deadlines."""
+        deadline = time.monotonic() + 2 * self._cfg.etcd_timeout
+        while True:
+            try:
+                return await self._s.client.get(key)
+            except Unavailable as e:
+                if time.monotonic() >= deadline:
+                    raise PossibleInconsistentState(
+                        f"a write was sent to etcd but not confirmed ({cause}), and etcd stayed "
+                        f"unreachable while we tried to find out ({e}). The outcome is unknown: "
+                        "re-read before acting; the GC reclaims any blob left unreferenced"
+                    ) from None
+                await asyncio.sleep(0.2)
+
+    # -- replace -----------------------------------------------------------------
+
+    async def replace(
+        self,
+        name: str,
+        expected_version: int,
+        data: Data,
+        metadata: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        expected_sha256: str | None = None,
+        max_size: int | None = None,
+    ) -> Handle:
+        """Point handle ``name`` at new state, if it is still at ``expected_version``.
+
+        ``metadata=None`` keeps the current metadata. Locks are untouched.
+
+        Ordering: read the handle (``NotFound``/``VersionConflict`` before
+        uploading anything); put the upload intent; write the new blob; ONE
+        txn ``If(mod_revision(handle) == expected_version and no removal
+        pending [and fence]) Then(put handle, put gc/<old blob>, delete
+        intent)``. The old blob is queued for deletion in the same txn, so it
+        can never leak and is never deleted while the handle still names it.
+
+        Failures: definite "no" -> new blob deleted, ``VersionConflict`` /
+        ``NotFound`` / ``Fenced``. Ambiguous -> re-read: our request id ->
+        success; still at ``expected_version`` -> send again; otherwise
+        ``PossibleInconsistentState`` (new blob kept for the GC).
+        """
+        name = validate_name(name)
+        self._fence_token()
+        hkey = self._keys.handle(name)
+        rkey = self._keys.removal(name)
+        kv = await self._s.client.get(hkey)
+        if kv is None:
+            raise NotFound(f"cannot replace handle {name!r}: it does not exist; use add_and_lock")
+        old = parse_record(kv.value, kv.mod_revision, kv.create_revision)
+        if kv.mod_revision != expected_version:
+            raise self._conflict(name, expected_version, kv.mod_revision)
+        meta = (
+            old.metadata
+            if metadata is None
+            else encode_metadata(metadata, self._cfg.max_metadata_bytes)
+        )
+        rid = request_id or uuid.uuid4().hex
+        blob_id = new_blob_id()
+        url = self._s.blobs.url_of(self._s.blobs.path_for(self._cfg.namespace, blob_id))
+        self._s.writes_in_flight += 1
+        try:
+            await self._put_intent(blob_id, url)
+            try:
+                info = await self._s.blobs.write(
+                    self._cfg.namespace,
+                    blob_id,
+                    data,
+                    max_size=max_size,
+                    expected_sha256=expected_sha256,
+                )
+            except BaseException:
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                raise
+            record = make_record(
+                name=name,
+                blob_url=info.url,
+                blob_id=blob_id,
+                size=info.size,
+                sha256=info.sha256,
+                metadata=meta,
+                request_id=rid,
+                writer=self._s.instance_id,
+            )
+            upload_key = self._keys.upload(blob_id)
+            gc_key = self._keys.gc(old.blob_id or blob_id_of(old.blob_url))
+
+            def build(lease: int) -> Txn:
+                return (
+                    Txn()
+                    .compare("mod", hkey, "==", expected_version)
+                    .compare("create", rkey, "==", 0)
+                    .then(
+                        Txn.put(hkey, record),
+                        Txn.put(gc_key, self._gc_record(old, "replaced")),
+                        Txn.delete(upload_key),
+                    )
+                    .orelse(Txn.get(hkey), Txn.get(rkey))
+                )
+
+            for _ in range(_MAX_ROUNDS):
+                try:
+                    res = await self._txn(build, "replace", fenced=True)
+                except Ambiguous as e:
+                    found = await self._resolve(hkey, e)
+                    if found is not None and found.mod_revision == expected_version:
+                        continue
+                    if found is not None:
+                        h = parse_record(found.value, found.mod_revision, found.create_revision)
+                        if h.request_id == rid:
+                            return h
+                    await self._forget_intent(upload_key)
+                    raise PossibleInconsistentState(
+                        f"replace({name!r}): etcd did not confirm the write and the handle has "
+                        "changed since; the new blob is kept for the GC to resolve. Re-read "
+                        "the handle before retrying",
+                        blob_url=url,
+                    ) from None
+                except (Fenced, SessionExpired):
+                    await asyncio.shield(self._drop_blob(blob_id, url))
+                    raise
+                if res.succeeded:
+                    return parse_record(record, res.revision, old.create_revision)
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                current, removal = res.results[0], res.results[1]
+                if not current:
+                    raise NotFound(f"cannot replace handle {name!r}: it was removed meanwhile")
+                if removal:
+                    raise NotFound(
+                        f"cannot replace handle {name!r}: its removal is pending (it is removed "
+                        "as soon as the last lock is released)"
+                    )
+                h = parse_record(current[0].value, current[0].mod_revision)
+                if h.request_id == rid:
+                    return h
+                raise self._conflict(name, expected_version, current[0].mod_revision)
+            raise PossibleInconsistentState(
+                f"replace({name!r}) could not get a definite answer from etcd", blob_url=url
+            )
+        finally:
+            self._s.writes_in_flight -= 1
+
+    @staticmethod
+    def _conflict(name: str, expected: int, found: int) -> VersionConflict:
+        return VersionConflict(
+            f"cannot replace handle {name!r} at version {expected}: it is at version {found} "
+            "now; re-read it and decide again",
+            version=found,
+        )
+
+    # -- reads -------------------------------------------------------------------
+
+    async def exists(self, name: str) -> int | None:
+        """The handle's version, or None when it does not exist."""
+        kv = await self._s.client.get(self._keys.handle(validate_name(name)))
+        return kv.mod_revision if kv is not None else None
+
+    async def get(self, name: str) -> Handle:
+        """The handle, without locking it; ``NotFound`` when absent."""
+        name = validate_name(name)
+        kv = await self._s.client.get(self._keys.handle(name))
+        if kv is None:
+            raise NotFound(f"handle {name!r} does not exist in namespace {self.namespace!r}")
+        return parse_record(kv.value, kv.mod_revision, kv.create_revision)
+
+    async def _resolve_handle(self, handle_or_name: Handle | str) -> Handle:
+        if isinstance(handle_or_name, Handle):
+            return handle_or_name
+        return await self.get(handle_or_name)
+
+    async def read(self, handle_or_name: Handle | str) -> bytes:
+        """The state's bytes, verified against size and SHA-256 (``IntegrityError``)."""
+        h = await self._resolve_handle(handle_or_name)
+        return await self._s.blobs.read(h.blob_url, h.size, h.sha256)
+
+    async def open_read(self, handle_or_name: Handle | str) -> AsyncIterator[bytes]:
+        """The state as chunks; ``IntegrityError`` after the last chunk on mismatch."""
+        h = await self._resolve_handle(handle_or_name)
+        async for chunk in self._s.blobs.open_read(h.blob_url, h.size, h.sha256):
+            yield chunk
+
+    async def holders(self, name: str) -> list[str]:
+        """Instance ids holding a lock on ``name`` (sorted)."""
+        lp = self._keys.lock_prefix(validate_name(name))
+        kvs, _ = await self._s.client.range_all(lp, prefix_end(lp), keys_only=True)
+        return sorted(kv.key[len(lp) :].decode() for kv in kvs)
+
+    async def snapshot(self, prefix: str | None = None) -> Snapshot:
+        """Every handle (with its lock holders) at ONE etcd revision."""
+        start = self._keys.handles_prefix
+        if prefix:
+            start = self._keys.handle(validate_name(prefix))
+        kvs, rev = await self._s.client.range_all(start, prefix_end(start))
+        rp = self._keys.removals_prefix
+        removals, _ = await self._s.client.range_all(
+            rp, prefix_end(rp), revision=rev, keys_only=True
+        )
+        handles: list[Handle] = []
+        locks: dict[str, list[str]] = {}
+        for kv in kvs:
+            name, holder = self._keys.parse_handles_key(kv.key)
+            if holder is None:
+                handles.append(parse_record(kv.value, kv.mod_revision, kv.create_revision))
+            else:
+                locks.setdefault(name, []).append(holder)
+        handles.sort(key=lambda h: h.name)
+        pending = {self._keys.parse_removal_key(kv.key) for kv in removals}
+        return Snapshot(rev, handles, locks, pending)
+
+    async def get_all_names(self) -> list[str]:
+        """Every handle name, sorted."""
+        start = self._keys.handles_prefix
+        kvs, _ = await self._s.client.range_all(start, prefix_end(start), keys_only=True)
+        names = []
+        for kv in kvs:
+            name, holder = self._keys.parse_handles_key(kv.key)
+            if holder is None:
+                names.append(name)
+        return sorted(names)
+
+    # -- locking -----------------------------------------------------------------
+
+    async def get_and_lock(self, name: str) -> Handle:
+        """Lock handle ``name`` and return it, in ONE txn: ``If(handle exists
+        and no removal pending [and fence]) Then(put own lock, get handle)``.
+
+        ``NotFound`` when absent or pending removal. An ambiguous answer is
+        resolved by sending it again (putting our own lock twice is harmless).
+        """
+        name = validate_name(name)
+        hkey, rkey = self._keys.handle(name), self._keys.removal(name)
+        lock_key = self._keys.lock(name, self._s.instance_id)
+
+        def build(lease: int) -> Txn:
+            return (
+                Txn()
+                .compare("create", hkey, ">", 0)
+                .compare("create", rkey, "==", 0)
+                .then(Txn.put(lock_key, self._lock_value(), lease), Txn.get(hkey))
+                .orelse(Txn.get(hkey), Txn.get(rkey))
+            )
+
+        for _ in range(_MAX_ROUNDS):
+            try:
+                res = await self._txn(build, "get_and_lock", fenced=True)
+            except Ambiguous:
+                continue
+            if res.succeeded:
+                kv = res.results[1][0]
+                return parse_record(kv.value, kv.mod_revision, kv.create_revision)
+            if res.results[0]:
+                raise NotFound(
+                    f"cannot lock handle {name!r}: its removal is pending (it goes as soon as "
+                    "its last lock is released)",
+                    pending_removal=True,
+                )
+            raise NotFound(f"cannot lock handle {name!r}: it does not exist")
+        raise Unavailable(f"get_and_lock({name!r}): etcd gave no definite answer; retry")
+
+    async def get_all_and_lock(self) -> list[Handle]:
+        """Lock and return every handle (sorted by name), from ONE snapshot.
+
+        Reads all handles at one revision, then locks them in txns of at most
+        ``max_txn_ops`` operations, each comparing that its handles are still
+        at the snapshot's version; a batch that lost a race is re-read and
+        sent again without the handles that vanished. Handles pending removal
+        are not returned (they are logically deleted). If etcd refuses a txn
+        as too large, the batch size is halved and remembered.
+        """
+        snap = await self.snapshot()
+        wanted = [h for h in snap.handles if h.name not in snap.pending_removal]
+        sem = asyncio.Semaphore(self._cfg.lock_concurrency)
+        out: list[Handle] = []
+
+        async def run(batch: list[Handle]) -> None:
+            async with sem:
+                out.extend(await self._lock_batch(batch))
+
+        tasks = [run(b) for b in self._batches(wanted)]
+        await _gather(tasks)
+        out.sort(key=lambda h: h.name)
+        return out
+
+    def _batch_size(self) -> int:
+        # One compare per handle plus the fence compare must fit the limit.
+        return max(1, self._s.max_ops - (1 if self._fence is not None else 0))
+
+    def _batches(self, items: list[Handle]) -> list[list[Handle]]:
+        n = self._batch_size()
+        return [items[i : i + n] for i in range(0, len(items), n)]
+
+    async def _lock_batch(self, batch: list[Handle]) -> list[Handle]:
+        locked: list[Handle] = []
+        for _ in range(_MAX_ROUNDS * 4):
+            if not batch:
+                return locked
+            n = self._batch_size()
+            if len(batch) > n:  # the limit shrank while we waited
+                parts = [batch[i : i + n] for i in range(0, len(batch), n)]
+                for part in parts:
+                    locked.extend(await self._lock_batch(part))
+                return locked
+            current = batch
+
+            def build(lease: int, current: list[Handle] = current) -> Txn:
+                t = Txn()
+                for h in current:
+                    t.compare("mod", self._keys.handle(h.name), "==", h.version)
+                    t.then(
+                        Txn.put(
+                            self._keys.lock(h.name, self._s.instance_id), self._lock_value(), lease
+                        )
+                    )
+                return t
+
+            try:
+                res = await self._txn(build, "get_all_and_lock", fenced=True)
+            except TooManyOps:
+                self._s.max_ops = max(1, min(self._s.max_ops, len(current)) // 2)
+                continue
+            except Ambiguous:
+                continue  # lock puts are idempotent: send again
+            if res.succeeded:
+                return locked + current
+            batch = await self._reread(current)
+        raise Unavailable("get_all_and_lock: handles kept changing while locking; retry")
+
+    async def _reread(self, batch: list[Handle]) -> list[Handle]:
+        """Current versions of ``batch`` (vanished or pending ones dropped), in one txn."""
+        t = Txn()
+        for h in batch:
+            t.then(Txn.get(self._keys.handle(h.name)), Txn.get(self._keys.removal(h.name)))
+        try:
+            res = await self._s.client.txn(t, what="get_all_and_lock re-read")
+        except TooManyOps:
+            half = len(batch) // 2 or 1
+            if len(batch) == 1:
+                raise
+            return await self._reread(batch[:half]) + await self._reread(batch[half:])
+        fresh = []
+        for i in range(len(batch)):
+            kvs, pending = res.results[2 * i], res.results[2 * i + 1]
+            if kvs and not pending:
+                fresh.append(
+                    parse_record(kvs[0].value, kvs[0].mod_revision, kvs[0].create_revision)
+                )
+        return fresh
+
+    async def release(self, name: str) -> None:
+        """Drop our lock on ``name`` (no error when not held).
+
+        If a removal of ``name`` is pending, try to complete it right away
+        (it completes when no lock remains; otherwise the reconciler does).
+        """
+        name = validate_name(name)
+        lock_key = self._keys.lock(name, self._s.instance_id)
+        rkey = self._keys.removal(name)
+        t = Txn().then(Txn.delete(lock_key), Txn.get(rkey))
+        for _ in range(_MAX_ROUNDS):
+            try:
+                res = await self._s.client.txn(t, what="release")
+                break
+            except Ambiguous:
+                continue
+        else:
+            raise Unavailable(f"release({name!r}): etcd gave no definite answer; retry")
+        if res.results[1]:
+            await self.complete_removal(name)
+
+    async def release_all(self) -> None:
+        """Drop every lock of this instance.
+
+        Fast path: take a new lease and revoke the old one, which deletes all
+        its keys at once. While a write is in flight its upload intent lives on
+        the same lease, so then the lock keys are deleted one txn batch at a
+        time instead (found through the lease's key list).
+        """
+        if self._s.writes_in_flight == 0:
+            await self._s.session.renew()
+            return
+        kvs, _ = await self._s.client.range_all(
+            self._keys.handles_prefix, prefix_end(self._keys.handles_prefix), keys_only=True
+        )
+        suffix = b"/locks/" + self._s.instance_id.encode()
+        mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
+        for i in range(0, len(mine), self._s.max_ops):
+            t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
+            await self._s.client.txn(t, what="release_all")
+
+    # -- removal -----------------------------------------------------------------
+
+    async def release_and_try_remove(self, name: str, deferred: bool = False) -> bool:
+        """Release our lock and remove the handle if nobody else holds one.
+
+        ONE txn: ``If(mod_revision(handle) == read version, no lock key in
+        [lock prefix, own lock), no lock key in (own lock, prefix end) [and
+        fence]) Then(delete handle, delete own lock, delete removal marker,
+        put gc/<blob>) Else(delete own lock, list lock holders)``.
+
+        Returns True when the handle is gone (also when it never existed);
+        False when others hold locks: our lock is released and the handle kept.
+        With ``deferred=True`` the removal is recorded
+        (``removals/<name>``) and completes as soon as the last lock goes, by
+        release or lease expiry; meanwhile the handle cannot be locked.
+        """
+        return (await self.try_remove(name, deferred=deferred)).removed
+
+    async def try_remove(self, name: str, *, deferred: bool = False) -> Removal:
+        """``release_and_try_remove`` with the holders that blocked it."""
+        name = validate_name(name)
+        hkey = self._keys.handle(name)
+        lp = self._keys.lock_prefix(name)
+        own = self._keys.lock(name, self._s.instance_id)
+        rkey = self._keys.removal(name)
+        for _ in range(_MAX_ROUNDS):
+            kv = await self._s.client.get(hkey)
+            if kv is None:
+                await self._s.client.delete(own)
+                return Removal(True, [])
+            h = parse_record(kv.value, kv.mod_revision, kv.create_revision)
+            gc_key = self._keys.gc(h.blob_id or blob_id_of(h.blob_url))
+            gc_value = self._gc_record(h, "removed")
+
+            def build(
+                lease: int,
+                version: int = kv.mod_revision,
+                gc_key: bytes = gc_key,
+                gc_value: bytes = gc_value,
+            ) -> Txn:
+                return (
+                    Txn()
+                    .compare("mod", hkey, "==", version)
+                    .compare("create", lp, "==", 0, range_end=own)
+                    .compare("create", own + b"\0", "==", 0, range_end=prefix_end(lp))
+                    .then(
+                        Txn.delete(hkey),
+                        Txn.delete(own),
+                        Txn.delete(rkey),
+                        Txn.put(gc_key, gc_value),
+                    )
+                    .orelse(
+                        Txn.delete(own),
+                        Txn.get(hkey),
+                        Txn.get(lp, prefix_end(lp), keys_only=True),
+                    )
+                )
+
+            try:
+                res = await self._txn(build, "release_and_try_remove", fenced=True)
+            except Ambiguous:
+                continue  # both branches are safe to re-run after a re-read
+            if res.succeeded:
+                return Removal(True, [])
+            current, lock_kvs = res.results[1], res.results[2]
+            if not current or current[0].mod_revision != kv.mod_revision:
+                continue  # replaced or removed meanwhile: decide again
+            holders = sorted(k.key[len(lp) :].decode() for k in lock_kvs if k.key != own)
+            if not holders:
+                continue  # they let go meanwhile: try again
+            if not deferred:
+                return Removal(False, holders)
+            return await self._defer_removal(name, h, holders)
+        raise Unavailable(f"release_and_try_remove({name!r}): no definite answer; retry")
+
+    async def _defer_removal(self, name: str, h: Handle, holders: list[str]) -> Removal:
+        hkey, rkey = self._keys.handle(name), self._keys.removal(name)
+        marker = json.dumps(
+            {"name": name, "requested_at": time.time(), "by": self._s.instance_id},
+            separators=(",", ":"),
+        ).encode()
+
+        def build(lease: int) -> Txn:
+            return (
+                Txn()
+                .compare("create", hkey, ">", 0)
+                .then(Txn.put(rkey, marker))
+                .orelse(Txn.get(hkey))
+            )
+
+        for _ in range(_MAX_ROUNDS):
+            try:
+                res = await self._txn(build, "deferred removal", fenced=True)
+                break
+            except Ambiguous:
+                continue
+        else:
+            raise Unavailable(f"deferred removal of {name!r}: no definite answer; retry")
+        if not res.succeeded:
+            return Removal(True, [])
+        # The holders may have let go between our two txns: finish now if so.
+        if await self.complete_removal(name):
+            return Removal(True, [])
+        return Removal(False, holders, pending=True)
+
+    async def complete_removal(self, name: str) -> bool:
+        """Finish a pending removal if no lock remains: ONE txn
+        ``If(removal pending, handle at the version read, no lock key at all)
+        Then(delete handle, delete marker, put gc/<blob>)``. Returns True when
+        the handle is gone. Not fenced: it completes what a leader decided."""
+        name = validate_name(name)
+        hkey, rkey = self._keys.handle(name), self._keys.removal(name)
+        lp = self._keys.lock_prefix(name)
+        for _ in range(_MAX_ROUNDS):
+            kv = await self._s.client.get(hkey)
+            if kv is None:
+                await self._s.client.delete(rkey)
+                return True
+            h = parse_record(kv.value, kv.mod_revision, kv.create_revision)
+            gc_key = self._keys.gc(h.blob_id or blob_id_of(h.blob_url))
+            t = (
+                Txn()
+                .compare("create", rkey, ">", 0)
+                .compare("mod", hkey, "==", kv.mod_revision)
+                .compare("create", lp, "==", 0, range_end=prefix_end(lp))
+                .then(
+                    Txn.delete(hkey),
+                    Txn.delete(rkey),
+                    Txn.put(gc_key, self._gc_record(h, "removed")),
+                )
+                .orelse(Txn.get(rkey), Txn.get(hkey), Txn.get(lp, prefix_end(lp), keys_only=True))
+            )
+            try:
+                res = await self._s.client.txn(t, what="complete removal")
+            except Ambiguous:
+                continue
+            if res.succeeded:
+                return True
+            marker, current, locks = res.results
+            if not current:
+                return True
+            if not marker or locks:
+                return False
+        return False
+
+    async def clear_entries(self) -> None:
+        """Release our locks and remove every handle of the namespace.
+
+        Handles nobody else locks go at once; those others still lock are
+        marked for deferred removal (invariant 2 holds: nothing locked by
+        someone else is ever removed).
+        """
+        names = await self.get_all_names()
+        sem = asyncio.Semaphore(16)
+
+        async def one(n: str) -> None:
+            async with sem:
+                await self.try_remove(n, deferred=True)
+
+        await _gather([one(n) for n in names])
+
+
+def blob_id_of(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+async def _gather(coros: list[Awaitable[None]]) -> None:
+    """Run all; on the first error cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+class _Opener:
+    """Both ``async with StateHandleStore.open(cfg)`` and ``await StateHandleStore.open(cfg)``."""
+
+    def __init__(self, store: StateHandleStore) -> None:
+        self._store = store
+
+    def __await__(self) -> Generator[Any, None, StateHandleStore]:
+        return self._store.start().__await__()
+
+    async def __aenter__(self) -> StateHandleStore:
+        return await self._store.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._store.close()
+
+
+__all__ = ["Fence", "Handle", "InvalidArgument", "Removal", "Snapshot", "StateHandleStore"]

@@ -1,0 +1,173 @@
+"""Shared fixtures: real etcd members and clusters, an S3 (moto) server, configs.
+
+Every process started here is stopped at teardown. Tests wait for conditions
+with deadlines (``helpers.wait_until``), never sleep and hope.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from statestore.config import StoreConfig
+from statestore.etcd_server import EtcdCluster, EtcdProcess
+
+# Short enough that expiry tests stay quick, long enough for a loaded CI box.
+DEFAULT_TEST_LEASE_TTL = 5
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _clean_environment() -> Iterator[None]:
+    """Drop ``STATESTORE_*`` settings a developer may have exported, so that
+    ``StoreConfig`` in tests only sees what the test passes."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith("STATESTORE_"):
+                mp.delenv(key)
+        yield
+
+
+def _start_member(data_dir: Path, extra_args: tuple[str, ...] = (), **kwargs: Any) -> EtcdProcess:
+    member = EtcdProcess(data_dir, extra_args=extra_args, **kwargs)
+    member.start()
+    try:
+        member.wait_ready()
+    except BaseException:
+        member.kill()
+        raise
+    return member
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    """One etcd member shared by the whole session (isolate tests by ``namespace``)."""
+    member = _start_member(tmp_path_factory.mktemp("etcd") / "default.etcd")
+    yield member
+    member.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_small_txn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    """A separate session member started with ``--max-txn-ops 16``."""
+    member = _start_member(
+        tmp_path_factory.mktemp("etcd-small-txn") / "default.etcd",
+        extra_args=("--max-txn-ops", "16"),
+    )
+    yield member
+    member.stop()
+
+
+@pytest.fixture
+def etcd_factory(tmp_path: Path) -> Iterator[Callable[..., EtcdProcess]]:
+    """``factory(*extra_args, **EtcdProcess_kwargs)`` starts a fresh healthy member
+    of this test's own (for tests that kill, pause or fill etcd). All are
+    killed at teardown."""
+    members: list[EtcdProcess] = []
+
+    def factory(*extra_args: str, **kwargs: Any) -> EtcdProcess:
+        data_dir = tmp_path / f"etcd-{len(members)}" / "default.etcd"
+        member = EtcdProcess(data_dir, extra_args=extra_args, **kwargs)
+        members.append(member)
+        member.start()
+        member.wait_ready()
+        return member
+
+    yield factory
+    for member in members:
+        member.kill()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A healthy 3-member cluster of this test's own; killed at teardown."""
+    cluster = EtcdCluster(tmp_path / "cluster", size=3)
+    cluster.start()
+    yield cluster
+    cluster.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 for the session: ``{"endpoint_url": ...}``.
+
+    Fake credentials are exported for the session so boto3/s3fs never look for
+    real ones. Moto keeps its state in this process (shared with any
+    ``moto.mock_aws`` a test might use, which resets it).
+    """
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(key, raising=False)
+        no_proxy = ",".join(p for p in (os.environ.get("NO_PROXY"), "127.0.0.1,localhost") if p)
+        mp.setenv("NO_PROXY", no_proxy)
+        mp.setenv("no_proxy", no_proxy)
+        # The werkzeug request log would fill captured output.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        # Port 0: the kernel picks, no race with other processes (and a bind
+        # failure in moto's thread would otherwise hang start()).
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield {"endpoint_url": f"http://{host}:{port}"}
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """A fresh bucket on the moto server: ``(bucket_name, s3fs storage_options)``.
+
+    The options skip fsspec's instance cache (an s3fs instance is bound to the
+    event loop it was created on) and s3fs's listing cache.
+    """
+    import boto3
+
+    endpoint_url = s3_server["endpoint_url"]
+    bucket = f"test-{uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    storage_options: dict[str, Any] = {
+        "endpoint_url": endpoint_url,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+        "use_listings_cache": False,
+        "skip_instance_cache": True,
+    }
+    return bucket, storage_options
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace no other test uses (tests share the session etcd)."""
+    return f"t-{uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_config(etcd: EtcdProcess, tmp_path: Path, namespace: str) -> Callable[..., StoreConfig]:
+    """``make_config(**overrides)``: a ``StoreConfig`` on the session etcd, with
+    blobs under this test's ``tmp_path`` and this test's ``namespace``."""
+
+    def factory(**overrides: Any) -> StoreConfig:
+        settings: dict[str, Any] = {
+            "etcd_endpoints": [etcd.endpoint],
+            "blob_root": f"file://{tmp_path}/blobs",
+            "namespace": namespace,
+            "lease_ttl": DEFAULT_TEST_LEASE_TTL,
+        }
+        settings.update(overrides)
+        return StoreConfig(**settings)
+
+    return factory
