@@ -12,6 +12,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -37,16 +38,19 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
-    ),
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
 ) -> None:
     """statestore: checkpoint metadata store."""
 
 
 @app.command()
 def demo(
-    home: Path = typer.Option(Path(".statestore"), help="Where the embedded etcd and blobs live."),
+    home: Annotated[Path, typer.Option(help="Where the embedded etcd and blobs live.")] = Path(
+        ".statestore"
+    ),
 ) -> None:
     """Start the embedded default and show add, lock, guarded remove and recovery."""
     from statestore.embedded import blob_root, start_embedded_etcd
