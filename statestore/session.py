@@ -74,8 +74,13 @@ class Session:
             else:
                 self.last_refresh = time.monotonic()
 
+    async def report_lost(self, lease_id: int, why: str) -> None:
+        """A call learnt from etcd that ``lease_id`` is gone: replace it now
+        rather than at the next refresh. No-op if it was already replaced."""
+        await self._replace_lost(lease_id, why)
+
     async def _replace_lost(self, lease_id: int, why: str) -> None:
-        if lease_id != self.lease_id:
+        if lease_id != self.lease_id or self._closed:
             return
         self.lost_count += 1
         log.error(

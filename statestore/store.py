@@ -209,8 +209,8 @@ class StateHandleStore:
             try:
                 res = await self._s.client.txn(t, what=what)
             except SessionExpired:
-                if self._s.session.lease_id != lease and self._s.session.lost_count == lost:
-                    continue  # we renewed it ourselves (release_all): use the new lease
+                if await self._lease_was_renewed(lease, lost, what):
+                    continue
                 raise
             if not res.succeeded and fence is not None:
                 leader = res.results[-1]
@@ -223,6 +223,16 @@ class StateHandleStore:
                     )
             return res
         raise SessionExpired(f"{what}: the lease changed repeatedly while the call ran; retry")
+
+    async def _lease_was_renewed(self, lease: int, lost: int, what: str) -> bool:
+        """After etcd said "lease not found" for ``lease``: True when our own
+        ``release_all`` swapped it (retry on the new one); otherwise the lease
+        was lost, so replace it now and let the caller raise SessionExpired."""
+        session = self._s.session
+        if session.lease_id != lease and session.lost_count == lost:
+            return True
+        await session.report_lost(lease, f"etcd answered 'lease not found' to {what}")
+        return False
 
     def _lock_value(self) -> bytes:
         return self._s.instance_id.encode()
@@ -249,17 +259,17 @@ class StateHandleStore:
         """Upload intent on our lease, before the first byte (protocol.md s5)."""
         key = self._keys.upload(blob_id)
         for _ in range(3):
+            lease, lost = self._s.session.lease_id, self._s.session.lost_count
             try:
-                await self._s.client.put(
-                    key, self._upload_record(url), lease=self._s.session.lease_id
-                )
+                await self._s.client.put(key, self._upload_record(url), lease=lease)
                 return
             except Ambiguous:
                 continue  # a put is idempotent: just send it again
             except SessionExpired:
-                if self._s.session.lost_count:
-                    raise
-                continue
+                if await self._lease_was_renewed(lease, lost, "add (upload intent)"):
+                    continue
+                raise
+        raise Unavailable("could not record the upload intent: etcd gave no definite answer")
 
     async def _drop_blob(self, blob_id: str, url: str) -> None:
         """Delete a never-committed blob and its intent (best effort: a blob
