@@ -101,3 +101,7 @@ def run() -> None:  # pragma: no cover - console entry point wrapper
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":  # python -m statestore.cli
+    run()
