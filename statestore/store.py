@@ -407,7 +407,7 @@ class StateHandleStore:
                     f"{url} is kept for the GC to resolve. Re-read the handle before retrying",
                     blob_url=url,
                 ) from None
-            except (Fenced, SessionExpired):
+            except StateStoreError:  # definite: Fenced, SessionExpired, refused, too large
                 await asyncio.shield(self._drop_blob(blob_id, url))
                 raise
             if res.succeeded:
@@ -557,7 +557,7 @@ class StateHandleStore:
                         "the handle before retrying",
                         blob_url=url,
                     ) from None
-                except (Fenced, SessionExpired):
+                except StateStoreError:  # definite: Fenced, SessionExpired, refused, too large
                     await asyncio.shield(self._drop_blob(blob_id, url))
                     raise
                 if res.succeeded:
