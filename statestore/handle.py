@@ -56,12 +56,19 @@ def encode_metadata(metadata: Any, limit: int) -> dict[str, Any]:
         raw = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"metadata is not JSON-serialisable: {e}") from None
+    decoded = json.loads(raw)
+    if decoded != metadata:
+        raise InvalidArgument(
+            "metadata must be plain JSON: object keys must be strings and values must be "
+            "str, int, float, bool, None, lists or objects (tuples and non-string keys would "
+            "silently change)"
+        )
     if len(raw.encode()) > limit:
         raise TooLarge(
             f"metadata is {len(raw.encode())} bytes of JSON, over the limit of {limit}; "
             "keep large data in the state itself"
         )
-    return dict(json.loads(raw))
+    return dict(decoded)
 
 
 def make_record(

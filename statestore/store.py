@@ -94,6 +94,8 @@ class _Shared:
         self.max_ops = cfg.max_txn_ops
         self.writes_in_flight = 0
         self.closed = False
+        #: Namespaces this instance has views on (their removals may wait on us).
+        self.namespaces: set[str] = {cfg.namespace}
 
 
 class StateHandleStore:
@@ -136,8 +138,22 @@ class StateHandleStore:
             return
         self._s.closed = True
         await self._s.session.close()
+        try:
+            await self._complete_pending_removals()
+        except StateStoreError:
+            pass  # best effort: the reconciler completes them later
         await self._s.client.close()
         self._s.blobs.close()
+
+    async def _complete_pending_removals(self) -> None:
+        """After all our locks went at once (``release_all``, ``close``), finish
+        the deferred removals that only they were blocking."""
+        for ns in sorted(self._s.namespaces):
+            view = self if ns == self.namespace else self.for_namespace(ns)
+            rp = view._keys.removals_prefix
+            kvs, _ = await self._s.client.range_all(rp, prefix_end(rp), keys_only=True)
+            for kv in kvs:
+                await view.complete_removal(view._keys.parse_removal_key(kv.key))
 
     @property
     def instance_id(self) -> str:
@@ -177,6 +193,7 @@ class StateHandleStore:
         """A view of the same instance (same id and lease) on another namespace."""
         validate_namespace(namespace)
         cfg = self._cfg.model_copy(update={"namespace": namespace})
+        self._s.namespaces.add(namespace)
         return type(self)(cfg, _shared=self._s, _fence=self._fence)
 
     # -- transaction plumbing ----------------------------------------------------
@@ -790,8 +807,9 @@ class StateHandleStore:
     async def release(self, name: str) -> None:
         """Drop our lock on ``name`` (no error when not held).
 
-        If a removal of ``name`` is pending, try to complete it right away
-        (it completes when no lock remains; otherwise the reconciler does).
+        If a removal of ``name`` is pending, try to complete it right away (it
+        completes when no lock remains). Removals unblocked by lease expiry are
+        completed by the reconciler that watches the lock prefixes.
         """
         name = validate_name(name)
         lock_key = self._keys.lock(name, self._s.instance_id)
@@ -818,6 +836,7 @@ class StateHandleStore:
         """
         if self._s.writes_in_flight == 0:
             await self._s.session.renew()
+            await self._complete_pending_removals()
             return
         kvs, _ = await self._s.client.range_all(
             self._keys.handles_prefix, prefix_end(self._keys.handles_prefix), keys_only=True
@@ -827,6 +846,7 @@ class StateHandleStore:
         for i in range(0, len(mine), self._s.max_ops):
             t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
             await self._s.client.txn(t, what="release_all")
+        await self._complete_pending_removals()
 
     # -- removal -----------------------------------------------------------------
 

@@ -82,6 +82,7 @@ class SyncStateHandleStore:
         """Release the lease (all locks go at once) and stop the loop thread."""
         if not self._owns:
             return
+        self._owns = False  # a second close() is a no-op, as for the async store
         try:
             self._runner.run(self._store.close())
         finally:
