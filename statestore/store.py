@@ -774,7 +774,9 @@ class StateHandleStore:
             try:
                 res = await self._txn(build, "get_all_and_lock", fenced=True)
             except TooManyOps:
-                self._s.max_ops = max(1, min(self._s.max_ops, len(current)) // 2)
+                # Shrink from the size etcd refused, not from the current limit:
+                # concurrent batches refused at the same size must not compound.
+                self._s.max_ops = max(1, min(self._s.max_ops, len(current) // 2))
                 continue
             except Ambiguous:
                 continue  # lock puts are idempotent: send again
