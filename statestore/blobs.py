@@ -93,6 +93,8 @@ class BlobStore:
         self.chunk_size = chunk_size
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self._local = "file" in protocols or "local" in protocols
+        # memory:// never blocks: a thread hop would cost 20x the write itself.
+        self._inline = "memory" in protocols
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="blob")
         self._made_dirs: set[str] = set()
         #: Called with (operation, seconds) after each operation, for metrics.
@@ -118,10 +120,12 @@ class BlobStore:
     # -- plumbing ----------------------------------------------------------------
 
     async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            result = await loop.run_in_executor(self._pool, fn, *args)
+            if self._inline:
+                result = fn(*args)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         except StateStoreError:
             raise
         except FileNotFoundError:

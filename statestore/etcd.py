@@ -34,7 +34,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import grpc
 from aetcd import rpc
@@ -133,8 +133,9 @@ def map_error(e: grpc.aio.AioRpcError, what: str, endpoints: str, *, write: bool
 # values
 
 
-@dataclass(slots=True, frozen=True)
-class KV:
+class KV(NamedTuple):
+    """One key-value as etcd returns it (a tuple: built per key on big reads)."""
+
     key: bytes
     value: bytes
     create_revision: int
@@ -448,7 +449,7 @@ class EtcdClient:
         range_end: bytes,
         *,
         revision: int = 0,
-        page: int = 2000,
+        page: int = 5000,
         keys_only: bool = False,
     ) -> tuple[list[KV], int]:
         """Every key in ``[key, range_end)`` at ONE revision, read in pages.

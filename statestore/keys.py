@@ -14,7 +14,6 @@ are sorted by decoded name.
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from statestore.errors import InvalidArgument
@@ -79,21 +78,22 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"  # all 0xff: the whole rest of the keyspace
 
 
-@dataclass(frozen=True, slots=True)
 class Layout:
     """Keys of one namespace under one root (see protocol.md section 2)."""
 
-    root: str
-    namespace: str
+    __slots__ = ("handles_prefix", "namespace", "ns_prefix", "root")
 
-    @property
-    def ns_prefix(self) -> bytes:
-        return f"{self.root}/{encode(self.namespace)}/".encode()
+    def __init__(self, root: str, namespace: str) -> None:
+        self.root = root
+        self.namespace = namespace
+        # Computed once: every key of every operation starts with these.
+        self.ns_prefix = f"{root}/{encode(namespace)}/".encode()
+        self.handles_prefix = self.ns_prefix + b"handles/"
+
+    def __repr__(self) -> str:
+        return f"Layout(root={self.root!r}, namespace={self.namespace!r})"
 
     # handles and their locks -------------------------------------------------
-    @property
-    def handles_prefix(self) -> bytes:
-        return self.ns_prefix + b"handles/"
 
     def handle(self, name: str) -> bytes:
         return self.handles_prefix + encode(name).encode()
@@ -103,6 +103,15 @@ class Layout:
 
     def lock(self, name: str, instance_id: str) -> bytes:
         return self.lock_prefix(name) + instance_id.encode()
+
+    @staticmethod
+    def lock_of(handle_key: bytes, instance_id: str) -> bytes:
+        """The lock key of an already-encoded handle key (no re-encoding)."""
+        return handle_key + b"/locks/" + instance_id.encode()
+
+    def is_handle_key(self, key: bytes) -> bool:
+        """True for a handle record key, False for a lock key (both live under handles/)."""
+        return b"/" not in key[len(self.handles_prefix) :]
 
     def parse_handles_key(self, key: bytes) -> tuple[str, str | None]:
         """Split a key under ``handles/`` into (name, lock holder or None)."""

@@ -40,6 +40,9 @@ from statestore.handle import Handle, encode_metadata, make_record, parse_record
 from statestore.keys import Layout, prefix_end, validate_name, validate_namespace
 from statestore.session import Session
 
+#: A handle with its (encoded) etcd key, so hot loops need not re-encode names.
+_Keyed = tuple[bytes, Handle]
+
 # How many times an operation re-reads and retries after losing a race or an
 # ambiguous answer before giving up.
 _MAX_ROUNDS = 8
@@ -643,27 +646,35 @@ class StateHandleStore:
         kvs, _ = await self._s.client.range_all(lp, prefix_end(lp), keys_only=True)
         return sorted(kv.key[len(lp) :].decode() for kv in kvs)
 
-    async def snapshot(self, prefix: str | None = None) -> Snapshot:
-        """Every handle (with its lock holders) at ONE etcd revision."""
-        start = self._keys.handles_prefix
-        if prefix:
-            start = self._keys.handle(validate_name(prefix))
+    async def _read_all(self, start: bytes) -> tuple[list[KV], set[bytes], int]:
+        """All keys under ``start`` (handles and their locks) and the handle keys
+        pending removal, at ONE revision."""
         kvs, rev = await self._s.client.range_all(start, prefix_end(start))
         rp = self._keys.removals_prefix
         removals, _ = await self._s.client.range_all(
             rp, prefix_end(rp), revision=rev, keys_only=True
         )
+        hp = self._keys.handles_prefix
+        pending = {hp + kv.key[len(rp) :] for kv in removals}
+        return kvs, pending, rev
+
+    async def snapshot(self, prefix: str | None = None) -> Snapshot:
+        """Every handle (with its lock holders) at ONE etcd revision."""
+        start = self._keys.handles_prefix
+        if prefix:
+            start = self._keys.handle(validate_name(prefix))
+        kvs, pending, rev = await self._read_all(start)
         handles: list[Handle] = []
         locks: dict[str, list[str]] = {}
         for kv in kvs:
-            name, holder = self._keys.parse_handles_key(kv.key)
-            if holder is None:
+            if self._keys.is_handle_key(kv.key):
                 handles.append(parse_record(kv.value, kv.mod_revision, kv.create_revision))
             else:
-                locks.setdefault(name, []).append(holder)
+                name, holder = self._keys.parse_handles_key(kv.key)
+                locks.setdefault(name, []).append(holder or "")
         handles.sort(key=lambda h: h.name)
-        pending = {self._keys.parse_removal_key(kv.key) for kv in removals}
-        return Snapshot(rev, handles, locks, pending)
+        names = {self._keys.parse_handles_key(k)[0] for k in pending}
+        return Snapshot(rev, handles, locks, names)
 
     async def get_all_names(self) -> list[str]:
         """Every handle name, sorted."""
@@ -725,50 +736,48 @@ class StateHandleStore:
         are not returned (they are logically deleted). If etcd refuses a txn
         as too large, the batch size is halved and remembered.
         """
-        snap = await self.snapshot()
-        wanted = [h for h in snap.handles if h.name not in snap.pending_removal]
+        kvs, pending, _ = await self._read_all(self._keys.handles_prefix)
+        wanted = [
+            (kv.key, parse_record(kv.value, kv.mod_revision, kv.create_revision))
+            for kv in kvs
+            if self._keys.is_handle_key(kv.key) and kv.key not in pending
+        ]
         sem = asyncio.Semaphore(self._cfg.lock_concurrency)
-        out: list[Handle] = []
+        out: list[_Keyed] = []
 
-        async def run(batch: list[Handle]) -> None:
+        async def run(batch: list[_Keyed]) -> None:
             async with sem:
                 out.extend(await self._lock_batch(batch))
 
-        tasks = [run(b) for b in self._batches(wanted)]
-        await _gather(tasks)
-        out.sort(key=lambda h: h.name)
-        return out
+        n = self._batch_size()
+        await _gather([run(wanted[i : i + n]) for i in range(0, len(wanted), n)])
+        handles = [h for _, h in out]
+        handles.sort(key=lambda h: h.name)
+        return handles
 
     def _batch_size(self) -> int:
         # One compare per handle plus the fence compare must fit the limit.
         return max(1, self._s.max_ops - (1 if self._fence is not None else 0))
 
-    def _batches(self, items: list[Handle]) -> list[list[Handle]]:
-        n = self._batch_size()
-        return [items[i : i + n] for i in range(0, len(items), n)]
-
-    async def _lock_batch(self, batch: list[Handle]) -> list[Handle]:
-        locked: list[Handle] = []
+    async def _lock_batch(self, batch: list[_Keyed]) -> list[_Keyed]:
+        suffix = b"/locks/" + self._s.instance_id.encode()
+        value = self._lock_value()
         for _ in range(_MAX_ROUNDS * 4):
             if not batch:
-                return locked
+                return []
             n = self._batch_size()
             if len(batch) > n:  # the limit shrank while we waited
-                parts = [batch[i : i + n] for i in range(0, len(batch), n)]
-                for part in parts:
-                    locked.extend(await self._lock_batch(part))
+                locked: list[_Keyed] = []
+                for i in range(0, len(batch), n):
+                    locked.extend(await self._lock_batch(batch[i : i + n]))
                 return locked
             current = batch
 
-            def build(lease: int, current: list[Handle] = current) -> Txn:
+            def build(lease: int, current: list[_Keyed] = current) -> Txn:
                 t = Txn()
-                for h in current:
-                    t.compare("mod", self._keys.handle(h.name), "==", h.version)
-                    t.then(
-                        Txn.put(
-                            self._keys.lock(h.name, self._s.instance_id), self._lock_value(), lease
-                        )
-                    )
+                for key, h in current:
+                    t.compare("mod", key, "==", h.version)
+                    t.then(Txn.put(key + suffix, value, lease))
                 return t
 
             try:
@@ -781,29 +790,27 @@ class StateHandleStore:
             except Ambiguous:
                 continue  # lock puts are idempotent: send again
             if res.succeeded:
-                return locked + current
+                return current
             batch = await self._reread(current)
         raise Unavailable("get_all_and_lock: handles kept changing while locking; retry")
 
-    async def _reread(self, batch: list[Handle]) -> list[Handle]:
-        """Current versions of ``batch`` (vanished or pending ones dropped), in one txn."""
-        t = Txn()
-        for h in batch:
-            t.then(Txn.get(self._keys.handle(h.name)), Txn.get(self._keys.removal(h.name)))
-        try:
+    async def _reread(self, batch: list[_Keyed]) -> list[_Keyed]:
+        """Current versions of ``batch`` (vanished or pending ones dropped),
+        in txns of gets that fit the ops limit."""
+        hp, rp = self._keys.handles_prefix, self._keys.removals_prefix
+        step = max(1, self._s.max_ops // 2)
+        fresh: list[_Keyed] = []
+        for i in range(0, len(batch), step):
+            part = batch[i : i + step]
+            t = Txn()
+            for key, _ in part:
+                t.then(Txn.get(key), Txn.get(rp + key[len(hp) :]))
             res = await self._s.client.txn(t, what="get_all_and_lock re-read")
-        except TooManyOps:
-            half = len(batch) // 2 or 1
-            if len(batch) == 1:
-                raise
-            return await self._reread(batch[:half]) + await self._reread(batch[half:])
-        fresh = []
-        for i in range(len(batch)):
-            kvs, pending = res.results[2 * i], res.results[2 * i + 1]
-            if kvs and not pending:
-                fresh.append(
-                    parse_record(kvs[0].value, kvs[0].mod_revision, kvs[0].create_revision)
-                )
+            for j, (key, _) in enumerate(part):
+                kvs, removal = res.results[2 * j], res.results[2 * j + 1]
+                if kvs and not removal:
+                    kv = kvs[0]
+                    fresh.append((key, parse_record(kv.value, kv.mod_revision, kv.create_revision)))
         return fresh
 
     async def release(self, name: str) -> None:
