@@ -555,6 +555,16 @@ class EtcdClient:
         )
         return int(resp.TTL)
 
+    async def lease_keys(self, lease_id: int) -> tuple[int, list[bytes]]:
+        """(remaining TTL, keys attached) of a lease; TTL -1 when it does not exist."""
+        resp = await self._call(
+            "lease keys",
+            self._lease.LeaseTimeToLive,
+            rpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True),
+            write=False,
+        )
+        return int(resp.TTL), list(resp.keys)
+
     # -- maintenance -----------------------------------------------------------
 
     async def status(self) -> Status:

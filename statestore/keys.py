@@ -55,8 +55,17 @@ def validate_name(name: object) -> str:
 
 
 def validate_namespace(ns: object) -> str:
-    """Return ``ns`` if it is a valid namespace, else raise InvalidArgument."""
-    return _validate("namespace", ns, max_bytes=253)
+    """Return ``ns`` if it is a valid namespace, else raise InvalidArgument.
+
+    A leading ``_`` is reserved: ``<root>/_sessions/`` and ``<root>/_compactor``
+    live beside the namespaces and must not share a prefix with one."""
+    ns = _validate("namespace", ns, max_bytes=253)
+    if ns.startswith("_"):
+        raise InvalidArgument(
+            f"namespace {ns!r} starts with '_', which is reserved for statestore's own keys; "
+            "choose a name that starts with another character"
+        )
+    return ns
 
 
 def encode(name: str) -> str:

@@ -49,13 +49,23 @@ _MAX_ROUNDS = 8
 
 
 class Fence(Protocol):
-    """What fencing needs from a leader election (see statestore.election)."""
+    """What fencing needs from a leader election: the election key
+    ``<ns>/leader/<instance-id>`` and its create revision (the token), or
+    ``None`` when leadership is not held."""
 
     @property
     def leader_key(self) -> bytes: ...
 
     @property
     def token(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFence:
+    """A fence from a token the caller presents (``X-Fencing-Token``)."""
+
+    leader_key: bytes
+    token: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +89,55 @@ class Snapshot:
     pending_removal: set[str]
 
 
-class _Shared:
-    """State shared by a store and its fenced views: one client, one lease."""
+class LeaseHolder(Protocol):
+    """The lease an identity's locks hang on (``Session`` or ``FixedLease``)."""
 
-    def __init__(self, cfg: StoreConfig, instance_id: str | None) -> None:
+    lease_id: int
+    lost_count: int
+
+    async def start(self) -> None: ...
+
+    async def report_lost(self, lease_id: int, why: str) -> None: ...
+
+    async def renew(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class FixedLease:
+    """A lease kept alive by someone else: a REST session's lease, refreshed by
+    its client's keepalive calls. It is never replaced here; once it is gone,
+    calls raise ``SessionExpired`` and the client must open a new session."""
+
+    def __init__(self, lease_id: int) -> None:
+        self.lease_id = lease_id
+        self.lost_count = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def report_lost(self, lease_id: int, why: str) -> None:
+        self.lost_count += 1
+
+    async def renew(self) -> None:
+        raise InvalidArgument(
+            "a session's lease cannot be swapped; delete the session to drop all its locks"
+        )
+
+    async def close(self) -> None:
+        return None
+
+
+class StoreBackend:
+    """The connections a store needs: one etcd client and one blob store.
+
+    A store opened with :meth:`StateHandleStore.open` owns its backend. The REST
+    service shares one backend among all sessions, each acting as its own store
+    instance through :meth:`store`.
+    """
+
+    def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
-        self.instance_id = instance_id or uuid.uuid4().hex
         self.client = EtcdClient(
             cfg.etcd_endpoints,
             timeout=cfg.etcd_timeout,
@@ -92,13 +145,49 @@ class _Shared:
             password=cfg.etcd_password,
         )
         self.blobs = BlobStore(cfg.blob_root, cfg.storage_options, chunk_size=cfg.blob_chunk_size)
-        self.session = Session(self.client, cfg.lease_ttl)
         # Learned from etcd when it refuses a txn as too large (--max-txn-ops).
         self.max_ops = cfg.max_txn_ops
+
+    async def close(self) -> None:
+        await self.client.close()
+        self.blobs.close()
+
+    def store(self, namespace: str, instance_id: str, lease: LeaseHolder) -> StateHandleStore:
+        """A store for ``namespace`` acting as ``instance_id`` on ``lease``."""
+        validate_namespace(namespace)
+        cfg = (
+            self.cfg
+            if namespace == self.cfg.namespace
+            else self.cfg.model_copy(update={"namespace": namespace})
+        )
+        return StateHandleStore(cfg, _shared=_Shared(self, instance_id, lease, owns_backend=False))
+
+
+class _Shared:
+    """One identity (instance id and lease) on a backend; shared by a store and
+    its fenced and other-namespace views."""
+
+    def __init__(
+        self, backend: StoreBackend, instance_id: str, session: LeaseHolder, *, owns_backend: bool
+    ) -> None:
+        self.backend = backend
+        self.client = backend.client
+        self.blobs = backend.blobs
+        self.instance_id = instance_id
+        self.session = session
+        self.owns_backend = owns_backend
         self.writes_in_flight = 0
         self.closed = False
         #: Namespaces this instance has views on (their removals may wait on us).
-        self.namespaces: set[str] = {cfg.namespace}
+        self.namespaces: set[str] = {backend.cfg.namespace}
+
+    @property
+    def max_ops(self) -> int:
+        return self.backend.max_ops
+
+    @max_ops.setter
+    def max_ops(self, value: int) -> None:
+        self.backend.max_ops = value
 
 
 class StateHandleStore:
@@ -113,7 +202,12 @@ class StateHandleStore:
         _fence: Fence | None = None,
     ) -> None:
         validate_namespace(cfg.namespace)
-        self._s = _shared or _Shared(cfg, instance_id)
+        if _shared is None:
+            backend = StoreBackend(cfg)
+            session = Session(backend.client, cfg.lease_ttl)
+            _shared = _Shared(backend, instance_id or uuid.uuid4().hex, session, owns_backend=True)
+        self._s = _shared
+        self._s.namespaces.add(cfg.namespace)
         self._cfg = cfg
         self._keys = Layout(cfg.root, cfg.namespace)
         self._fence = _fence
@@ -130,8 +224,8 @@ class StateHandleStore:
         try:
             await self._s.session.start()
         except BaseException:
-            await self._s.client.close()
-            self._s.blobs.close()
+            if self._s.owns_backend:
+                await self._s.backend.close()
             raise
         return self
 
@@ -145,8 +239,8 @@ class StateHandleStore:
             await self._complete_pending_removals()
         except StateStoreError:
             pass  # best effort: the reconciler completes them later
-        await self._s.client.close()
-        self._s.blobs.close()
+        if self._s.owns_backend:
+            await self._s.backend.close()
 
     async def _complete_pending_removals(self) -> None:
         """After all our locks went at once (``release_all``, ``close``), finish
@@ -183,8 +277,12 @@ class StateHandleStore:
         return self._s.blobs
 
     @property
-    def session(self) -> Session:
+    def session(self) -> LeaseHolder:
         return self._s.session
+
+    @property
+    def backend(self) -> StoreBackend:
+        return self._s.backend
 
     def with_fencing(self, election: Fence) -> StateHandleStore:
         """A view of this store (same instance id and lease) whose every
@@ -196,7 +294,6 @@ class StateHandleStore:
         """A view of the same instance (same id and lease) on another namespace."""
         validate_namespace(namespace)
         cfg = self._cfg.model_copy(update={"namespace": namespace})
-        self._s.namespaces.add(namespace)
         return type(self)(cfg, _shared=self._s, _fence=self._fence)
 
     # -- transaction plumbing ----------------------------------------------------
@@ -224,8 +321,13 @@ class StateHandleStore:
             lost = self._s.session.lost_count
             t = build(lease)
             if fence is not None:
+                # Leadership = our election key exists with this create revision
+                # AND no key under the leader prefix is older (a waiting
+                # candidate has a key too, but not the lowest one).
+                lp = self._keys.leader_prefix
                 t.compare("create", fence[0], "==", fence[1])
-                t.orelse(Txn.get(fence[0]))
+                t.compare("create", lp, ">", fence[1] - 1, range_end=prefix_end(lp))
+                t.orelse(Txn.get(lp, prefix_end(lp), keys_only=True))
             try:
                 res = await self._s.client.txn(t, what=what)
             except SessionExpired:
@@ -233,13 +335,15 @@ class StateHandleStore:
                     continue
                 raise
             if not res.succeeded and fence is not None:
-                leader = res.results[-1]
-                if not leader or leader[0].create_revision != fence[1]:
+                keys = res.results[-1]
+                current = min((k.create_revision for k in keys), default=0)
+                ours = any(k.key == fence[0] and k.create_revision == fence[1] for k in keys)
+                if not ours or current != fence[1]:
                     raise Fenced(
-                        f"{what} refused: leadership token {fence[1]} is no longer current "
-                        f"(current leader key revision: "
-                        f"{leader[0].create_revision if leader else 'none'}); nothing was "
-                        "changed. This instance must stop acting as leader"
+                        f"{what} refused: fencing token {fence[1]} is not the current leadership "
+                        f"of namespace {self.namespace!r} (current token: {current or 'none'}); "
+                        "nothing was changed. This instance must stop acting as leader",
+                        current_token=current or None,
                     )
             return res
         raise SessionExpired(f"{what}: the lease changed repeatedly while the call ran; retry")
@@ -756,8 +860,8 @@ class StateHandleStore:
         return handles
 
     def _batch_size(self) -> int:
-        # One compare per handle plus the fence compare must fit the limit.
-        return max(1, self._s.max_ops - (1 if self._fence is not None else 0))
+        # One compare per handle plus the two fence compares must fit the limit.
+        return max(1, self._s.max_ops - (2 if self._fence is not None else 0))
 
     async def _lock_batch(self, batch: list[_Keyed]) -> list[_Keyed]:
         suffix = b"/locks/" + self._s.instance_id.encode()

@@ -1,0 +1,1 @@
+"""The statestore REST service (rest-v1.md) on FastAPI."""

@@ -1,0 +1,167 @@
+"""Metrics (Prometheus text at /metrics) and structured request logs.
+
+Metrics live in a private registry so several apps in one process (tests)
+do not collide. With several uvicorn workers each process exports its own
+figures; scrape them per worker or run one worker per container.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("statestore.api")
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "statestore_http_requests_total",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "statestore_http_request_seconds",
+            "HTTP request latency by route and method.",
+            ["route", "method"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.etcd_latency = Histogram(
+            "statestore_etcd_request_seconds",
+            "etcd request latency by operation.",
+            ["op"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.blob_latency = Histogram(
+            "statestore_blob_seconds",
+            "Blob store operation latency.",
+            ["op"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.sessions = Gauge(
+            "statestore_sessions", "Live sessions (etcd, all replicas).", registry=r
+        )
+        self.sessions_created = Counter(
+            "statestore_sessions_created_total", "Sessions created here.", registry=r
+        )
+        self.sessions_expired = Counter(
+            "statestore_sessions_expired_total",
+            "Calls refused because their session had expired.",
+            registry=r,
+        )
+        self.locks = Counter(
+            "statestore_lock_operations_total",
+            "Lock operations by kind (acquire, release, remove, remove_refused, remove_deferred).",
+            ["op"],
+            registry=r,
+        )
+        self.lease_lost = Gauge(
+            "statestore_service_lease_losses",
+            "Times the service's own lease was found lost.",
+            registry=r,
+        )
+
+    def observe_etcd(self, op: str, seconds: float) -> None:
+        self.etcd_latency.labels(op).observe(seconds)
+
+    def observe_blob(self, op: str, seconds: float) -> None:
+        self.blob_latency.labels(op).observe(seconds)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("request_id", "method", "path", "status", "ms", "route"):
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, separators=(",", ":"))
+
+
+def configure_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("statestore")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+class RequestContext:
+    """ASGI middleware: request id (``X-Request-Id`` in and out), one log line
+    and the metrics of every request. Pure ASGI so streamed bodies stay streamed."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for k, v in scope.get("headers", []):
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")[:128]
+        rid = rid or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(template, method, str(status)).inc()
+            self.metrics.latency.labels(template, method).observe(elapsed)
+            if template not in ("/healthz", "/readyz", "/metrics"):
+                log.info(
+                    "%s %s -> %s",
+                    method,
+                    scope.get("path", ""),
+                    status,
+                    extra={
+                        "request_id": rid,
+                        "method": method,
+                        "path": scope.get("path", ""),
+                        "status": status,
+                        "ms": round(elapsed * 1000, 2),
+                        "route": template,
+                    },
+                )
+
+

@@ -1,0 +1,118 @@
+"""Every error as ``application/problem+json`` (RFC 9457), with rest-v1.md's type words.
+
+No handler lets a traceback or a framework-shaped error reach a client:
+``StateStoreError`` maps by its ``kind``, FastAPI's validation errors become
+400 ``invalid-argument``, HTTP errors (404 route, 405 method) get a type word,
+and anything unexpected becomes a logged 503 ``unavailable`` naming the
+request id, never a 500 with a stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from statestore.errors import IntegrityError, PossibleInconsistentState, StateStoreError
+
+log = logging.getLogger("statestore.api")
+
+PROBLEM = "application/problem+json"
+
+#: The type words of rest-v1.md, with their titles.
+TITLES = {
+    "already-exists": "Already exists",
+    "not-found": "Not found",
+    "version-conflict": "Version conflict",
+    "locked": "Locked by other sessions",
+    "fenced": "Fenced: leadership is no longer current",
+    "not-leader": "Not the leader",
+    "session-expired": "Session expired",
+    "invalid-argument": "Invalid argument",
+    "integrity": "Integrity check failed",
+    "too-large": "Too large",
+    "unauthorized": "Unauthorized",
+    "forbidden": "Forbidden",
+    "unavailable": "Unavailable",
+}
+
+_BY_STATUS = {
+    400: "invalid-argument",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not-found",
+    409: "already-exists",
+    410: "session-expired",
+    412: "version-conflict",
+    413: "too-large",
+}
+
+
+def problem(
+    status: int, type_: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    body = {"type": type_, "title": TITLES.get(type_, type_), "status": status, "detail": detail}
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+class ApiError(Exception):
+    """An HTTP-only error (auth, bad headers) raised by the API layer."""
+
+    def __init__(self, status: int, type_: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.type, self.detail, self.extra = status, type_, detail, extra
+
+
+def store_error_response(e: StateStoreError, *, reading: bool = False) -> JSONResponse:
+    kind, status = e.kind, e.http_status
+    if isinstance(e, PossibleInconsistentState):
+        kind, status = "unavailable", 503  # outcome unknown: the caller must re-read
+    elif isinstance(e, IntegrityError) and reading:
+        status = 502  # the blob store returned bytes that do not match: not the caller's fault
+    if kind not in TITLES:
+        kind = "unavailable"
+    return problem(status, kind, e.message, **e.details)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(StateStoreError)
+    async def _store(request: Request, e: StateStoreError) -> JSONResponse:
+        return store_error_response(e, reading=request.method in ("GET", "HEAD"))
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return problem(e.status, e.type, e.detail, headers=headers, **e.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))}
+            for err in e.errors()
+        ]
+        detail = "; ".join(f"{'.'.join(x['loc'])}: {x['msg']}" for x in errors)
+        return problem(400, "invalid-argument", detail or "invalid request", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        type_ = _BY_STATUS.get(e.status_code, "invalid-argument")
+        if e.status_code >= 500:
+            type_ = "unavailable"
+        return problem(e.status_code, type_, str(e.detail), headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        rid = request.headers.get("x-request-id") or getattr(request.state, "request_id", "")
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return problem(
+            503,
+            "unavailable",
+            f"the service failed unexpectedly ({type(e).__name__}); nothing is known to have "
+            f"changed. Retry, and report request id {rid} if it persists",
+            request_id=rid,
+        )

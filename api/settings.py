@@ -1,0 +1,26 @@
+"""Service settings: the store's settings plus the HTTP side, from ``STATESTORE_*``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from statestore.config import StoreConfig
+
+
+class ServiceSettings(StoreConfig):
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port to listen on.")
+    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes.")
+    auth_tokens_file: Path | None = Field(
+        default=None, description="JSON file of bearer tokens; auth is off without it."
+    )
+    max_state_bytes: int = Field(
+        default=1 << 30, ge=0, description="Largest state one PUT may store (413 above)."
+    )
+    home: Path = Field(
+        default=Path(".statestore"), description="Embedded default: where etcd and blobs live."
+    )
+    log_level: str = Field(default="info", description="debug, info, warning or error.")
+    log_json: bool = Field(default=True, description="One JSON object per log line.")

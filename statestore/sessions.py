@@ -1,0 +1,129 @@
+"""Sessions of the REST service, kept in etcd so every replica serves them.
+
+A session is an etcd lease plus a small record attached to it:
+
+    <root>/_sessions/<session-id>   {"owner", "ttl_seconds", "created_at"}  (on the lease)
+
+The session id is ``<lease id in hex>-<16 random hex digits>``: the lease id
+lets any replica find the lease without a lookup table, the random part makes
+ids unguessable, and the record proves the pair is real. A session's locks
+are exactly the lock keys on its lease (their key names carry the session id),
+so they vanish with it: on expiry (etcd deletes every attached key), or at
+once on ``DELETE /v1/sessions/{sid}`` (the lease is revoked).
+
+Nothing is held in process memory, so a session created through one replica
+works through another and survives a replica restart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from statestore.errors import InvalidArgument, SessionExpired
+from statestore.etcd import EtcdClient
+from statestore.keys import decode, prefix_end
+
+MIN_TTL = 2
+MAX_TTL = 3600
+_SID = re.compile(r"^([0-9a-f]{1,16})-([0-9a-f]{16})$")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    lease_id: int
+    ttl_seconds: int
+    owner: str | None
+    created_at: float
+
+
+class SessionRegistry:
+    def __init__(self, client: EtcdClient, root: str) -> None:
+        self._client = client
+        self._prefix = f"{root}/_sessions/".encode()
+
+    def _key(self, sid: str) -> bytes:
+        return self._prefix + sid.encode()
+
+    @staticmethod
+    def lease_of(sid: str) -> int:
+        m = _SID.match(sid)
+        if m is None:
+            raise SessionExpired(
+                f"session {sid!r} is unknown: session ids look like '<hex>-<16 hex>'; "
+                "create one with POST /v1/sessions"
+            )
+        return int(m.group(1), 16)
+
+    async def create(self, ttl_seconds: int = 10, owner: str | None = None) -> SessionInfo:
+        """Grant a lease and attach the session record to it."""
+        if not isinstance(ttl_seconds, int) or not MIN_TTL <= ttl_seconds <= MAX_TTL:
+            raise InvalidArgument(
+                f"ttl_seconds must be an integer from {MIN_TTL} to {MAX_TTL}, got {ttl_seconds!r}"
+            )
+        if owner is not None and (not isinstance(owner, str) or len(owner) > 256):
+            raise InvalidArgument("owner must be a string of at most 256 characters")
+        lease_id, granted = await self._client.lease_grant(ttl_seconds)
+        sid = f"{lease_id:x}-{secrets.token_hex(8)}"
+        info = SessionInfo(sid, lease_id, granted, owner, time.time())
+        record = {"owner": owner, "ttl_seconds": granted, "created_at": info.created_at}
+        try:
+            await self._client.put(self._key(sid), json.dumps(record).encode(), lease=lease_id)
+        except BaseException:
+            await self._client.lease_revoke(lease_id)
+            raise
+        return info
+
+    async def lookup(self, sid: str) -> SessionInfo:
+        """The live session ``sid``, or ``SessionExpired`` (unknown or expired)."""
+        lease_id = self.lease_of(sid)
+        kv = await self._client.get(self._key(sid))
+        if kv is None or kv.lease != lease_id:
+            raise SessionExpired(
+                f"session {sid!r} is unknown or has expired (its lease is gone, and every lock "
+                "it held went with it); create a new session and re-acquire what you need"
+            )
+        rec = json.loads(kv.value)
+        return SessionInfo(
+            sid, lease_id, int(rec["ttl_seconds"]), rec.get("owner"), float(rec["created_at"])
+        )
+
+    async def keepalive(self, sid: str) -> SessionInfo:
+        info = await self.lookup(sid)
+        remaining = await self._client.lease_keepalive(info.lease_id)
+        if remaining <= 0:
+            raise SessionExpired(f"session {sid!r} expired before this keepalive arrived")
+        return info
+
+    async def delete(self, sid: str) -> list[bytes]:
+        """Revoke the session's lease; returns the lock keys that went with it
+        (so the caller can complete removals they were blocking). Unknown or
+        expired sessions are already gone: nothing to do."""
+        try:
+            info = await self.lookup(sid)
+        except SessionExpired:
+            return []
+        _, keys = await self._client.lease_keys(info.lease_id)
+        await self._client.lease_revoke(info.lease_id)
+        return [k for k in keys if b"/locks/" in k]
+
+    async def list(self) -> list[SessionInfo]:
+        kvs, _ = await self._client.range_all(self._prefix, prefix_end(self._prefix))
+        out = []
+        for kv in kvs:
+            sid = decode(kv.key[len(self._prefix) :].decode())
+            rec = json.loads(kv.value)
+            out.append(
+                SessionInfo(
+                    sid,
+                    kv.lease,
+                    int(rec["ttl_seconds"]),
+                    rec.get("owner"),
+                    float(rec["created_at"]),
+                )
+            )
+        return out
