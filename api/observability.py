@@ -163,5 +163,3 @@ class RequestContext:
                         "route": template,
                     },
                 )
-
-

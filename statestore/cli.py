@@ -96,6 +96,55 @@ async def _demo(endpoint: str, blobs: str) -> None:
         console.print(f"5. new leader releases and removes it: removed={gone}")
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes.")] = None,
+) -> None:
+    """Serve the REST API (rest-v1.md).
+
+    Settings come from STATESTORE_* variables. With no etcd endpoint
+    configured this is the embedded default: a local etcd under
+    ./.statestore/etcd and blobs under ./.statestore/blobs.
+    """
+    import uvicorn
+
+    from api.settings import ServiceSettings
+    from statestore.config import load_config
+    from statestore.embedded import blob_root, start_embedded_etcd
+
+    settings = load_config(cls=ServiceSettings)
+    member = None
+    if "etcd_endpoints" not in settings.model_fields_set:
+        with console.status(f"starting the embedded etcd under {settings.home / 'etcd'} ..."):
+            try:
+                member = start_embedded_etcd(settings.home)
+            except StateStoreError as e:
+                err_console.print(f"[red]error:[/red] {e}")
+                raise typer.Exit(2) from None
+        # Workers are separate processes: they read their settings from the environment.
+        os.environ["STATESTORE_ETCD_ENDPOINTS"] = member.endpoint
+        if "blob_root" not in settings.model_fields_set:
+            os.environ["STATESTORE_BLOB_ROOT"] = blob_root(settings.home)
+        err_console.print(
+            f"embedded default: etcd at {member.endpoint}, blobs in {settings.home / 'blobs'}"
+        )
+    try:
+        uvicorn.run(
+            "api.app:create_app_from_env",
+            factory=True,
+            host=host or settings.host,
+            port=port if port is not None else settings.port,
+            workers=workers or settings.workers,
+            access_log=False,  # the service logs every request itself, with its request id
+            log_level=settings.log_level,
+        )
+    finally:
+        if member is not None:
+            member.stop()
+
+
 def run() -> None:  # pragma: no cover - console entry point wrapper
     try:
         app()

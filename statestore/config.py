@@ -8,7 +8,7 @@ comma list, ``STATESTORE_STORAGE_OPTIONS`` a JSON object.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from statestore.errors import InvalidArgument
 
 DEFAULT_ROOT = "/statestore/v1"
+C = TypeVar("C", bound="StoreConfig")
 
 
 class StoreConfig(BaseSettings):
@@ -93,13 +94,13 @@ class StoreConfig(BaseSettings):
         return v.rstrip("/")
 
 
-def load_config(**overrides: Any) -> StoreConfig:
+def load_config(cls: type[C] = StoreConfig, **overrides: Any) -> C:  # type: ignore[assignment]
     """Build a config from the environment plus overrides, raising
     :class:`InvalidArgument` (not a pydantic traceback) on bad settings."""
     from pydantic import ValidationError
 
     try:
-        return StoreConfig(**overrides)
+        return cls(**overrides)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()

@@ -247,10 +247,14 @@ class StateHandleStore:
         the deferred removals that only they were blocking."""
         for ns in sorted(self._s.namespaces):
             view = self if ns == self.namespace else self.for_namespace(ns)
-            rp = view._keys.removals_prefix
-            kvs, _ = await self._s.client.range_all(rp, prefix_end(rp), keys_only=True)
-            for kv in kvs:
-                await view.complete_removal(view._keys.parse_removal_key(kv.key))
+            for name in sorted(await view.pending_removals()):
+                await view.complete_removal(name)
+
+    async def pending_removals(self) -> set[str]:
+        """Names whose deferred removal waits for locks to go."""
+        rp = self._keys.removals_prefix
+        kvs, _ = await self._s.client.range_all(rp, prefix_end(rp), keys_only=True)
+        return {self._keys.parse_removal_key(kv.key) for kv in kvs}
 
     @property
     def instance_id(self) -> str:
@@ -728,6 +732,18 @@ class StateHandleStore:
             raise NotFound(f"handle {name!r} does not exist in namespace {self.namespace!r}")
         return parse_record(kv.value, kv.mod_revision, kv.create_revision)
 
+    async def describe(self, name: str) -> tuple[Handle, list[str]]:
+        """The handle and its lock holders, read together at one revision."""
+        name = validate_name(name)
+        lp = self._keys.lock_prefix(name)
+        t = Txn().then(Txn.get(self._keys.handle(name)), Txn.get(lp, prefix_end(lp), True))
+        res = await self._s.client.txn(t, what="describe")
+        if not res.results[0]:
+            raise NotFound(f"handle {name!r} does not exist in namespace {self.namespace!r}")
+        kv = res.results[0][0]
+        holders = sorted(k.key[len(lp) :].decode() for k in res.results[1])
+        return parse_record(kv.value, kv.mod_revision, kv.create_revision), holders
+
     async def _resolve_handle(self, handle_or_name: Handle | str) -> Handle:
         if isinstance(handle_or_name, Handle):
             return handle_or_name
@@ -840,7 +856,23 @@ class StateHandleStore:
         are not returned (they are logically deleted). If etcd refuses a txn
         as too large, the batch size is halved and remembered.
         """
-        kvs, pending, _ = await self._read_all(self._keys.handles_prefix)
+        return (await self.lock_all())[0]
+
+    async def lock_all(
+        self, prefix: str | None = None
+    ) -> tuple[list[Handle], dict[str, list[str]], int]:
+        """``get_all_and_lock`` of the handles whose names start with ``prefix``;
+        also returns every handle's lock holders (ours included) and the
+        snapshot revision, for listings."""
+        start = self._keys.handles_prefix
+        if prefix:
+            start = self._keys.handle(validate_name(prefix))
+        kvs, pending, rev = await self._read_all(start)
+        holders: dict[str, list[str]] = {}
+        for kv in kvs:
+            if not self._keys.is_handle_key(kv.key):
+                name, holder = self._keys.parse_handles_key(kv.key)
+                holders.setdefault(name, []).append(holder or "")
         wanted = [
             (kv.key, parse_record(kv.value, kv.mod_revision, kv.create_revision))
             for kv in kvs
@@ -857,7 +889,13 @@ class StateHandleStore:
         await _gather([run(wanted[i : i + n]) for i in range(0, len(wanted), n)])
         handles = [h for _, h in out]
         handles.sort(key=lambda h: h.name)
-        return handles
+        me = self._s.instance_id
+        for h in handles:
+            names = holders.setdefault(h.name, [])
+            if me not in names:
+                names.append(me)
+                names.sort()
+        return handles, holders, rev
 
     def _batch_size(self) -> int:
         # One compare per handle plus the two fence compares must fit the limit.

@@ -1,0 +1,269 @@
+"""Handles and listing: ``/v1/namespaces/{ns}/handles`` (rest-v1.md).
+
+State bodies are streamed both ways: a PUT's body goes chunk by chunk into
+the blob (hashed on the way), and a GET of ``.../state`` streams the blob
+back, so memory stays bounded whatever the state's size.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.auth import Role
+from api.problems import ApiError, problem
+from api.service import (
+    Service,
+    handle_json,
+    parse_metadata,
+    path_name,
+    path_namespace,
+    service,
+)
+
+router = APIRouter(prefix="/v1/namespaces/{ns}/handles", tags=["handles"])
+Svc = Annotated[Service, Depends(service)]
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_ETAG = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
+
+SessionHeader = Annotated[
+    str | None,
+    Header(description="The caller's session (lease); needed by every call that takes or "
+           "drops a lock."),
+]  # fmt: skip
+FencingHeader = Annotated[
+    str | None,
+    Header(description="Leadership token from POST .../leader; 409 fenced when not current."),
+]
+
+_HANDLE_EXAMPLE = {
+    "name": "chk-17",
+    "version": 42,
+    "size": 1024,
+    "sha256": "0" * 64,
+    "created_at": "2026-01-01T00:00:00+00:00",
+    "metadata": {},
+    "locks": ["1a2b-0123456789abcdef"],
+}
+_PROBLEM = {"content": {"application/problem+json": {}}}
+_HANDLE = {"content": {"application/json": {"example": _HANDLE_EXAMPLE}}}
+_BYTES = {
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+}
+_BINARY_BODY = {
+    "requestBody": {
+        "required": True,
+        **_BYTES,
+    }
+}
+
+
+def _etag(version: int) -> dict[str, str]:
+    return {"ETag": f'"{version}"'}
+
+
+@router.put(
+    "/{name}",
+    status_code=201,
+    openapi_extra=_BINARY_BODY,
+    responses={
+        200: {"description": "replaced (If-Match)", **_HANDLE},
+        201: {"description": "added and locked", **_HANDLE},
+        400: _PROBLEM, 404: _PROBLEM, 409: _PROBLEM, 410: _PROBLEM, 412: _PROBLEM,
+        413: _PROBLEM, 503: _PROBLEM,
+    },
+)  # fmt: skip
+async def put_handle(
+    ns: str,
+    name: str,
+    request: Request,
+    svc: Svc,
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+    if_match: Annotated[str | None, Header(description='"<version>": replace')] = None,
+    x_handle_metadata: Annotated[str | None, Header(description="JSON object")] = None,
+    x_content_sha256: Annotated[str | None, Header(description="hex SHA-256 of the body")] = None,
+) -> JSONResponse:
+    """add_and_lock (201), or replace with ``If-Match`` (200). The body is the raw state."""
+    ns, name = path_namespace(ns), path_name(name)
+    svc.authorize(request, ns, Role.write)
+    metadata = parse_metadata(x_handle_metadata)
+    if x_content_sha256 is not None and not _HEX64.match(x_content_sha256.strip()):
+        raise ApiError(400, "invalid-argument", "X-Content-SHA256 must be 64 hex digits")
+    digest = x_content_sha256.strip().lower() if x_content_sha256 else None
+    limit = svc.settings.max_state_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(
+            413, "too-large", f"the state is {length} bytes, over the limit of {limit} bytes"
+        )
+    version = None
+    if if_match is not None:
+        m = _ETAG.match(if_match)
+        if m is None:
+            raise ApiError(400, "invalid-argument", 'If-Match must be a version: "<integer>"')
+        version = int(m.group(1))
+    session = await svc.session(request)
+    store = svc.store(ns, session, request)
+    body = request.stream()
+    if version is None:
+        h = await store.add_and_lock(name, body, metadata, expected_sha256=digest, max_size=limit)
+        svc.metrics.locks.labels("acquire").inc()
+        return JSONResponse(handle_json(h, [session.session_id]), 201, headers=_etag(h.version))
+    h = await store.replace(name, version, body, metadata, expected_sha256=digest, max_size=limit)
+    _, locks = await store.describe(name)
+    return JSONResponse(handle_json(h, locks), 200, headers=_etag(h.version))
+
+
+@router.get(
+    "/{name}",
+    responses={200: {"content": {"application/json": {"example": _HANDLE_EXAMPLE}}},
+               404: _PROBLEM, 503: _PROBLEM},
+)  # fmt: skip
+async def get_handle(ns: str, name: str, request: Request, svc: Svc) -> JSONResponse:
+    """The handle record with its lock holders; ``ETag`` is its version."""
+    ns, name = path_namespace(ns), path_name(name)
+    svc.authorize(request, ns, Role.read)
+    h, locks = await svc.store(ns).describe(name)
+    return JSONResponse(handle_json(h, locks), headers=_etag(h.version))
+
+
+@router.get(
+    "/{name}/state",
+    response_class=StreamingResponse,
+    responses={
+        200: _BYTES,
+        404: _PROBLEM, 502: _PROBLEM, 503: _PROBLEM,
+    },
+)  # fmt: skip
+async def get_state(ns: str, name: str, request: Request, svc: Svc) -> Response:
+    """The exact state bytes, streamed, with ``Content-Length`` and ``X-Content-SHA256``.
+
+    The first chunk is read before answering, so a missing blob is a proper
+    502 problem; a mismatch found at the end aborts the stream (the client
+    sees fewer bytes than ``Content-Length``)."""
+    ns, name = path_namespace(ns), path_name(name)
+    svc.authorize(request, ns, Role.read)
+    store = svc.store(ns)
+    h = await store.get(name)
+    chunks = store.open_read(h)
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = b""
+
+    async def stream() -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+
+    headers = {"Content-Length": str(h.size), "X-Content-SHA256": h.sha256, **_etag(h.version)}
+    return StreamingResponse(stream(), media_type="application/octet-stream", headers=headers)
+
+
+@router.post("/{name}/lock", responses={404: _PROBLEM, 409: _PROBLEM, 410: _PROBLEM})
+async def lock_handle(
+    ns: str,
+    name: str,
+    request: Request,
+    svc: Svc,
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+) -> JSONResponse:
+    """get_and_lock: lock the handle for the session and return it."""
+    ns, name = path_namespace(ns), path_name(name)
+    svc.authorize(request, ns, Role.write)
+    session = await svc.session(request)
+    store = svc.store(ns, session, request)
+    await store.get_and_lock(name)
+    svc.metrics.locks.labels("acquire").inc()
+    h, locks = await store.describe(name)
+    return JSONResponse(handle_json(h, locks), headers=_etag(h.version))
+
+
+@router.delete("/{name}/lock", status_code=204, responses={400: _PROBLEM, 410: _PROBLEM})
+async def release_lock(
+    ns: str, name: str, request: Request, svc: Svc, x_session_id: SessionHeader = None
+) -> Response:
+    """release: drop the session's lock (204 also when it was not held)."""
+    ns, name = path_namespace(ns), path_name(name)
+    svc.authorize(request, ns, Role.write)
+    session = await svc.session(request)
+    await svc.store(ns, session).release(name)
+    svc.metrics.locks.labels("release").inc()
+    return Response(status_code=204)
+
+
+@router.delete(
+    "/{name}",
+    status_code=204,
+    responses={202: {"content": {"application/json": {"example": {"status": "pending-removal"}}}},
+               409: _PROBLEM, 410: _PROBLEM},
+)  # fmt: skip
+async def remove_handle(
+    ns: str,
+    name: str,
+    request: Request,
+    svc: Svc,
+    deferred: Annotated[bool, Query(description="complete the removal when others let go")] = False,
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+) -> Response:
+    """release_and_try_remove: 204 removed (or never existed); 409 ``locked`` with
+    ``holders`` (own lock released, handle kept); with ``?deferred=true`` 202."""
+    ns, name = path_namespace(ns), path_name(name)
+    svc.authorize(request, ns, Role.write)
+    session = await svc.session(request)
+    outcome = await svc.store(ns, session, request).try_remove(name, deferred=deferred)
+    if outcome.removed:
+        svc.metrics.locks.labels("remove").inc()
+        return Response(status_code=204)
+    if outcome.pending:
+        svc.metrics.locks.labels("remove_deferred").inc()
+        return JSONResponse({"status": "pending-removal", "holders": outcome.holders}, 202)
+    svc.metrics.locks.labels("remove_refused").inc()
+    return problem(
+        409,
+        "locked",
+        f"handle {name!r} is still locked by {len(outcome.holders)} other session(s); your lock "
+        "was released and the handle kept. Retry later or use ?deferred=true",
+        holders=outcome.holders,
+    )
+
+
+list_router = APIRouter(prefix="/v1/namespaces/{ns}", tags=["handles"])
+
+
+@list_router.get("/handles", responses={400: _PROBLEM, 410: _PROBLEM, 503: _PROBLEM})
+async def list_handles(
+    ns: str,
+    request: Request,
+    svc: Svc,
+    prefix: Annotated[str | None, Query(description="only names starting with this")] = None,
+    lock: Annotated[bool, Query(description="get_all_and_lock for the session")] = False,
+    x_session_id: SessionHeader = None,
+) -> JSONResponse:
+    """Every handle, sorted by name, from one consistent snapshot."""
+    ns = path_namespace(ns)
+    svc.authorize(request, ns, Role.write if lock else Role.read)
+    if prefix == "":
+        prefix = None
+    body: dict[str, Any]
+    if lock:
+        session = await svc.session(request)
+        handles, locks, rev = await svc.store(ns, session, request).lock_all(prefix)
+        svc.metrics.locks.labels("acquire").inc(len(handles))
+    else:
+        snap = await svc.store(ns).snapshot(prefix)
+        handles, locks, rev = snap.handles, snap.locks, snap.revision
+    body = {
+        "handles": [handle_json(h, sorted(locks.get(h.name, []))) for h in handles],
+        "revision": rev,
+    }
+    return JSONResponse(body)

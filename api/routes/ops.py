@@ -1,0 +1,59 @@
+"""Operations: ``/healthz``, ``/readyz``, ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.problems import problem
+from api.service import Service, service
+from statestore.errors import StateStoreError
+from statestore.keys import prefix_end
+
+router = APIRouter(tags=["operations"])
+Svc = Annotated[Service, Depends(service)]
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """200 while the process runs."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"content": {"application/problem+json": {}}}})
+async def readyz(svc: Svc) -> JSONResponse:
+    """200 only when etcd and the blob store both answer (each within 2 s)."""
+    checks: dict[str, str] = {}
+
+    async def etcd() -> None:
+        await svc.backend.client.status()
+
+    async def blobs() -> None:
+        await svc.backend.blobs.ping()
+
+    for what, probe in (("etcd", etcd), ("blobs", blobs)):
+        try:
+            await asyncio.wait_for(probe(), timeout=2.0)
+            checks[what] = "ok"
+        except (StateStoreError, TimeoutError) as e:
+            checks[what] = str(e) or "timed out"
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ready", **checks})
+    failing = ", ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
+    return problem(503, "unavailable", f"not ready: {failing}", checks=checks)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(svc: Svc) -> Response:
+    """Prometheus text format."""
+    prefix = f"{svc.settings.root}/_sessions/".encode()
+    try:
+        svc.metrics.sessions.set(await svc.backend.client.count(prefix, prefix_end(prefix)))
+    except StateStoreError:
+        pass  # report what we have; readyz says etcd is down
+    svc.metrics.lease_lost.set(0)
+    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,83 @@
+"""Sessions: ``/v1/sessions`` (rest-v1.md, "Sessions")."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, Field
+
+from api.auth import Role
+from api.service import Service, service
+from statestore.keys import decode
+from statestore.sessions import MAX_TTL, MIN_TTL
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+Svc = Annotated[Service, Depends(service)]
+
+
+class SessionRequest(BaseModel):
+    ttl_seconds: int = Field(default=10, description=f"Lease TTL, {MIN_TTL}..{MAX_TTL} seconds.")
+    owner: str | None = Field(default=None, max_length=256, description="Who holds it (free text).")
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    ttl_seconds: int
+
+
+class SessionListing(BaseModel):
+    sessions: list[dict[str, object]]
+
+
+@router.post("", status_code=201, response_model=SessionOut)
+async def create_session(
+    svc: Svc, request: Request, body: SessionRequest | None = None
+) -> SessionOut:
+    """Open a session: an etcd lease that every replica of the service can use."""
+    svc.authorize(request, None, Role.write)
+    body = body or SessionRequest()
+    info = await svc.sessions.create(body.ttl_seconds, body.owner)
+    svc.metrics.sessions_created.inc()
+    return SessionOut(session_id=info.session_id, ttl_seconds=info.ttl_seconds)
+
+
+@router.get("", response_model=SessionListing)
+async def list_sessions(svc: Svc, request: Request) -> SessionListing:
+    """Every live session (admin)."""
+    svc.authorize(request, None, Role.admin)
+    infos = await svc.sessions.list()
+    return SessionListing(
+        sessions=[
+            {"session_id": i.session_id, "ttl_seconds": i.ttl_seconds, "owner": i.owner,
+             "created_at": i.created_at}
+            for i in infos
+        ]
+    )  # fmt: skip
+
+
+@router.post("/{sid}/keepalive", response_model=SessionOut)
+async def keepalive(sid: str, svc: Svc, request: Request) -> SessionOut:
+    """Refresh the session's lease; 410 when it has already expired."""
+    svc.authorize(request, None, Role.write)
+    info = await svc.sessions.keepalive(sid)
+    return SessionOut(session_id=info.session_id, ttl_seconds=info.ttl_seconds)
+
+
+@router.delete("/{sid}", status_code=204)
+async def delete_session(sid: str, svc: Svc, request: Request) -> Response:
+    """End the session: every lock it holds is gone at once. Removals that only
+    its locks were blocking are completed right away."""
+    svc.authorize(request, None, Role.write)
+    lock_keys = await svc.sessions.delete(sid)
+    root = svc.settings.root.encode() + b"/"
+    held: dict[str, set[str]] = {}
+    for key in lock_keys:
+        parts = key[len(root) :].split(b"/")
+        if len(parts) == 5 and parts[1] == b"handles" and parts[3] == b"locks":
+            held.setdefault(decode(parts[0].decode()), set()).add(decode(parts[2].decode()))
+    for ns, names in held.items():
+        store = svc.store(ns)
+        for name in sorted(names & await store.pending_removals()):
+            await store.complete_removal(name)
+    return Response(status_code=204)

@@ -1,0 +1,1660 @@
+"""HTTP client of the statestore REST API (rest-v1.md), for coordinators that
+cannot reach etcd.
+
+Two faces with the same methods, as httpx has ``AsyncClient`` and ``Client``:
+
+- :class:`AsyncStateStoreClient` on ``httpx.AsyncClient``;
+- :class:`StateStoreClient`, its blocking twin, on ``httpx.Client``.
+
+Both are thin: every call is described once, as a pure :class:`_Call` that
+:class:`_Api` builds (method, encoded path, query, headers, body) and that also
+parses the answer. A face only sends the request and hands the response back
+to the call, so request building, error mapping and response checks are
+written once and shared.
+
+Behaviour common to both faces:
+
+- Errors are the SDK's (:mod:`statestore.errors`), chosen by the problem+json
+  ``type`` word; ``Locked`` carries ``details["holders"]``, ``NotLeader``
+  ``details["leader"]``, and every mapped error carries the HTTP status in
+  ``details["status"]`` plus the problem's extra fields. :class:`Unauthorized`
+  and :class:`Forbidden` (401/403) are defined here. An unknown problem type, a
+  non-problem 5xx (or any other status without a problem body that is not
+  401/403/413/400/422) and a body that is not what rest-v1 promises all raise
+  ``Unavailable`` with the status and an excerpt of the body. Connection errors
+  and timeouts raise ``Unavailable`` naming the URL.
+- Handle names, counter names, session ids and namespaces are percent-encoded
+  as ONE path segment (``/``, ``%``, spaces, ``?``, ``#``, unicode; ``.`` and
+  ``..`` too, which URL normalisation would otherwise remove).
+- State bodies: ``bytes`` are sent with ``Content-Length`` and, unless the
+  caller gives ``sha256``, with their own ``X-Content-SHA256`` so the server
+  refuses a corrupted upload. Binary file objects and (async) iterables of
+  bytes are streamed in chunks (at most :data:`CHUNK_SIZE` bytes read from a
+  file at a time), never read whole, and hashed on the way: the handle the
+  server answers with must have the size and SHA-256 of what was sent, else
+  ``IntegrityError``.
+- Reads (``read`` / ``open_read``) verify the body against the response's
+  ``X-Content-SHA256``; ``open_read`` can only tell after the last chunk, so it
+  raises ``IntegrityError`` at the end of the iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import logging
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import IO, Any, Generic, NamedTuple, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from statestore.errors import (
+    AlreadyExists,
+    Fenced,
+    IntegrityError,
+    InvalidArgument,
+    Locked,
+    NotFound,
+    NotLeader,
+    PossibleInconsistentState,
+    SessionExpired,
+    StateStoreError,
+    TooLarge,
+    Unavailable,
+    VersionConflict,
+)
+from statestore.handle import encode_metadata
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Largest read from a file object given as state (bytes per request chunk).
+CHUNK_SIZE = 1024 * 1024
+#: How much of an unexpected response body an error message quotes.
+EXCERPT_CHARS = 300
+
+#: What ``add_and_lock``/``replace``/``add_checkpoint`` accept as state: bytes, a
+#: binary file object (sync ``read``, or ``async def read`` for the async face),
+#: or an iterable (the async face also: async iterable) of bytes chunks.
+Body = bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes]
+
+
+# -- errors only the REST API has ------------------------------------------------------
+
+
+class Unauthorized(StateStoreError):
+    """401: the bearer token is missing or not known to the server."""
+
+    kind = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(StateStoreError):
+    """403: the token is valid but not allowed this namespace or role."""
+
+    kind = "forbidden"
+    http_status = 403
+
+
+_ERRORS_BY_KIND: dict[str, type[StateStoreError]] = {
+    cls.kind: cls
+    for cls in (
+        AlreadyExists,
+        NotFound,
+        VersionConflict,
+        Locked,
+        Fenced,
+        NotLeader,
+        SessionExpired,
+        InvalidArgument,
+        IntegrityError,
+        TooLarge,
+        Unauthorized,
+        Forbidden,
+        Unavailable,
+        PossibleInconsistentState,
+    )
+}
+
+# A status without a problem body (e.g. from a proxy in front of the server):
+# only these have one unambiguous meaning; anything else is Unavailable.
+_ERRORS_BY_BARE_STATUS: dict[int, type[StateStoreError]] = {
+    400: InvalidArgument,
+    401: Unauthorized,
+    403: Forbidden,
+    413: TooLarge,
+    422: InvalidArgument,
+}
+
+_PROBLEM_MEMBERS = ("type", "title", "status", "detail", "instance")
+
+
+def _excerpt(text: str) -> str:
+    text = text.strip()
+    if len(text) > EXCERPT_CHARS:
+        return text[:EXCERPT_CHARS] + "..."
+    return text or "<empty body>"
+
+
+def error_from_problem(
+    status: int, problem: Mapping[str, Any], *, request: str = ""
+) -> StateStoreError:
+    """The :mod:`statestore.errors` error for a problem+json body.
+
+    The class is chosen by the ``type`` word; the message is ``request`` (e.g.
+    ``"PUT http://..."``) followed by the problem's ``detail`` (or ``title``).
+    ``details`` holds the problem's extension members (``holders``,
+    ``leader``, ...) and ``status``. An unknown ``type`` gives ``Unavailable``
+    quoting the body.
+    """
+    prefix = f"{request}: " if request else ""
+    kind = problem.get("type")
+    cls = _ERRORS_BY_KIND.get(kind) if isinstance(kind, str) else None
+    details = {k: v for k, v in problem.items() if k not in _PROBLEM_MEMBERS}
+    details["status"] = status
+    if cls is None:
+        err: StateStoreError = Unavailable(
+            f"{prefix}the server answered HTTP {status} with a problem of unknown type "
+            f"{kind!r}: {_excerpt(json.dumps(dict(problem), default=str))}; the server may be "
+            "newer than this client or not a statestore server",
+            problem_type=kind,
+        )
+    else:
+        text = problem.get("detail") or problem.get("title") or f"HTTP {status} {kind}"
+        err = cls(f"{prefix}{text}")
+    err.details.update(details)
+    return err
+
+
+def error_from_response(response: httpx.Response) -> StateStoreError:
+    """The error for a non-2xx response (its body must have been read).
+
+    A JSON object with a string ``type`` is taken as a problem (whatever the
+    exact content type says); otherwise the status alone decides: 400/422 ->
+    ``InvalidArgument``, 401 -> :class:`Unauthorized`, 403 -> :class:`Forbidden`,
+    413 -> ``TooLarge``, anything else (5xx, a 404 for a route the server does
+    not have, a redirect) -> ``Unavailable`` with the status and body excerpt.
+    """
+    request = f"{response.request.method} {response.request.url}"
+    status = response.status_code
+    problem = _json_object(response)
+    if problem is not None and isinstance(problem.get("type"), str):
+        return error_from_problem(status, problem, request=request)
+    body = _excerpt(response.text)
+    cls = _ERRORS_BY_BARE_STATUS.get(status)
+    if cls is not None:
+        return cls(
+            f"{request}: HTTP {status} {response.reason_phrase} without a problem body "
+            f"(perhaps from a proxy in front of statestore): {body}",
+            status=status,
+        )
+    if status >= 500:
+        hint = "the server or something in front of it failed; retry later or check its logs"
+    else:
+        hint = "check base_url and that the server implements this rest-v1 call"
+    return Unavailable(
+        f"{request}: unexpected HTTP {status} {response.reason_phrase} without a problem "
+        f"body: {body}; {hint}",
+        status=status,
+    )
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    if "json" not in response.headers.get("content-type", ""):
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _unreachable(request: httpx.Request, exc: httpx.TransportError) -> Unavailable:
+    """``Unavailable`` for a connection error or timeout, naming the URL."""
+    nothing_sent = isinstance(
+        exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.UnsupportedProtocol
+    )
+    if nothing_sent or request.method in ("GET", "HEAD"):
+        hint = "retry when the server is reachable"
+    else:
+        hint = (
+            "the request may have reached the server and taken effect; re-read the state "
+            "before retrying"
+        )
+    return Unavailable(
+        f"{request.method} {request.url}: the statestore server did not answer "
+        f"({type(exc).__name__}: {exc or 'no detail'}); {hint}",
+        url=str(request.url),
+    )
+
+
+class _BadBody(Exception):
+    """A 2xx body that is not what rest-v1 promises (becomes ``Unavailable``)."""
+
+
+# -- values ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A server-side session (an etcd lease): locks taken with it vanish when it
+    ends or is not kept alive within ``ttl_seconds``."""
+
+    session_id: str
+    ttl_seconds: int
+
+    @classmethod
+    def from_json(cls, body: Any) -> Session:
+        return cls(session_id=_str(body["session_id"]), ttl_seconds=_int(body["ttl_seconds"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RestHandle:
+    """A handle as the REST API shows it: ``locks`` lists the session ids
+    holding it; ``version`` changes on every replace."""
+
+    name: str
+    version: int
+    size: int
+    sha256: str
+    created_at: datetime
+    metadata: dict[str, Any]
+    locks: list[str]
+
+    @classmethod
+    def from_json(cls, body: Any) -> RestHandle:
+        """Parse a rest-v1 handle object (raises KeyError/TypeError/ValueError)."""
+        return cls(**_handle_fields(body))
+
+
+@dataclass(frozen=True, slots=True)
+class RestCheckpoint(RestHandle):
+    """A checkpoint: a handle named by its zero-padded id."""
+
+    checkpoint_id: int
+    savepoint: bool
+
+    @classmethod
+    def from_json(cls, body: Any) -> RestCheckpoint:
+        """Parse a rest-v1 checkpoint object (raises KeyError/TypeError/ValueError)."""
+        savepoint = body.get("savepoint", False)
+        if not isinstance(savepoint, bool):
+            raise TypeError(f"savepoint must be a boolean, got {savepoint!r}")
+        return cls(
+            **_handle_fields(body), checkpoint_id=_int(body["checkpoint_id"]), savepoint=savepoint
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One consistent snapshot of a namespace's handles, sorted by name."""
+
+    handles: list[RestHandle]
+    revision: int
+
+
+class Leadership(NamedTuple):
+    """Who leads a namespace and the fencing token of that leadership."""
+
+    leader: str
+    fencing_token: int
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _handle_fields(body: Any) -> dict[str, Any]:
+    metadata = body.get("metadata") or {}
+    locks = body.get("locks") or []
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be an object, got {metadata!r}")
+    if not isinstance(locks, list):
+        raise TypeError(f"locks must be a list, got {locks!r}")
+    return {
+        "name": _str(body["name"]),
+        "version": _int(body["version"]),
+        "size": _int(body["size"]),
+        "sha256": _str(body["sha256"]),
+        "created_at": datetime.fromisoformat(_str(body["created_at"])),
+        "metadata": metadata,
+        "locks": [_str(s) for s in locks],
+    }
+
+
+# -- request pieces ------------------------------------------------------------------------
+
+
+def encode_segment(value: str, what: str = "name") -> str:
+    """``value`` percent-encoded as exactly one URL path segment.
+
+    Everything but unreserved ASCII is escaped (``/`` -> ``%2F``, ``%`` ->
+    ``%25``, UTF-8 bytes of non-ASCII); ``.`` and ``..`` become ``%2E`` /
+    ``%2E%2E`` so that URL normalisation cannot drop them. Empty values are
+    refused: they would address a different endpoint.
+    """
+    if not isinstance(value, str):
+        raise InvalidArgument(f"the {what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidArgument(f"the {what} must not be empty")
+    seg = quote(value, safe="")
+    if seg in (".", ".."):
+        seg = "%2E" * len(seg)
+    return seg
+
+
+def request_headers(
+    *,
+    session_id: str | None = None,
+    fencing_token: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    sha256: str | None = None,
+    if_match: int | None = None,
+) -> dict[str, str]:
+    """The rest-v1 request headers for the given values (``None`` -> absent).
+
+    ``X-Handle-Metadata`` is compact JSON with non-ASCII escaped (``\\uXXXX``),
+    since header values travel as latin-1; the metadata must be plain JSON
+    (the SDK's rule). ``If-Match`` is the quoted version.
+    """
+    headers: dict[str, str] = {}
+    if session_id is not None:
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidArgument(f"session_id must be a non-empty string, got {session_id!r}")
+        headers["X-Session-Id"] = session_id
+    if fencing_token is not None:
+        headers["X-Fencing-Token"] = str(_checked_int(fencing_token, "fencing_token"))
+    if metadata is not None:
+        plain = encode_metadata(dict(metadata) if isinstance(metadata, Mapping) else metadata, 2**62)
+        headers["X-Handle-Metadata"] = json.dumps(
+            plain, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
+    if sha256 is not None:
+        digest = sha256.lower() if isinstance(sha256, str) else ""
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise InvalidArgument(f"sha256 must be 64 hex digits, got {sha256!r}")
+        headers["X-Content-SHA256"] = digest
+    if if_match is not None:
+        headers["If-Match"] = f'"{_checked_int(if_match, "expected_version")}"'
+    return headers
+
+
+def _checked_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def _chunk(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise InvalidArgument(f"state chunks must be bytes, got {type(value).__name__}")
+
+
+class _Upload:
+    """A state body: bytes as they are, anything else streamed in chunks.
+
+    Counts and hashes what is actually sent, so that the handle the server
+    answers with can be checked against it (:meth:`check`).
+    """
+
+    def __init__(self, data: Body) -> None:
+        self._data: Any = data
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self.raw: bytes | None = None
+        if isinstance(data, bytes | bytearray | memoryview):
+            self.raw = bytes(data)
+            self._feed(self.raw)
+            self._kind = "bytes"
+        elif isinstance(data, str):
+            raise InvalidArgument("state must be bytes, not str; encode it first")
+        elif (read := getattr(data, "read", None)) is not None:
+            self._kind = "async-file" if inspect.iscoroutinefunction(read) else "file"
+        elif hasattr(data, "__aiter__"):
+            self._kind = "async-iterable"
+        elif isinstance(data, Iterable):
+            self._kind = "iterable"
+        else:
+            raise InvalidArgument(
+                "state must be bytes, a binary file object or an (async) iterable of bytes, "
+                f"not {type(data).__name__}"
+            )
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def _feed(self, chunk: bytes) -> bytes:
+        self._sha.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    def sync_content(self) -> bytes | Iterator[bytes]:
+        """The body for ``httpx.Client``: bytes or a generator of chunks."""
+        if self.raw is not None:
+            return self.raw
+        if self._kind.startswith("async"):
+            raise InvalidArgument(
+                f"the blocking StateStoreClient cannot send an {self._kind.replace('-', ' ')}; "
+                "pass bytes, a file or an iterable, or use AsyncStateStoreClient"
+            )
+        return self._sync_chunks()
+
+    def _sync_chunks(self) -> Iterator[bytes]:
+        if self._kind == "file":
+            read = self._data.read
+            while chunk := _chunk(read(CHUNK_SIZE)):
+                yield self._feed(chunk)
+            return
+        for item in self._data:
+            if chunk := _chunk(item):  # an empty chunk would end a chunked body early
+                yield self._feed(chunk)
+
+    def async_content(self) -> bytes | AsyncIterator[bytes]:
+        """The body for ``httpx.AsyncClient``: bytes or an async generator of
+        chunks (a blocking file is read on a worker thread)."""
+        if self.raw is not None:
+            return self.raw
+        return self._async_chunks()
+
+    async def _async_chunks(self) -> AsyncIterator[bytes]:
+        data = self._data
+        if self._kind in ("file", "async-file"):
+            while True:
+                if self._kind == "file":
+                    got = await asyncio.to_thread(data.read, CHUNK_SIZE)
+                else:
+                    got = await data.read(CHUNK_SIZE)
+                if not (chunk := _chunk(got)):
+                    return
+                yield self._feed(chunk)
+        elif self._kind == "async-iterable":
+            async for item in data:
+                if chunk := _chunk(item):
+                    yield self._feed(chunk)
+        else:
+            for item in data:
+                if chunk := _chunk(item):
+                    yield self._feed(chunk)
+
+    def check(self, handle: T) -> T:
+        """Raise ``IntegrityError`` unless ``handle`` (a :class:`RestHandle`)
+        records the size and SHA-256 of the bytes sent."""
+        assert isinstance(handle, RestHandle)
+        if handle.size != self.size or handle.sha256.lower() != self.sha256:
+            raise IntegrityError(
+                f"handle {handle.name!r} was stored at version {handle.version} with "
+                f"{handle.size} bytes and SHA-256 {handle.sha256}, but this client sent "
+                f"{self.size} bytes with SHA-256 {self.sha256}; the state was altered on the "
+                "way: replace it",
+                name=handle.name,
+                version=handle.version,
+            )
+        return handle
+
+
+class _Verifier:
+    """Checks a state response's bytes against its ``X-Content-SHA256``."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._what = f"{response.request.method} {response.request.url}"
+        expected = response.headers.get("x-content-sha256")
+        if not expected:
+            raise IntegrityError(
+                f"{self._what}: the server sent no X-Content-SHA256 header, so the state "
+                "cannot be verified; the server does not follow rest-v1"
+            )
+        self._expected = expected.strip().lower()
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def update(self, chunk: bytes) -> bytes:
+        self._sha.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    def finish(self) -> None:
+        got = self._sha.hexdigest()
+        if got != self._expected:
+            raise IntegrityError(
+                f"{self._what}: received {self.size} bytes with SHA-256 {got}, but the server "
+                f"declared {self._expected}; the state was altered or truncated on the way: "
+                "read it again",
+                expected_sha256=self._expected,
+                sha256=got,
+            )
+
+
+def _verified_body(response: httpx.Response) -> bytes:
+    verifier = _Verifier(response)
+    verifier.update(response.content)
+    verifier.finish()
+    return response.content
+
+
+# -- calls ----------------------------------------------------------------------------------
+
+
+def _raise(err: StateStoreError) -> Any:
+    raise err
+
+
+def _none_if_not_found(err: StateStoreError) -> None:
+    if isinstance(err, NotFound):
+        return None
+    raise err
+
+
+def _false_if_locked(err: StateStoreError) -> bool:
+    if isinstance(err, Locked):
+        return False
+    raise err
+
+
+def _empty_if_not_found(err: StateStoreError) -> list[str]:
+    if isinstance(err, NotFound):
+        return []
+    raise err
+
+
+def _done_unless_accepted(response: httpx.Response) -> bool:
+    return response.status_code != 202
+
+
+def _nothing(response: httpx.Response) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class _Call(Generic[T]):
+    """One REST call: everything to build its request and read its answer.
+
+    ``parse`` turns a 2xx response into the result; a non-2xx response becomes
+    a :mod:`statestore.errors` error that ``on_error`` may turn into a result
+    (e.g. 404 -> ``None``) or raise.
+    """
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    json: Any = None
+    upload: _Upload | None = None
+    on_error: Callable[[StateStoreError], T] = _raise
+
+    def build(self, http: httpx.Client | httpx.AsyncClient, content: Any) -> httpx.Request:
+        """The request on ``http`` (whose base URL and auth apply)."""
+        return http.build_request(
+            self.method,
+            self.path,
+            params=self.params or None,
+            headers=self.headers,
+            json=self.json,
+            content=content,
+        )
+
+    def finish(self, response: httpx.Response) -> T:
+        """The result of a response whose body has been read."""
+        if not response.is_success:
+            return self.on_error(error_from_response(response))
+        try:
+            return self.parse(response)
+        except (_BadBody, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise Unavailable(
+                f"{response.request.method} {response.request.url}: the server answered "
+                f"HTTP {response.status_code} with a body that is not what rest-v1 promises "
+                f"({type(e).__name__}: {e}): {_excerpt(response.text)}",
+                status=response.status_code,
+            ) from None
+
+
+def _body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as e:
+        raise _BadBody(f"not JSON: {e}") from None
+
+
+def _handle(response: httpx.Response) -> RestHandle:
+    return RestHandle.from_json(_body(response))
+
+
+def _session(response: httpx.Response) -> Session:
+    return Session.from_json(_body(response))
+
+
+def _value(response: httpx.Response) -> int:
+    return _int(_body(response)["value"])
+
+
+def _leadership(response: httpx.Response) -> Leadership:
+    body = _body(response)
+    return Leadership(_str(body["leader"]), _int(body["fencing_token"]))
+
+
+def _listing(response: httpx.Response) -> Listing:
+    body = _body(response)
+    return Listing(
+        handles=[RestHandle.from_json(h) for h in body["handles"]],
+        revision=_int(body["revision"]),
+    )
+
+
+def _checkpoint(response: httpx.Response) -> RestCheckpoint:
+    return RestCheckpoint.from_json(_body(response))
+
+
+def _checkpoints(response: httpx.Response) -> list[RestCheckpoint]:
+    return [RestCheckpoint.from_json(c) for c in _body(response)["checkpoints"]]
+
+
+class _Api:
+    """Builds the :class:`_Call` of every rest-v1 operation (no I/O).
+
+    ``ns=None`` means the client's namespace; with neither, ``InvalidArgument``.
+    """
+
+    def __init__(self, namespace: str | None) -> None:
+        if namespace is not None:
+            encode_segment(namespace, "namespace")
+        self.namespace = namespace
+
+    def _ns_path(self, ns: str | None) -> str:
+        ns = ns if ns is not None else self.namespace
+        if ns is None:
+            raise InvalidArgument(
+                "no namespace: pass ns=... or create the client with namespace=..."
+            )
+        return f"/v1/namespaces/{encode_segment(ns, 'namespace')}"
+
+    def _handle_path(self, name: str, ns: str | None) -> str:
+        return f"{self._ns_path(ns)}/handles/{encode_segment(name, 'handle name')}"
+
+    # sessions
+
+    def create_session(self, ttl_seconds: int, owner: str | None) -> _Call[Session]:
+        body: dict[str, Any] = {"ttl_seconds": ttl_seconds}
+        if owner is not None:
+            body["owner"] = owner
+        return _Call("POST", "/v1/sessions", _session, json=body)
+
+    def keepalive(self, session_id: str) -> _Call[Session]:
+        path = f"/v1/sessions/{encode_segment(session_id, 'session id')}/keepalive"
+        return _Call("POST", path, _session)
+
+    def delete_session(self, session_id: str) -> _Call[None]:
+        return _Call("DELETE", f"/v1/sessions/{encode_segment(session_id, 'session id')}", _nothing)
+
+    # handles
+
+    def put(
+        self,
+        name: str,
+        data: Body,
+        session_id: str,
+        *,
+        expected_version: int | None,
+        metadata: Mapping[str, Any] | None,
+        sha256: str | None,
+        fencing_token: int | None,
+        ns: str | None,
+    ) -> _Call[RestHandle]:
+        path = self._handle_path(name, ns)
+        headers = request_headers(
+            session_id=session_id,
+            fencing_token=fencing_token,
+            metadata=metadata,
+            sha256=sha256,
+            if_match=expected_version,
+        )
+        upload = _Upload(data)
+        if sha256 is None and upload.raw is not None:
+            headers["X-Content-SHA256"] = upload.sha256
+        return _Call(
+            "PUT", path, lambda r: upload.check(_handle(r)), headers=headers, upload=upload
+        )
+
+    def get(self, name: str, ns: str | None) -> _Call[RestHandle]:
+        return _Call("GET", self._handle_path(name, ns), _handle)
+
+    def exists(self, name: str, ns: str | None) -> _Call[int | None]:
+        path = self._handle_path(name, ns)
+        return _Call("GET", path, lambda r: _handle(r).version, on_error=_none_if_not_found)
+
+    def holders(self, name: str, ns: str | None) -> _Call[list[str]]:
+        path = self._handle_path(name, ns)
+        return _Call("GET", path, lambda r: _handle(r).locks, on_error=_empty_if_not_found)
+
+    def state(self, name: str, ns: str | None) -> _Call[bytes]:
+        return _Call("GET", f"{self._handle_path(name, ns)}/state", _verified_body)
+
+    def get_and_lock(self, name: str, session_id: str, ns: str | None) -> _Call[RestHandle]:
+        headers = request_headers(session_id=session_id)
+        return _Call("POST", f"{self._handle_path(name, ns)}/lock", _handle, headers=headers)
+
+    def release(self, name: str, session_id: str, ns: str | None) -> _Call[None]:
+        headers = request_headers(session_id=session_id)
+        return _Call("DELETE", f"{self._handle_path(name, ns)}/lock", _nothing, headers=headers)
+
+    def release_and_try_remove(
+        self,
+        name: str,
+        session_id: str,
+        *,
+        deferred: bool,
+        fencing_token: int | None,
+        ns: str | None,
+    ) -> _Call[bool]:
+        return _Call(
+            "DELETE",
+            self._handle_path(name, ns),
+            _done_unless_accepted,
+            params={"deferred": "true"} if deferred else {},
+            headers=request_headers(session_id=session_id, fencing_token=fencing_token),
+            on_error=_false_if_locked,
+        )
+
+    def list(
+        self, prefix: str | None, *, lock: bool, session_id: str | None, ns: str | None
+    ) -> _Call[Listing]:
+        if lock and session_id is None:
+            raise InvalidArgument("list(lock=True) locks every handle: it needs a session_id")
+        params: dict[str, str] = {}
+        if prefix is not None:
+            params["prefix"] = prefix
+        if lock:
+            params["lock"] = "true"
+        return _Call(
+            "GET",
+            f"{self._ns_path(ns)}/handles",
+            _listing,
+            params=params,
+            headers=request_headers(session_id=session_id),
+        )
+
+    # counters
+
+    def _counter_path(self, name: str, ns: str | None) -> str:
+        return f"{self._ns_path(ns)}/counters/{encode_segment(name, 'counter name')}"
+
+    def counter_get(self, name: str, ns: str | None) -> _Call[int]:
+        return _Call("GET", self._counter_path(name, ns), _value)
+
+    def counter_increment(
+        self, name: str, fencing_token: int | None, ns: str | None
+    ) -> _Call[int]:
+        headers = request_headers(fencing_token=fencing_token)
+        return _Call("POST", f"{self._counter_path(name, ns)}/increment", _value, headers=headers)
+
+    def counter_set(
+        self, name: str, value: int, fencing_token: int | None, ns: str | None
+    ) -> _Call[int]:
+        body = {"value": _checked_int(value, "counter value")}
+        headers = request_headers(fencing_token=fencing_token)
+        return _Call("PUT", self._counter_path(name, ns), _value, json=body, headers=headers)
+
+    # leadership
+
+    def campaign(self, session_id: str, ns: str | None) -> _Call[Leadership]:
+        headers = request_headers(session_id=session_id)
+        return _Call("POST", f"{self._ns_path(ns)}/leader", _leadership, headers=headers)
+
+    def leader(self, ns: str | None) -> _Call[Leadership | None]:
+        path = f"{self._ns_path(ns)}/leader"
+        return _Call("GET", path, _leadership, on_error=_none_if_not_found)
+
+    def resign(self, session_id: str, ns: str | None) -> _Call[None]:
+        headers = request_headers(session_id=session_id)
+        return _Call("DELETE", f"{self._ns_path(ns)}/leader", _nothing, headers=headers)
+
+    # checkpoints
+
+    def add_checkpoint(
+        self,
+        checkpoint_id: int,
+        data: Body,
+        session_id: str,
+        *,
+        retain: int,
+        savepoint: bool,
+        fencing_token: int | None,
+        ns: str | None,
+    ) -> _Call[tuple[RestCheckpoint, list[int]]]:
+        cid = _checked_int(checkpoint_id, "checkpoint_id")
+        if not 0 <= cid < 2**64:
+            raise InvalidArgument(f"checkpoint_id must be a non-negative 64-bit integer, got {cid}")
+        params = {"retain": str(_checked_int(retain, "retain"))}
+        if savepoint:
+            params["savepoint"] = "true"
+        headers = request_headers(session_id=session_id, fencing_token=fencing_token)
+        upload = _Upload(data)
+        if upload.raw is not None:
+            headers["X-Content-SHA256"] = upload.sha256
+
+        def parse(response: httpx.Response) -> tuple[RestCheckpoint, list[int]]:
+            body = _body(response)
+            checkpoint = upload.check(RestCheckpoint.from_json(body["checkpoint"]))
+            return checkpoint, [_int(i) for i in body["subsumed"]]
+
+        path = f"{self._ns_path(ns)}/checkpoints/{cid}"
+        return _Call("POST", path, parse, params=params, headers=headers, upload=upload)
+
+    def checkpoints(
+        self, lock: bool, session_id: str | None, ns: str | None
+    ) -> _Call[list[RestCheckpoint]]:
+        if lock and session_id is None:
+            raise InvalidArgument("checkpoints(lock=True) locks them all: it needs a session_id")
+        return _Call(
+            "GET",
+            f"{self._ns_path(ns)}/checkpoints",
+            _checkpoints,
+            params={"lock": "true"} if lock else {},
+            headers=request_headers(session_id=session_id),
+        )
+
+    def latest_checkpoint(self, ns: str | None) -> _Call[RestCheckpoint | None]:
+        path = f"{self._ns_path(ns)}/checkpoints/latest"
+        return _Call("GET", path, _checkpoint, on_error=_none_if_not_found)
+
+    # namespaces
+
+    def delete_namespace(self, ns: str) -> _Call[bool]:
+        path = f"/v1/namespaces/{encode_segment(ns, 'namespace')}"
+        return _Call("DELETE", path, _done_unless_accepted)
+
+
+# -- session keepalive policy (shared by the thread and the task) ---------------------------
+
+
+class _Keeper:
+    """When to send the next keepalive: every ttl/3; sooner (at most 1 s) after
+    a failure that may pass; never again once the session is gone."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.interval = max(session.ttl_seconds / 3, 0.05)
+
+    def next_delay(self, error: StateStoreError | None) -> float | None:
+        """The delay before the next keepalive after one that raised ``error``
+        (``None`` = succeeded); ``None`` means stop."""
+        if error is None:
+            return self.interval
+        if isinstance(error, SessionExpired | NotFound):
+            logger.error(
+                "session %s expired before its keepalive (%s); its locks are gone",
+                self.session.session_id,
+                error,
+            )
+            return None
+        logger.warning("keepalive of session %s failed: %s", self.session.session_id, error)
+        return min(self.interval, 1.0)
+
+
+def _after_session(session: Session, error: StateStoreError | None, *, body_failed: bool) -> None:
+    """What to do with an error of the final ``delete_session``: a session
+    already gone is fine; any other error is logged when the ``with`` body
+    already raised (that error wins) and raised otherwise."""
+    if error is None or isinstance(error, SessionExpired | NotFound):
+        return
+    if body_failed:
+        logger.warning(
+            "could not delete session %s (%s); it expires within %s s",
+            session.session_id,
+            error,
+            session.ttl_seconds,
+        )
+        return
+    raise error
+
+
+def _client_args(
+    base_url: str, token: str | None, timeout: float, transport: Any
+) -> dict[str, Any]:
+    url = httpx.URL(base_url)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise InvalidArgument(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+    headers = {"Accept": "application/json, application/problem+json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    args: dict[str, Any] = {
+        "base_url": url,
+        "headers": headers,
+        "timeout": httpx.Timeout(timeout),
+    }
+    if transport is not None:
+        args["transport"] = transport
+    return args
+
+
+# -- the blocking face ----------------------------------------------------------------------
+
+
+class StateStoreClient:
+    """Blocking client of the statestore REST API (rest-v1.md).
+
+    ``namespace`` is the default of every ``ns=`` argument; ``token`` is sent as
+    ``Authorization: Bearer``; ``timeout`` (seconds) applies to connecting and
+    to each read or write on the connection; ``transport`` replaces httpx's
+    (e.g. ``httpx.MockTransport`` in tests). Use as ``with StateStoreClient(...)
+    as client`` or call :meth:`close`. Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        namespace: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._api = _Api(namespace)
+        self._http = httpx.Client(**_client_args(base_url, token, timeout, transport))
+
+    @property
+    def namespace(self) -> str | None:
+        """The default namespace (``None``: every call needs ``ns=``)."""
+        return self._api.namespace
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    def __enter__(self) -> StateStoreClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections (idempotent)."""
+        self._http.close()
+
+    def _send(self, call: _Call[T]) -> T:
+        request = call.build(self._http, call.upload.sync_content() if call.upload else None)
+        try:
+            response = self._http.send(request)
+        except httpx.TransportError as e:
+            raise _unreachable(request, e) from e
+        return call.finish(response)
+
+    # sessions
+
+    def create_session(self, ttl_seconds: int = 10, owner: str | None = None) -> Session:
+        """Start a session (lease) of ``ttl_seconds``; ``InvalidArgument`` if the
+        server refuses the TTL."""
+        return self._send(self._api.create_session(ttl_seconds, owner))
+
+    def keepalive(self, session_id: str) -> Session:
+        """Renew the session; ``SessionExpired`` once it is gone."""
+        return self._send(self._api.keepalive(session_id))
+
+    def delete_session(self, session_id: str) -> None:
+        """End the session: all its locks are released at once."""
+        self._send(self._api.delete_session(session_id))
+
+    @contextmanager
+    def session(
+        self, ttl_seconds: int = 10, owner: str | None = None, keepalive: bool = True
+    ) -> Iterator[Session]:
+        """A session for the ``with`` block, kept alive every ttl/3 by a daemon
+        thread (unless ``keepalive=False``) and deleted on exit. A keepalive
+        that fails is retried within a second (and logged); a session found
+        expired is logged and no longer kept alive."""
+        session = self.create_session(ttl_seconds, owner)
+        stop = threading.Event()
+        thread = None
+        if keepalive:
+            thread = threading.Thread(
+                target=self._keep_alive,
+                args=(_Keeper(session), stop),
+                name=f"statestore-keepalive-{session.session_id}",
+                daemon=True,
+            )
+            thread.start()
+        try:
+            yield session
+        except BaseException:
+            self._end_session(session, stop, thread, body_failed=True)
+            raise
+        self._end_session(session, stop, thread, body_failed=False)
+
+    def _keep_alive(self, keeper: _Keeper, stop: threading.Event) -> None:
+        delay: float | None = keeper.interval
+        while delay is not None and not stop.wait(delay):
+            try:
+                self.keepalive(keeper.session.session_id)
+                delay = keeper.next_delay(None)
+            except StateStoreError as e:
+                delay = keeper.next_delay(e)
+
+    def _end_session(
+        self,
+        session: Session,
+        stop: threading.Event,
+        thread: threading.Thread | None,
+        *,
+        body_failed: bool,
+    ) -> None:
+        stop.set()
+        if thread is not None:
+            thread.join()
+        try:
+            self.delete_session(session.session_id)
+        except StateStoreError as e:
+            _after_session(session, e, body_failed=body_failed)
+
+    # handles
+
+    def add_and_lock(
+        self,
+        name: str,
+        data: Body,
+        session_id: str,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        sha256: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> RestHandle:
+        """Create handle ``name`` with ``data`` (streamed unless bytes), locked by
+        the session. ``AlreadyExists``, ``IntegrityError`` (``sha256`` does not
+        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``."""
+        return self._send(
+            self._api.put(
+                name,
+                data,
+                session_id,
+                expected_version=None,
+                metadata=metadata,
+                sha256=sha256,
+                fencing_token=fencing_token,
+                ns=ns,
+            )
+        )
+
+    def replace(
+        self,
+        name: str,
+        expected_version: int,
+        data: Body,
+        session_id: str,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        sha256: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> RestHandle:
+        """Replace the state of ``name`` if it is still at ``expected_version``
+        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ..."""
+        return self._send(
+            self._api.put(
+                name,
+                data,
+                session_id,
+                expected_version=expected_version,
+                metadata=metadata,
+                sha256=sha256,
+                fencing_token=fencing_token,
+                ns=ns,
+            )
+        )
+
+    def get(self, name: str, *, ns: str | None = None) -> RestHandle:
+        """The handle, without locking; ``NotFound``."""
+        return self._send(self._api.get(name, ns))
+
+    def exists(self, name: str, *, ns: str | None = None) -> int | None:
+        """The handle's version, or ``None`` when there is no such handle."""
+        return self._send(self._api.exists(name, ns))
+
+    def read(self, name: str, *, ns: str | None = None) -> bytes:
+        """The state bytes, verified against ``X-Content-SHA256``
+        (``IntegrityError``); ``NotFound``."""
+        return self._send(self._api.state(name, ns))
+
+    def open_read(
+        self, name: str, *, ns: str | None = None, chunk_size: int | None = None
+    ) -> Iterator[bytes]:
+        """Iterate over the state in chunks as they arrive; ``IntegrityError``
+        after the last chunk if the bytes do not match ``X-Content-SHA256``.
+        The request is sent on the first ``next()``; close the iterator (or
+        exhaust it) to free the connection."""
+        call = self._api.state(name, ns)
+        request = call.build(self._http, None)
+        try:
+            response = self._http.send(request, stream=True)
+        except httpx.TransportError as e:
+            raise _unreachable(request, e) from e
+        try:
+            if not response.is_success:
+                response.read()
+                call.finish(response)
+            verifier = _Verifier(response)
+            try:
+                for chunk in response.iter_bytes(chunk_size):
+                    yield verifier.update(chunk)
+            except httpx.TransportError as e:
+                raise _unreachable(request, e) from e
+            verifier.finish()
+        finally:
+            response.close()
+
+    def get_and_lock(self, name: str, session_id: str, *, ns: str | None = None) -> RestHandle:
+        """Lock the handle for the session and return it; ``NotFound`` (also
+        while its removal is pending)."""
+        return self._send(self._api.get_and_lock(name, session_id, ns))
+
+    def release(self, name: str, session_id: str, *, ns: str | None = None) -> None:
+        """Drop the session's lock on ``name`` (fine when not held)."""
+        self._send(self._api.release(name, session_id, ns))
+
+    def release_and_try_remove(
+        self,
+        name: str,
+        session_id: str,
+        *,
+        deferred: bool = False,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> bool:
+        """Release the session's lock and remove the handle: ``True`` when gone
+        (or never there); ``False`` when others hold locks (own lock released,
+        handle kept; with ``deferred=True`` it is removed once they let go)."""
+        return self._send(
+            self._api.release_and_try_remove(
+                name, session_id, deferred=deferred, fencing_token=fencing_token, ns=ns
+            )
+        )
+
+    def list(
+        self,
+        prefix: str | None = None,
+        *,
+        lock: bool = False,
+        session_id: str | None = None,
+        ns: str | None = None,
+    ) -> Listing:
+        """All handles (whose names start with ``prefix``), sorted, one snapshot;
+        ``lock=True`` also locks each for ``session_id``."""
+        return self._send(self._api.list(prefix, lock=lock, session_id=session_id, ns=ns))
+
+    def get_all_and_lock(self, session_id: str, *, ns: str | None = None) -> list[RestHandle]:
+        """Lock every handle of the namespace for the session; sorted by name."""
+        return self.list(lock=True, session_id=session_id, ns=ns).handles
+
+    def get_all_names(self, *, ns: str | None = None) -> list[str]:
+        """The names of all handles, sorted."""
+        return [h.name for h in self.list(ns=ns).handles]
+
+    def holders(self, name: str, *, ns: str | None = None) -> list[str]:
+        """Session ids holding a lock on ``name`` (``[]`` when there is none)."""
+        return self._send(self._api.holders(name, ns))
+
+    # counters
+
+    def counter_get(self, name: str, *, ns: str | None = None) -> int:
+        """The counter's value (1 if never set)."""
+        return self._send(self._api.counter_get(name, ns))
+
+    def counter_increment(
+        self, name: str, *, fencing_token: int | None = None, ns: str | None = None
+    ) -> int:
+        """Atomically add one; returns the value before the increment."""
+        return self._send(self._api.counter_increment(name, fencing_token, ns))
+
+    def counter_set(
+        self, name: str, value: int, *, fencing_token: int | None = None, ns: str | None = None
+    ) -> int:
+        """Set the counter to ``value``; returns the value stored."""
+        return self._send(self._api.counter_set(name, value, fencing_token, ns))
+
+    # leadership
+
+    def campaign(self, session_id: str, *, ns: str | None = None) -> Leadership:
+        """Lead the namespace (also if already leading): ``(leader,
+        fencing_token)``; ``NotLeader`` with ``details["leader"]`` otherwise."""
+        return self._send(self._api.campaign(session_id, ns))
+
+    def leader(self, *, ns: str | None = None) -> Leadership | None:
+        """The current ``(leader, fencing_token)``, or ``None`` if nobody leads."""
+        return self._send(self._api.leader(ns))
+
+    def resign(self, session_id: str, *, ns: str | None = None) -> None:
+        """Give up leadership held by the session."""
+        self._send(self._api.resign(session_id, ns))
+
+    # checkpoints
+
+    def add_checkpoint(
+        self,
+        checkpoint_id: int,
+        data: Body,
+        session_id: str,
+        *,
+        retain: int = 1,
+        savepoint: bool = False,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> tuple[RestCheckpoint, list[int]]:
+        """Store checkpoint ``checkpoint_id`` (locked by the session) and subsume
+        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``."""
+        return self._send(
+            self._api.add_checkpoint(
+                checkpoint_id,
+                data,
+                session_id,
+                retain=retain,
+                savepoint=savepoint,
+                fencing_token=fencing_token,
+                ns=ns,
+            )
+        )
+
+    def checkpoints(
+        self, lock: bool = False, session_id: str | None = None, *, ns: str | None = None
+    ) -> list[RestCheckpoint]:
+        """All checkpoints ascending by id; ``lock=True`` locks them for
+        ``session_id`` (recovery)."""
+        return self._send(self._api.checkpoints(lock, session_id, ns))
+
+    def latest_checkpoint(self, *, ns: str | None = None) -> RestCheckpoint | None:
+        """The newest checkpoint, or ``None`` when there is none."""
+        return self._send(self._api.latest_checkpoint(ns))
+
+    # namespaces
+
+    def delete_namespace(self, ns: str) -> bool:
+        """Remove everything in namespace ``ns`` (admin): ``True`` when done,
+        ``False`` while handles locked by live sessions are still pending."""
+        return self._send(self._api.delete_namespace(ns))
+
+
+# -- the async face -------------------------------------------------------------------------
+
+
+class AsyncStateStoreClient:
+    """Async client of the statestore REST API (rest-v1.md); the same methods as
+    :class:`StateStoreClient`, as coroutines.
+
+    Use as ``async with AsyncStateStoreClient(...) as client`` or call
+    :meth:`aclose`. State may also be an async iterable of bytes or a file
+    object with ``async def read``; a blocking file object is read on a
+    worker thread.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        namespace: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._api = _Api(namespace)
+        self._http = httpx.AsyncClient(**_client_args(base_url, token, timeout, transport))
+
+    @property
+    def namespace(self) -> str | None:
+        """The default namespace (``None``: every call needs ``ns=``)."""
+        return self._api.namespace
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    async def __aenter__(self) -> AsyncStateStoreClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections (idempotent)."""
+        await self._http.aclose()
+
+    async def _send(self, call: _Call[T]) -> T:
+        request = call.build(self._http, call.upload.async_content() if call.upload else None)
+        try:
+            response = await self._http.send(request)
+        except httpx.TransportError as e:
+            raise _unreachable(request, e) from e
+        return call.finish(response)
+
+    # sessions
+
+    async def create_session(self, ttl_seconds: int = 10, owner: str | None = None) -> Session:
+        """Start a session (lease) of ``ttl_seconds``; ``InvalidArgument`` if the
+        server refuses the TTL."""
+        return await self._send(self._api.create_session(ttl_seconds, owner))
+
+    async def keepalive(self, session_id: str) -> Session:
+        """Renew the session; ``SessionExpired`` once it is gone."""
+        return await self._send(self._api.keepalive(session_id))
+
+    async def delete_session(self, session_id: str) -> None:
+        """End the session: all its locks are released at once."""
+        await self._send(self._api.delete_session(session_id))
+
+    @asynccontextmanager
+    async def session(
+        self, ttl_seconds: int = 10, owner: str | None = None, keepalive: bool = True
+    ) -> AsyncIterator[Session]:
+        """A session for the ``async with`` block, kept alive every ttl/3 by a
+        task (unless ``keepalive=False``) and deleted on exit. A keepalive that
+        fails is retried within a second (and logged); a session found expired
+        is logged and no longer kept alive."""
+        session = await self.create_session(ttl_seconds, owner)
+        task = None
+        if keepalive:
+            task = asyncio.create_task(
+                self._keep_alive(_Keeper(session)),
+                name=f"statestore-keepalive-{session.session_id}",
+            )
+        try:
+            yield session
+        except BaseException:
+            await self._end_session(session, task, body_failed=True)
+            raise
+        await self._end_session(session, task, body_failed=False)
+
+    async def _keep_alive(self, keeper: _Keeper) -> None:
+        delay: float | None = keeper.interval
+        while delay is not None:
+            await asyncio.sleep(delay)
+            try:
+                await self.keepalive(keeper.session.session_id)
+                delay = keeper.next_delay(None)
+            except StateStoreError as e:
+                delay = keeper.next_delay(e)
+
+    async def _end_session(
+        self, session: Session, task: asyncio.Task[None] | None, *, body_failed: bool
+    ) -> None:
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        try:
+            await self.delete_session(session.session_id)
+        except StateStoreError as e:
+            _after_session(session, e, body_failed=body_failed)
+
+    # handles
+
+    async def add_and_lock(
+        self,
+        name: str,
+        data: Body,
+        session_id: str,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        sha256: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> RestHandle:
+        """Create handle ``name`` with ``data`` (streamed unless bytes), locked by
+        the session. ``AlreadyExists``, ``IntegrityError`` (``sha256`` does not
+        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``."""
+        return await self._send(
+            self._api.put(
+                name,
+                data,
+                session_id,
+                expected_version=None,
+                metadata=metadata,
+                sha256=sha256,
+                fencing_token=fencing_token,
+                ns=ns,
+            )
+        )
+
+    async def replace(
+        self,
+        name: str,
+        expected_version: int,
+        data: Body,
+        session_id: str,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        sha256: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> RestHandle:
+        """Replace the state of ``name`` if it is still at ``expected_version``
+        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ..."""
+        return await self._send(
+            self._api.put(
+                name,
+                data,
+                session_id,
+                expected_version=expected_version,
+                metadata=metadata,
+                sha256=sha256,
+                fencing_token=fencing_token,
+                ns=ns,
+            )
+        )
+
+    async def get(self, name: str, *, ns: str | None = None) -> RestHandle:
+        """The handle, without locking; ``NotFound``."""
+        return await self._send(self._api.get(name, ns))
+
+    async def exists(self, name: str, *, ns: str | None = None) -> int | None:
+        """The handle's version, or ``None`` when there is no such handle."""
+        return await self._send(self._api.exists(name, ns))
+
+    async def read(self, name: str, *, ns: str | None = None) -> bytes:
+        """The state bytes, verified against ``X-Content-SHA256``
+        (``IntegrityError``); ``NotFound``."""
+        return await self._send(self._api.state(name, ns))
+
+    async def open_read(
+        self, name: str, *, ns: str | None = None, chunk_size: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Iterate over the state in chunks as they arrive; ``IntegrityError``
+        after the last chunk if the bytes do not match ``X-Content-SHA256``.
+        The request is sent on the first ``__anext__``; wrap the iterator in
+        ``contextlib.aclosing`` when leaving the loop early."""
+        call = self._api.state(name, ns)
+        request = call.build(self._http, None)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as e:
+            raise _unreachable(request, e) from e
+        try:
+            if not response.is_success:
+                await response.aread()
+                call.finish(response)
+            verifier = _Verifier(response)
+            try:
+                async for chunk in response.aiter_bytes(chunk_size):
+                    yield verifier.update(chunk)
+            except httpx.TransportError as e:
+                raise _unreachable(request, e) from e
+            verifier.finish()
+        finally:
+            await response.aclose()
+
+    async def get_and_lock(
+        self, name: str, session_id: str, *, ns: str | None = None
+    ) -> RestHandle:
+        """Lock the handle for the session and return it; ``NotFound`` (also
+        while its removal is pending)."""
+        return await self._send(self._api.get_and_lock(name, session_id, ns))
+
+    async def release(self, name: str, session_id: str, *, ns: str | None = None) -> None:
+        """Drop the session's lock on ``name`` (fine when not held)."""
+        await self._send(self._api.release(name, session_id, ns))
+
+    async def release_and_try_remove(
+        self,
+        name: str,
+        session_id: str,
+        *,
+        deferred: bool = False,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> bool:
+        """Release the session's lock and remove the handle: ``True`` when gone
+        (or never there); ``False`` when others hold locks (own lock released,
+        handle kept; with ``deferred=True`` it is removed once they let go)."""
+        return await self._send(
+            self._api.release_and_try_remove(
+                name, session_id, deferred=deferred, fencing_token=fencing_token, ns=ns
+            )
+        )
+
+    async def list(
+        self,
+        prefix: str | None = None,
+        *,
+        lock: bool = False,
+        session_id: str | None = None,
+        ns: str | None = None,
+    ) -> Listing:
+        """All handles (whose names start with ``prefix``), sorted, one snapshot;
+        ``lock=True`` also locks each for ``session_id``."""
+        return await self._send(self._api.list(prefix, lock=lock, session_id=session_id, ns=ns))
+
+    async def get_all_and_lock(
+        self, session_id: str, *, ns: str | None = None
+    ) -> list[RestHandle]:
+        """Lock every handle of the namespace for the session; sorted by name."""
+        return (await self.list(lock=True, session_id=session_id, ns=ns)).handles
+
+    async def get_all_names(self, *, ns: str | None = None) -> list[str]:
+        """The names of all handles, sorted."""
+        return [h.name for h in (await self.list(ns=ns)).handles]
+
+    async def holders(self, name: str, *, ns: str | None = None) -> list[str]:
+        """Session ids holding a lock on ``name`` (``[]`` when there is none)."""
+        return await self._send(self._api.holders(name, ns))
+
+    # counters
+
+    async def counter_get(self, name: str, *, ns: str | None = None) -> int:
+        """The counter's value (1 if never set)."""
+        return await self._send(self._api.counter_get(name, ns))
+
+    async def counter_increment(
+        self, name: str, *, fencing_token: int | None = None, ns: str | None = None
+    ) -> int:
+        """Atomically add one; returns the value before the increment."""
+        return await self._send(self._api.counter_increment(name, fencing_token, ns))
+
+    async def counter_set(
+        self, name: str, value: int, *, fencing_token: int | None = None, ns: str | None = None
+    ) -> int:
+        """Set the counter to ``value``; returns the value stored."""
+        return await self._send(self._api.counter_set(name, value, fencing_token, ns))
+
+    # leadership
+
+    async def campaign(self, session_id: str, *, ns: str | None = None) -> Leadership:
+        """Lead the namespace (also if already leading): ``(leader,
+        fencing_token)``; ``NotLeader`` with ``details["leader"]`` otherwise."""
+        return await self._send(self._api.campaign(session_id, ns))
+
+    async def leader(self, *, ns: str | None = None) -> Leadership | None:
+        """The current ``(leader, fencing_token)``, or ``None`` if nobody leads."""
+        return await self._send(self._api.leader(ns))
+
+    async def resign(self, session_id: str, *, ns: str | None = None) -> None:
+        """Give up leadership held by the session."""
+        await self._send(self._api.resign(session_id, ns))
+
+    # checkpoints
+
+    async def add_checkpoint(
+        self,
+        checkpoint_id: int,
+        data: Body,
+        session_id: str,
+        *,
+        retain: int = 1,
+        savepoint: bool = False,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> tuple[RestCheckpoint, list[int]]:
+        """Store checkpoint ``checkpoint_id`` (locked by the session) and subsume
+        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``."""
+        return await self._send(
+            self._api.add_checkpoint(
+                checkpoint_id,
+                data,
+                session_id,
+                retain=retain,
+                savepoint=savepoint,
+                fencing_token=fencing_token,
+                ns=ns,
+            )
+        )
+
+    async def checkpoints(
+        self, lock: bool = False, session_id: str | None = None, *, ns: str | None = None
+    ) -> list[RestCheckpoint]:
+        """All checkpoints ascending by id; ``lock=True`` locks them for
+        ``session_id`` (recovery)."""
+        return await self._send(self._api.checkpoints(lock, session_id, ns))
+
+    async def latest_checkpoint(self, *, ns: str | None = None) -> RestCheckpoint | None:
+        """The newest checkpoint, or ``None`` when there is none."""
+        return await self._send(self._api.latest_checkpoint(ns))
+
+    # namespaces
+
+    async def delete_namespace(self, ns: str) -> bool:
+        """Remove everything in namespace ``ns`` (admin): ``True`` when done,
+        ``False`` while handles locked by live sessions are still pending."""
+        return await self._send(self._api.delete_namespace(ns))
+
+
+__all__ = [
+    "CHUNK_SIZE",
+    "AsyncStateStoreClient",
+    "Body",
+    "Forbidden",
+    "Leadership",
+    "Listing",
+    "RestCheckpoint",
+    "RestHandle",
+    "Session",
+    "StateStoreClient",
+    "Unauthorized",
+    "encode_segment",
+    "error_from_problem",
+    "error_from_response",
+    "request_headers",
+]
