@@ -14,6 +14,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from service import ServiceProcess
 
 from statestore.config import StoreConfig
 from statestore.etcd_server import EtcdCluster, EtcdProcess
@@ -171,3 +172,46 @@ def make_config(etcd: EtcdProcess, tmp_path: Path, namespace: str) -> Callable[.
         return StoreConfig(**settings)
 
     return factory
+
+
+@pytest.fixture
+def service_factory(
+    etcd: EtcdProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """``service_factory(**env)``: start a real ``statestore serve`` on the session
+    etcd (blobs in a temp dir unless ``STATESTORE_BLOB_ROOT`` is given), wait
+    until it answers, stop it at teardown. Extra keyword arguments are
+    ``STATESTORE_*`` settings without the prefix, e.g. ``auth_tokens_file=...``."""
+    started: list[ServiceProcess] = []
+    base = tmp_path_factory.mktemp("service")
+
+    def factory(workers: int = 1, **settings: Any) -> ServiceProcess:
+        env = {
+            "STATESTORE_ETCD_ENDPOINTS": etcd.endpoint,
+            "STATESTORE_BLOB_ROOT": f"file://{base}/blobs",
+        }
+        env.update({f"STATESTORE_{k.upper()}": str(v) for k, v in settings.items()})
+        svc = ServiceProcess(env, base / f"service-{len(started)}.log", workers=workers)
+        started.append(svc)
+        svc.wait_ready()
+        return svc
+
+    yield factory
+    for svc in started:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def service(
+    etcd: EtcdProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """One shared ``statestore serve`` (auth off) for the REST tests."""
+    base = tmp_path_factory.mktemp("shared-service")
+    env = {
+        "STATESTORE_ETCD_ENDPOINTS": etcd.endpoint,
+        "STATESTORE_BLOB_ROOT": f"file://{base}/blobs",
+    }
+    svc = ServiceProcess(env, base / "service.log")
+    svc.wait_ready()
+    yield svc
+    svc.stop()
