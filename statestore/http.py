@@ -41,6 +41,7 @@ Behaviour common to both faces:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import inspect
 import json
@@ -218,11 +219,18 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+# Transport errors raised before any byte of the request left this process.
+_NOTHING_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+)
+
+
 def _unreachable(request: httpx.Request, exc: httpx.TransportError) -> Unavailable:
     """``Unavailable`` for a connection error or timeout, naming the URL."""
-    nothing_sent = isinstance(
-        exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.UnsupportedProtocol
-    )
+    nothing_sent = isinstance(exc, _NOTHING_SENT)
     if nothing_sent or request.method in ("GET", "HEAD"):
         hint = "retry when the server is reachable"
     else:
@@ -300,6 +308,9 @@ class Listing:
 
     handles: list[RestHandle]
     revision: int
+
+
+H = TypeVar("H", bound=RestHandle)
 
 
 class Leadership(NamedTuple):
@@ -382,7 +393,8 @@ def request_headers(
     if fencing_token is not None:
         headers["X-Fencing-Token"] = str(_checked_int(fencing_token, "fencing_token"))
     if metadata is not None:
-        plain = encode_metadata(dict(metadata) if isinstance(metadata, Mapping) else metadata, 2**62)
+        given = dict(metadata) if isinstance(metadata, Mapping) else metadata
+        plain = encode_metadata(given, limit=2**62)  # the size limit is the server's to enforce
         headers["X-Handle-Metadata"] = json.dumps(
             plain, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         )
@@ -497,10 +509,9 @@ class _Upload:
                 if chunk := _chunk(item):
                     yield self._feed(chunk)
 
-    def check(self, handle: T) -> T:
-        """Raise ``IntegrityError`` unless ``handle`` (a :class:`RestHandle`)
-        records the size and SHA-256 of the bytes sent."""
-        assert isinstance(handle, RestHandle)
+    def check(self, handle: H) -> H:
+        """Raise ``IntegrityError`` unless ``handle`` records the size and
+        SHA-256 of the bytes sent."""
         if handle.size != self.size or handle.sha256.lower() != self.sha256:
             raise IntegrityError(
                 f"handle {handle.name!r} was stored at version {handle.version} with "
@@ -775,7 +786,7 @@ class _Api:
             on_error=_false_if_locked,
         )
 
-    def list(
+    def listing(
         self, prefix: str | None, *, lock: bool, session_id: str | None, ns: str | None
     ) -> _Call[Listing]:
         if lock and session_id is None:
@@ -801,9 +812,7 @@ class _Api:
     def counter_get(self, name: str, ns: str | None) -> _Call[int]:
         return _Call("GET", self._counter_path(name, ns), _value)
 
-    def counter_increment(
-        self, name: str, fencing_token: int | None, ns: str | None
-    ) -> _Call[int]:
+    def counter_increment(self, name: str, fencing_token: int | None, ns: str | None) -> _Call[int]:
         headers = request_headers(fencing_token=fencing_token)
         return _Call("POST", f"{self._counter_path(name, ns)}/increment", _value, headers=headers)
 
@@ -931,7 +940,10 @@ def _after_session(session: Session, error: StateStoreError | None, *, body_fail
 def _client_args(
     base_url: str, token: str | None, timeout: float, transport: Any
 ) -> dict[str, Any]:
-    url = httpx.URL(base_url)
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as e:
+        raise InvalidArgument(f"base_url {base_url!r} is not a valid URL: {e}") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise InvalidArgument(f"base_url must be an http:// or https:// URL, got {base_url!r}")
     headers = {"Accept": "application/json, application/problem+json"}
@@ -1203,17 +1215,19 @@ class StateStoreClient:
     ) -> Listing:
         """All handles (whose names start with ``prefix``), sorted, one snapshot;
         ``lock=True`` also locks each for ``session_id``."""
-        return self._send(self._api.list(prefix, lock=lock, session_id=session_id, ns=ns))
+        return self._send(self._api.listing(prefix, lock=lock, session_id=session_id, ns=ns))
 
-    def get_all_and_lock(self, session_id: str, *, ns: str | None = None) -> list[RestHandle]:
+    def get_all_and_lock(
+        self, session_id: str, *, ns: str | None = None
+    ) -> builtins.list[RestHandle]:
         """Lock every handle of the namespace for the session; sorted by name."""
         return self.list(lock=True, session_id=session_id, ns=ns).handles
 
-    def get_all_names(self, *, ns: str | None = None) -> list[str]:
+    def get_all_names(self, *, ns: str | None = None) -> builtins.list[str]:
         """The names of all handles, sorted."""
         return [h.name for h in self.list(ns=ns).handles]
 
-    def holders(self, name: str, *, ns: str | None = None) -> list[str]:
+    def holders(self, name: str, *, ns: str | None = None) -> builtins.list[str]:
         """Session ids holding a lock on ``name`` (``[]`` when there is none)."""
         return self._send(self._api.holders(name, ns))
 
@@ -1262,7 +1276,7 @@ class StateStoreClient:
         savepoint: bool = False,
         fencing_token: int | None = None,
         ns: str | None = None,
-    ) -> tuple[RestCheckpoint, list[int]]:
+    ) -> tuple[RestCheckpoint, builtins.list[int]]:
         """Store checkpoint ``checkpoint_id`` (locked by the session) and subsume
         older ones beyond ``retain``: ``(checkpoint, subsumed ids)``."""
         return self._send(
@@ -1279,7 +1293,7 @@ class StateStoreClient:
 
     def checkpoints(
         self, lock: bool = False, session_id: str | None = None, *, ns: str | None = None
-    ) -> list[RestCheckpoint]:
+    ) -> builtins.list[RestCheckpoint]:
         """All checkpoints ascending by id; ``lock=True`` locks them for
         ``session_id`` (recovery)."""
         return self._send(self._api.checkpoints(lock, session_id, ns))
@@ -1306,7 +1320,8 @@ class AsyncStateStoreClient:
     Use as ``async with AsyncStateStoreClient(...) as client`` or call
     :meth:`aclose`. State may also be an async iterable of bytes or a file
     object with ``async def read``; a blocking file object is read on a
-    worker thread.
+    worker thread, while a plain iterable is iterated on the event loop (so
+    it should not block).
     """
 
     def __init__(
@@ -1406,6 +1421,10 @@ class AsyncStateStoreClient:
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
+            if not task.cancelled() and (failure := task.exception()) is not None:
+                logger.warning(
+                    "keepalive task of session %s failed: %r", session.session_id, failure
+                )
         try:
             await self.delete_session(session.session_id)
         except StateStoreError as e:
@@ -1546,19 +1565,19 @@ class AsyncStateStoreClient:
     ) -> Listing:
         """All handles (whose names start with ``prefix``), sorted, one snapshot;
         ``lock=True`` also locks each for ``session_id``."""
-        return await self._send(self._api.list(prefix, lock=lock, session_id=session_id, ns=ns))
+        return await self._send(self._api.listing(prefix, lock=lock, session_id=session_id, ns=ns))
 
     async def get_all_and_lock(
         self, session_id: str, *, ns: str | None = None
-    ) -> list[RestHandle]:
+    ) -> builtins.list[RestHandle]:
         """Lock every handle of the namespace for the session; sorted by name."""
         return (await self.list(lock=True, session_id=session_id, ns=ns)).handles
 
-    async def get_all_names(self, *, ns: str | None = None) -> list[str]:
+    async def get_all_names(self, *, ns: str | None = None) -> builtins.list[str]:
         """The names of all handles, sorted."""
         return [h.name for h in (await self.list(ns=ns)).handles]
 
-    async def holders(self, name: str, *, ns: str | None = None) -> list[str]:
+    async def holders(self, name: str, *, ns: str | None = None) -> builtins.list[str]:
         """Session ids holding a lock on ``name`` (``[]`` when there is none)."""
         return await self._send(self._api.holders(name, ns))
 
@@ -1607,7 +1626,7 @@ class AsyncStateStoreClient:
         savepoint: bool = False,
         fencing_token: int | None = None,
         ns: str | None = None,
-    ) -> tuple[RestCheckpoint, list[int]]:
+    ) -> tuple[RestCheckpoint, builtins.list[int]]:
         """Store checkpoint ``checkpoint_id`` (locked by the session) and subsume
         older ones beyond ``retain``: ``(checkpoint, subsumed ids)``."""
         return await self._send(
@@ -1624,7 +1643,7 @@ class AsyncStateStoreClient:
 
     async def checkpoints(
         self, lock: bool = False, session_id: str | None = None, *, ns: str | None = None
-    ) -> list[RestCheckpoint]:
+    ) -> builtins.list[RestCheckpoint]:
         """All checkpoints ascending by id; ``lock=True`` locks them for
         ``session_id`` (recovery)."""
         return await self._send(self._api.checkpoints(lock, session_id, ns))
