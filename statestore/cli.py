@@ -9,10 +9,11 @@ commands) arrive with the REST service.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -143,6 +144,156 @@ def serve(
     finally:
         if member is not None:
             member.stop()
+
+
+# -- admin commands for people, over the REST API ------------------------------
+
+Url = Annotated[
+    str,
+    typer.Option(envvar="STATESTORE_URL", help="Base URL of a running statestore service."),
+]
+Token = Annotated[
+    str | None, typer.Option(envvar="STATESTORE_TOKEN", help="Bearer token (auth on).")
+]
+Namespace = Annotated[str, typer.Option("--namespace", "-n", help="Namespace.")]
+
+
+def _client(url: str, token: str | None, namespace: str | None = None) -> Any:
+    from statestore.http import StateStoreClient
+
+    return StateStoreClient(url, token=token, namespace=namespace)
+
+
+def _fail(e: StateStoreError) -> typer.Exit:
+    err_console.print(f"[red]error ({e.kind}):[/red] {e}")
+    return typer.Exit(1)
+
+
+@app.command("ls")
+def ls_(
+    namespace: Namespace,
+    prefix: Annotated[str | None, typer.Option(help="Only names starting with this.")] = None,
+    url: Url = "http://127.0.0.1:8080",
+    token: Token = None,
+) -> None:
+    """List handles: name, version, size, locks."""
+    from rich.table import Table
+
+    try:
+        with _client(url, token, namespace) as c:
+            listing = c.list(prefix)
+    except StateStoreError as e:
+        raise _fail(e) from None
+    table = Table("name", "version", "size", "sha256", "locks", "created")
+    for h in listing.handles:
+        table.add_row(h.name, str(h.version), str(h.size), h.sha256[:12], str(len(h.locks)),
+                      h.created_at.isoformat(timespec="seconds"))  # fmt: skip
+    console.print(table)
+    console.print(f"{len(listing.handles)} handle(s) at revision {listing.revision}")
+
+
+@app.command("get")
+def get_(
+    name: str,
+    namespace: Namespace,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the state here ('-': stdout).")
+    ] = None,
+    url: Url = "http://127.0.0.1:8080",
+    token: Token = None,
+) -> None:
+    """Show a handle, or with -o download its state (hash verified)."""
+    try:
+        with _client(url, token, namespace) as c:
+            if output is None:
+                h = c.get(name)
+                doc = {**dataclasses.asdict(h), "created_at": h.created_at.isoformat()}
+                console.print_json(data=doc)
+                return
+            sink = sys.stdout.buffer if str(output) == "-" else open(output, "wb")
+            try:
+                for chunk in c.open_read(name):
+                    sink.write(chunk)
+            finally:
+                if sink is not sys.stdout.buffer:
+                    sink.close()
+    except StateStoreError as e:
+        raise _fail(e) from None
+
+
+@app.command("put")
+def put_(
+    name: str,
+    source: Annotated[Path, typer.Argument(help="File with the state ('-': stdin).")],
+    namespace: Namespace,
+    metadata: Annotated[str | None, typer.Option(help="JSON object to attach.")] = None,
+    url: Url = "http://127.0.0.1:8080",
+    token: Token = None,
+) -> None:
+    """Add a handle from a file (streamed). The lock is released when the command ends."""
+    import json
+
+    try:
+        meta = json.loads(metadata) if metadata else None
+    except ValueError as e:
+        err_console.print(f"[red]error:[/red] --metadata is not JSON: {e}")
+        raise typer.Exit(2) from None
+    try:
+        with _client(url, token, namespace) as c, c.session(ttl_seconds=30, owner="cli") as s:
+            src = sys.stdin.buffer if str(source) == "-" else open(source, "rb")
+            try:
+                h = c.add_and_lock(name, src, s.session_id, metadata=meta)
+            finally:
+                if src is not sys.stdin.buffer:
+                    src.close()
+    except OSError as e:
+        err_console.print(f"[red]error:[/red] cannot read {source}: {e}")
+        raise typer.Exit(2) from None
+    except StateStoreError as e:
+        raise _fail(e) from None
+    console.print(f"added [bold]{h.name}[/bold] version {h.version}, {h.size} bytes, {h.sha256}")
+
+
+@app.command("rm")
+def rm_(
+    name: str,
+    namespace: Namespace,
+    deferred: Annotated[
+        bool, typer.Option(help="If others hold locks, remove when they let go.")
+    ] = False,
+    url: Url = "http://127.0.0.1:8080",
+    token: Token = None,
+) -> None:
+    """Remove a handle unless other sessions lock it (never forced)."""
+    try:
+        with _client(url, token, namespace) as c, c.session(ttl_seconds=30, owner="cli") as s:
+            gone = c.release_and_try_remove(name, s.session_id, deferred=deferred)
+            holders = [] if gone else c.holders(name)
+    except StateStoreError as e:
+        raise _fail(e) from None
+    if gone:
+        console.print(f"removed {name}")
+    elif deferred:
+        console.print(f"{name} is locked by {len(holders)} session(s): removal is pending")
+    else:
+        console.print(f"[yellow]not removed:[/yellow] {name} is locked by {', '.join(holders)}")
+        raise typer.Exit(3)
+
+
+@app.command("sessions")
+def sessions_(url: Url = "http://127.0.0.1:8080", token: Token = None) -> None:
+    """List live sessions (admin)."""
+    from rich.table import Table
+
+    try:
+        with _client(url, token) as c:
+            sessions = c.list_sessions()
+    except StateStoreError as e:
+        raise _fail(e) from None
+    table = Table("session id", "ttl", "owner")
+    for sess in sessions:
+        table.add_row(sess["session_id"], str(sess["ttl_seconds"]), str(sess.get("owner") or ""))
+    console.print(table)
 
 
 def run() -> None:  # pragma: no cover - console entry point wrapper

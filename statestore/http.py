@@ -651,6 +651,10 @@ def _handle(response: httpx.Response) -> RestHandle:
     return RestHandle.from_json(_body(response))
 
 
+def _sessions_listing(response: httpx.Response) -> list[dict[str, Any]]:
+    return list(_body(response)["sessions"])
+
+
 def _session(response: httpx.Response) -> Session:
     return Session.from_json(_body(response))
 
@@ -716,6 +720,9 @@ class _Api:
 
     def delete_session(self, session_id: str) -> _Call[None]:
         return _Call("DELETE", f"/v1/sessions/{encode_segment(session_id, 'session id')}", _nothing)
+
+    def list_sessions(self) -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", "/v1/sessions", _sessions_listing)
 
     # handles
 
@@ -1030,6 +1037,10 @@ class StateStoreClient:
     def delete_session(self, session_id: str) -> None:
         """End the session: all its locks are released at once."""
         self._send(self._api.delete_session(session_id))
+
+    def list_sessions(self) -> builtins.list[dict[str, Any]]:
+        """Every live session: session_id, ttl_seconds, owner, created_at (admin)."""
+        return self._send(self._api.list_sessions())
 
     @contextmanager
     def session(
@@ -1382,6 +1393,10 @@ class AsyncStateStoreClient:
     async def delete_session(self, session_id: str) -> None:
         """End the session: all its locks are released at once."""
         await self._send(self._api.delete_session(session_id))
+
+    async def list_sessions(self) -> builtins.list[dict[str, Any]]:
+        """Every live session: session_id, ttl_seconds, owner, created_at (admin)."""
+        return await self._send(self._api.list_sessions())
 
     @asynccontextmanager
     async def session(
