@@ -46,3 +46,51 @@ def test_embedded_etcd_keeps_its_ports(tmp_path: Path) -> None:
         assert endpoint.endswith(f":{ports['client']}")
     finally:
         second.stop()
+
+
+def test_admin_commands_against_a_running_service(service, tmp_path: Path, namespace: str) -> None:
+    import os
+
+    env = {**os.environ, "STATESTORE_URL": service.url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    src = tmp_path / "state.bin"
+    src.write_bytes(b"checkpoint bytes")
+    out = cli("put", "chk/1", str(src), "-n", namespace, "--metadata", '{"job": "x"}')
+    assert out.returncode == 0, out.stderr
+    assert "added" in out.stdout
+    listing = cli("ls", "-n", namespace)
+    assert listing.returncode == 0 and "chk/1" in listing.stdout
+    shown = cli("get", "chk/1", "-n", namespace)
+    assert shown.returncode == 0, shown.stderr
+    assert '"job": "x"' in shown.stdout
+    dest = tmp_path / "back.bin"
+    assert cli("get", "chk/1", "-n", namespace, "-o", str(dest)).returncode == 0
+    assert dest.read_bytes() == b"checkpoint bytes"
+    assert cli("rm", "chk/1", "-n", namespace).returncode == 0
+    missing = cli("get", "chk/1", "-n", namespace)
+    assert missing.returncode == 1
+    assert "not-found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert cli("sessions").returncode == 0
+
+
+def test_admin_command_reports_unreachable_service(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "STATESTORE_URL": "http://127.0.0.1:1"}
+    out = subprocess.run(
+        [*CLI, "ls", "-n", "job-1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "unavailable" in out.stderr
+    assert "Traceback" not in out.stderr
