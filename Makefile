@@ -10,7 +10,7 @@ SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test lint bench setup etcd clean
 
 run: setup
-	$(BIN)/statestore demo
+	$(BIN)/statestore serve
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
