@@ -32,6 +32,15 @@ class EncodedSegments:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("raw_path"):
             raw = scope["raw_path"].split(b"?", 1)[0]
+            parts = raw.split(b"/")
+            if (
+                len(parts) >= 6
+                and parts[1:4] == [b"v1", b"namespaces", parts[3]]
+                and (parts[4] == b"handles" and parts[5] == b"")
+            ):
+                response = problem(400, "invalid-argument", "handle name must not be empty")
+                await response(scope, receive, send)
+                return
             try:
                 scope["path"] = segment_safe_path(raw)
             except UnicodeDecodeError:

@@ -4,7 +4,8 @@ No handler lets a traceback or a framework-shaped error reach a client:
 ``StateStoreError`` maps by its ``kind``, FastAPI's validation errors become
 400 ``invalid-argument``, HTTP errors (404 route, 405 method) get a type word,
 and anything unexpected becomes a logged 503 ``unavailable`` naming the
-request id, never a 500 with a stack.
+request id (answered by ``api.observability.RequestContext``, so the
+connection stays usable), never a 500 with a stack.
 """
 
 from __future__ import annotations
@@ -105,14 +106,13 @@ def install(app: FastAPI) -> None:
             type_ = "unavailable"
         return problem(e.status_code, type_, str(e.detail), headers=e.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        rid = request.headers.get("x-request-id") or getattr(request.state, "request_id", "")
-        log.exception("unexpected error serving %s %s", request.method, request.url.path)
-        return problem(
-            503,
-            "unavailable",
-            f"the service failed unexpectedly ({type(e).__name__}); nothing is known to have "
-            f"changed. Retry, and report request id {rid} if it persists",
-            request_id=rid,
-        )
+
+def unexpected(request_id: str) -> JSONResponse:
+    """The answer to an exception nothing else handled (see RequestContext)."""
+    return problem(
+        503,
+        "unavailable",
+        "the service failed unexpectedly; nothing is known to have changed. Retry, and "
+        f"report request id {request_id} if it persists",
+        request_id=request_id,
+    )

@@ -67,11 +67,16 @@ class Service:
                     400, "invalid-argument", "X-Fencing-Token needs the leader's X-Session-Id"
                 )
             try:
-                value = int(token)
+                value: int | None = int(token)
             except ValueError:
                 raise ApiError(
-                    400, "invalid-argument", f"X-Fencing-Token must be an integer, got {token!r}"
+                    400,
+                    "invalid-argument",
+                    f"X-Fencing-Token must be an integer (the token returned by "
+                    f"POST .../leader), got {token!r}",
                 ) from None
+            if not 1 <= value < 2**63:  # type: ignore[operator]
+                value = None  # no etcd revision: never current leadership -> 409 fenced
             leader_key = Layout(self.settings.root, namespace).leader_prefix + (
                 session.session_id.encode()
             )

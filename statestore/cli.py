@@ -111,11 +111,17 @@ def serve(
     """
     import uvicorn
 
+    from api.auth import Authorizer
     from api.settings import ServiceSettings
     from statestore.config import load_config
     from statestore.embedded import blob_root, start_embedded_etcd
 
-    settings = load_config(cls=ServiceSettings)
+    try:
+        settings = load_config(cls=ServiceSettings)
+        Authorizer.from_file(settings.auth_tokens_file)  # refuse a bad file before serving
+    except StateStoreError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     member = None
     if "etcd_endpoints" not in settings.model_fields_set:
         with console.status(f"starting the embedded etcd under {settings.home / 'etcd'} ..."):

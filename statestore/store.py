@@ -306,7 +306,7 @@ class StateHandleStore:
         if self._fence is None:
             return None
         token = self._fence.token
-        if token is None:
+        if token is None or token <= 0:  # revisions start at 1: 0 would match a missing key
             raise Fenced(
                 "this store is fenced by a leader election it does not lead (any more); "
                 "nothing was changed. Campaign again before writing"
@@ -1051,7 +1051,9 @@ class StateHandleStore:
                         Txn.put(gc_key, gc_value),
                     )
                     .orelse(
-                        Txn.delete(own),
+                        # Fenced, the else branch also runs when the fence fails,
+                        # and then nothing may change: release in a second step.
+                        *([] if self._fence is not None else [Txn.delete(own)]),
                         Txn.get(hkey),
                         Txn.get(lp, prefix_end(lp), keys_only=True),
                     )
@@ -1063,7 +1065,11 @@ class StateHandleStore:
                 continue  # both branches are safe to re-run after a re-read
             if res.succeeded:
                 return Removal(True, [])
-            current, lock_kvs = res.results[1], res.results[2]
+            first = 1  # results of the else branch: [delete own], get handle, get locks
+            if self._fence is not None:  # not fenced (that raised): release now
+                await self._s.client.delete(own)
+                first = 0
+            current, lock_kvs = res.results[first], res.results[first + 1]
             if not current or current[0].mod_revision != kv.mod_revision:
                 continue  # replaced or removed meanwhile: decide again
             holders = sorted(k.key[len(lp) :].decode() for k in lock_kvs if k.key != own)
