@@ -70,6 +70,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.include_router(sessions.router)
     app.include_router(handles.list_router)
     app.include_router(handles.router)
@@ -82,3 +83,75 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (each worker builds its own app)."""
     return create_app(ServiceSettings())
+
+
+# Problem statuses each kind of operation can answer (rest-v1.md); FastAPI's
+# default 422 is never sent (validation errors are 400 problem+json).
+_V1_ERRORS = ("400", "401", "403", "404", "409", "410", "412", "413", "502", "503")
+_DESCRIPTIONS = {
+    "400": "invalid-argument or integrity",
+    "401": "unauthorized",
+    "403": "forbidden",
+    "404": "not-found",
+    "409": "already-exists, locked, fenced or not-leader",
+    "410": "session-expired",
+    "412": "version-conflict",
+    "413": "too-large",
+    "502": "integrity: the blob store returned bytes that do not match",
+    "503": "unavailable: etcd or the blob store did not answer",
+}
+_HEADERS = {
+    "ETag": {
+        "description": 'The handle version, quoted: "<version>"',
+        "schema": {"type": "string"},
+    },
+    "X-Content-SHA256": {"description": "hex SHA-256 of the state", "schema": {"type": "string"}},
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, object]:
+    """The generated document, completed with every problem response, the
+    problem schema and the response headers the handlers set."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = {
+        "type": "object",
+        "description": "RFC 9457 problem details; `type` is one of rest-v1.md's words.",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "holders": {"type": "array", "items": {"type": "string"}},
+            "leader": {"type": "string"},
+        },
+        "additionalProperties": True,
+    }
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, operations in doc.get("paths", {}).items():
+        for op in operations.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            codes = _V1_ERRORS if path.startswith("/v1/") else ("503",) if path == "/readyz" else ()
+            for code in codes:
+                responses[code] = {"description": _DESCRIPTIONS[code], "content": problem}
+            if path.startswith("/v1/namespaces/{ns}/handles/{name}"):
+                for code, resp in responses.items():
+                    if code.startswith("2") and code != "204":
+                        wanted = {
+                            k: v
+                            for k, v in _HEADERS.items()
+                            if k == "ETag" or path.endswith("/state")
+                        }
+                        resp.setdefault("headers", {}).update(wanted)
+    app.openapi_schema = doc
+    return doc

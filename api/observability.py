@@ -14,6 +14,7 @@ import time
 import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import unexpected
@@ -144,6 +145,14 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            status = 499  # the client went away; nobody is left to answer
+            log.info(
+                "client disconnected during %s %s",
+                scope.get("method"),
+                scope.get("path"),
+                extra={"request_id": rid},
+            )
         except Exception:
             log.exception(
                 "unexpected error serving %s %s",

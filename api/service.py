@@ -84,7 +84,7 @@ class Service:
         return store
 
 
-def service(request: Request) -> Service:
+async def service(request: Request) -> Service:
     svc: Service = request.app.state.service
     return svc
 

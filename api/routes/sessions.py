@@ -49,11 +49,15 @@ async def list_sessions(svc: Svc, request: Request) -> SessionListing:
     infos = await svc.sessions.list()
     return SessionListing(
         sessions=[
-            {"session_id": i.session_id, "ttl_seconds": i.ttl_seconds, "owner": i.owner,
-             "created_at": i.created_at}
+            {
+                "session_id": i.session_id,
+                "ttl_seconds": i.ttl_seconds,
+                "owner": i.owner,
+                "created_at": i.created_at,
+            }
             for i in infos
         ]
-    )  # fmt: skip
+    )
 
 
 @router.post("/{sid}/keepalive", response_model=SessionOut)
