@@ -22,5 +22,11 @@ class ServiceSettings(StoreConfig):
     home: Path = Field(
         default=Path(".statestore"), description="Embedded default: where etcd and blobs live."
     )
+    keep_alive_seconds: int = Field(
+        default=75,
+        ge=1,
+        description="Idle keep-alive of client connections; keep it above any load "
+        "balancer's idle timeout, or pooled clients race the server's close.",
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_json: bool = Field(default=True, description="One JSON object per log line.")

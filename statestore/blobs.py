@@ -310,10 +310,7 @@ class BlobStore:
         try:
             f = await self._run("open", self.fs.open, path, "rb")
         except FileNotFoundError:
-            raise IntegrityError(
-                f"the blob {url} of this handle is missing from the blob store; the handle's "
-                "state is lost or the blob store is not the one that wrote it"
-            ) from None
+            raise self._missing(url) from None
         h, seen = hashlib.sha256(), 0
         try:
             while True:
@@ -327,15 +324,41 @@ class BlobStore:
                 yield chunk
         finally:
             await self._run("close", f.close)
-        if seen != size or h.hexdigest() != sha256:
-            raise IntegrityError(
-                f"the blob {url} does not match its handle (expected {size} bytes with SHA-256 "
-                f"{sha256}, read {seen} bytes with SHA-256 {h.hexdigest()}); the state was "
-                "altered or truncated outside statestore"
-            )
+        self._verify(url, size, sha256, seen, h.hexdigest())
 
     async def read(self, url: str, size: int, sha256: str) -> bytes:
-        return b"".join([c async for c in self.open_read(url, size, sha256)])
+        """The whole blob, verified. Up to one chunk it is one blocking call
+        (open, read, close, hash) instead of one per step."""
+        if size > self.chunk_size:
+            return b"".join([c async for c in self.open_read(url, size, sha256)])
+        path = self.path_of(url)
+
+        def read_all() -> bytes:
+            with self.fs.open(path, "rb") as f:
+                return bytes(f.read(size + 1))
+
+        try:
+            data = await self._run("read", read_all)
+        except FileNotFoundError:
+            raise self._missing(url) from None
+        self._verify(url, size, sha256, len(data), hashlib.sha256(data).hexdigest())
+        return data
+
+    @staticmethod
+    def _missing(url: str) -> IntegrityError:
+        return IntegrityError(
+            f"the blob {url} of this handle is missing from the blob store; the handle's "
+            "state is lost or the blob store is not the one that wrote it"
+        )
+
+    @staticmethod
+    def _verify(url: str, size: int, sha256: str, seen: int, digest: str) -> None:
+        if seen != size or digest != sha256:
+            raise IntegrityError(
+                f"the blob {url} does not match its handle (expected {size} bytes with SHA-256 "
+                f"{sha256}, read {seen} bytes with SHA-256 {digest}); the state was "
+                "altered or truncated outside statestore"
+            )
 
     # -- delete, list, ping ------------------------------------------------------
 

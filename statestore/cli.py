@@ -145,6 +145,7 @@ def serve(
             port=port if port is not None else settings.port,
             workers=workers or settings.workers,
             access_log=False,  # the service logs every request itself, with its request id
+            timeout_keep_alive=settings.keep_alive_seconds,
             log_level=settings.log_level,
         )
     finally:

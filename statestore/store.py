@@ -15,6 +15,7 @@ leaves behind; docs/design.md has the same as one table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -39,6 +40,16 @@ from statestore.etcd import KV, Ambiguous, EtcdClient, TooManyOps, Txn, TxnResul
 from statestore.handle import Handle, encode_metadata, make_record, parse_record
 from statestore.keys import Layout, prefix_end, validate_name, validate_namespace
 from statestore.session import Session
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """A new blob written and recorded, waiting for its commit txn."""
+
+    blob_id: str
+    url: str
+    record: bytes
+
 
 #: A handle with its (encoded) etcd key, so hot loops need not re-encode names.
 _Keyed = tuple[bytes, Handle]
@@ -463,6 +474,22 @@ class StateHandleStore:
                     return h
                 raise self._already_exists(name, h)
 
+        async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
+            return await self._commit_add(name, hkey, st.blob_id, st.url, st.record, rid)
+
+    @contextlib.asynccontextmanager
+    async def _staged(
+        self,
+        name: str,
+        data: Data,
+        meta: dict[str, Any],
+        rid: str,
+        max_size: int | None,
+        expected_sha256: str | None,
+    ) -> AsyncIterator[_Staged]:
+        """Steps 2-3 of add and replace: put the upload intent on our lease,
+        then stream the data to a fresh blob; yields what the commit txn needs.
+        A failed write deletes the partial blob and the intent."""
         blob_id = new_blob_id()
         url = self._s.blobs.url_of(self._s.blobs.path_for(self._cfg.namespace, blob_id))
         self._s.writes_in_flight += 1
@@ -489,7 +516,7 @@ class StateHandleStore:
                 request_id=rid,
                 writer=self._s.instance_id,
             )
-            return await self._commit_add(name, hkey, blob_id, info.url, record, rid)
+            yield _Staged(blob_id, info.url, record)
         finally:
             self._s.writes_in_flight -= 1
 
@@ -625,32 +652,8 @@ class StateHandleStore:
             else encode_metadata(metadata, self._cfg.max_metadata_bytes)
         )
         rid = request_id or uuid.uuid4().hex
-        blob_id = new_blob_id()
-        url = self._s.blobs.url_of(self._s.blobs.path_for(self._cfg.namespace, blob_id))
-        self._s.writes_in_flight += 1
-        try:
-            await self._put_intent(blob_id, url)
-            try:
-                info = await self._s.blobs.write(
-                    self._cfg.namespace,
-                    blob_id,
-                    data,
-                    max_size=max_size,
-                    expected_sha256=expected_sha256,
-                )
-            except BaseException:
-                await asyncio.shield(self._drop_blob(blob_id, url))
-                raise
-            record = make_record(
-                name=name,
-                blob_url=info.url,
-                blob_id=blob_id,
-                size=info.size,
-                sha256=info.sha256,
-                metadata=meta,
-                request_id=rid,
-                writer=self._s.instance_id,
-            )
+        async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
+            blob_id, url, record = st.blob_id, st.url, st.record
             upload_key = self._keys.upload(blob_id)
             gc_key = self._keys.gc(old.blob_id or blob_id_of(old.blob_url))
 
@@ -706,8 +709,6 @@ class StateHandleStore:
             raise PossibleInconsistentState(
                 f"replace({name!r}) could not get a definite answer from etcd", blob_url=url
             )
-        finally:
-            self._s.writes_in_flight -= 1
 
     @staticmethod
     def _conflict(name: str, expected: int, found: int) -> VersionConflict:

@@ -17,10 +17,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
+from rest import assert_problem, hpath, lpath
 from service import ServiceProcess
 
 from statestore.etcd_server import EtcdProcess, free_port
@@ -33,36 +33,10 @@ TOKENS = {
         {"token": ADMIN, "namespaces": ["*"], "role": "admin"},
     ]
 }
-PROBLEM_TYPES = {
-    "already-exists", "not-found", "version-conflict", "locked", "fenced", "not-leader",
-    "session-expired", "invalid-argument", "integrity", "too-large", "unauthorized",
-    "forbidden", "unavailable",
-}  # fmt: skip
-
-
-def hpath(ns: str, name: str, sub: str = "") -> str:
-    return f"/v1/namespaces/{quote(ns, safe='')}/handles/{quote(name, safe='')}{sub}"
-
-
-def lpath(ns: str) -> str:
-    return f"/v1/namespaces/{quote(ns, safe='')}/handles"
 
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def assert_problem(r: httpx.Response, status: int, type_: str) -> dict[str, Any]:
-    assert r.status_code == status, (r.status_code, r.text)
-    ctype = r.headers.get("content-type", "")
-    assert ctype.split(";")[0].strip() == "application/problem+json", ctype
-    body = r.json()
-    assert type_ in PROBLEM_TYPES
-    assert body["type"] == type_, body
-    assert body["status"] == status, body
-    assert isinstance(body["title"], str) and body["title"], body
-    assert isinstance(body["detail"], str) and body["detail"], body
-    return body
 
 
 @pytest.fixture(scope="module")

@@ -12,53 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from rest import assert_problem, client, hpath, lpath, new_session
 from service import ServiceProcess
-
-PROBLEM_TYPES = {
-    "already-exists", "not-found", "version-conflict", "locked", "fenced", "not-leader",
-    "session-expired", "invalid-argument", "integrity", "too-large", "unauthorized",
-    "forbidden", "unavailable",
-}  # fmt: skip
-
-
-def hpath(ns: str, name: str, sub: str = "") -> str:
-    return f"/v1/namespaces/{quote(ns, safe='')}/handles/{quote(name, safe='')}{sub}"
-
-
-def lpath(ns: str) -> str:
-    return f"/v1/namespaces/{quote(ns, safe='')}/handles"
-
-
-def assert_problem(r: httpx.Response, status: int, type_: str | None) -> dict[str, Any]:
-    """``type_=None``: any type word of the spec."""
-    assert r.status_code == status, (r.status_code, r.text)
-    ctype = r.headers.get("content-type", "")
-    assert ctype.split(";")[0].strip() == "application/problem+json", ctype
-    body = r.json()
-    assert isinstance(body, dict), body
-    assert body.get("type") in PROBLEM_TYPES, body
-    if type_ is not None:
-        assert body["type"] == type_, body
-    assert body["status"] == status, body
-    assert isinstance(body["title"], str) and body["title"], body
-    assert isinstance(body["detail"], str) and body["detail"], body
-    assert "Traceback" not in r.text
-    return body
-
-
-def new_session(c: httpx.Client, ttl: int = 30) -> str:
-    r = c.post("/v1/sessions", json={"ttl_seconds": ttl})
-    assert r.status_code == 201, r.text
-    return str(r.json()["session_id"])
-
-
-def client(url: str) -> httpx.Client:
-    return httpx.Client(base_url=url, trust_env=False, timeout=30)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 from helpers import wait_until
+from rest import HANDLE_FIELDS, assert_problem, enc, hpath, lpath, new_session, sess
 from service import ServiceProcess
 
 from statestore import StateHandleStore, StoreConfig
@@ -28,44 +29,7 @@ from statestore.etcd import EtcdClient
 from statestore.etcd_server import EtcdProcess
 from statestore.keys import encode, prefix_end
 
-HANDLE_FIELDS = {"name", "version", "size", "sha256", "created_at", "metadata", "locks"}
-PROBLEM_TYPES = {
-    "already-exists", "not-found", "version-conflict", "locked", "fenced", "not-leader",
-    "session-expired", "invalid-argument", "integrity", "too-large", "unauthorized",
-    "forbidden", "unavailable",
-}  # fmt: skip
-
-
 # -- helpers ---------------------------------------------------------------------
-
-
-def enc(name: str) -> str:
-    """A name as one URL path segment. Names made only of dots are sent as
-    ``%2E`` so no client or server treats them as dot segments."""
-    if name and set(name) == {"."}:
-        return "%2E" * len(name)
-    return quote(name, safe="")
-
-
-def hpath(ns: str, name: str, sub: str = "") -> str:
-    return f"/v1/namespaces/{enc(ns)}/handles/{enc(name)}{sub}"
-
-
-def lpath(ns: str) -> str:
-    return f"/v1/namespaces/{enc(ns)}/handles"
-
-
-def assert_problem(r: httpx.Response, status: int, type_: str) -> dict[str, Any]:
-    assert r.status_code == status, (r.status_code, r.text)
-    ctype = r.headers.get("content-type", "")
-    assert ctype.split(";")[0].strip() == "application/problem+json", ctype
-    body = r.json()
-    assert type_ in PROBLEM_TYPES
-    assert body["type"] == type_, body
-    assert body["status"] == status, body
-    assert isinstance(body["title"], str) and body["title"], body
-    assert isinstance(body["detail"], str) and body["detail"], body
-    return body
 
 
 def assert_handle(doc: dict[str, Any], name: str, data: bytes) -> None:
@@ -77,16 +41,6 @@ def assert_handle(doc: dict[str, Any], name: str, data: bytes) -> None:
     assert isinstance(doc["metadata"], dict)
     assert isinstance(doc["locks"], list)
     datetime.fromisoformat(doc["created_at"])
-
-
-def new_session(c: httpx.Client, ttl: int = 30) -> str:
-    r = c.post("/v1/sessions", json={"ttl_seconds": ttl, "owner": "test_rest_handles"})
-    assert r.status_code == 201, r.text
-    return str(r.json()["session_id"])
-
-
-def sess(sid: str, **extra: str) -> dict[str, str]:
-    return {"X-Session-Id": sid, **extra}
 
 
 def put(c: httpx.Client, ns: str, name: str, data: bytes, sid: str, **headers: str) -> Any:

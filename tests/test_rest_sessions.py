@@ -12,49 +12,12 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
 from helpers import wait_until
+from rest import assert_problem, client, hpath, lpath, new_session, sess
 from service import ServiceProcess
-
-PROBLEM_TYPES = {
-    "already-exists", "not-found", "version-conflict", "locked", "fenced", "not-leader",
-    "session-expired", "invalid-argument", "integrity", "too-large", "unauthorized",
-    "forbidden", "unavailable",
-}  # fmt: skip
-
-
-def hpath(ns: str, name: str, sub: str = "") -> str:
-    return f"/v1/namespaces/{quote(ns, safe='')}/handles/{quote(name, safe='')}{sub}"
-
-
-def lpath(ns: str) -> str:
-    return f"/v1/namespaces/{quote(ns, safe='')}/handles"
-
-
-def assert_problem(r: httpx.Response, status: int, type_: str) -> dict[str, Any]:
-    assert r.status_code == status, (r.status_code, r.text)
-    ctype = r.headers.get("content-type", "")
-    assert ctype.split(";")[0].strip() == "application/problem+json", ctype
-    body = r.json()
-    assert type_ in PROBLEM_TYPES
-    assert body["type"] == type_, body
-    assert body["status"] == status, body
-    assert isinstance(body["title"], str) and body["title"], body
-    assert isinstance(body["detail"], str) and body["detail"], body
-    return body
-
-
-def new_session(c: httpx.Client, ttl: int = 30, owner: str = "test_rest_sessions") -> str:
-    r = c.post("/v1/sessions", json={"ttl_seconds": ttl, "owner": owner})
-    assert r.status_code == 201, r.text
-    return str(r.json()["session_id"])
-
-
-def sess(sid: str) -> dict[str, str]:
-    return {"X-Session-Id": sid}
 
 
 def put(c: httpx.Client, ns: str, name: str, sid: str, data: bytes = b"x") -> dict[str, Any]:
@@ -68,10 +31,6 @@ def locks_of(c: httpx.Client, ns: str, name: str) -> list[str]:
     r = c.get(hpath(ns, name))
     assert r.status_code == 200, r.text
     return list(r.json()["locks"])
-
-
-def client(url: str) -> httpx.Client:
-    return httpx.Client(base_url=url, trust_env=False, timeout=30)
 
 
 @pytest.fixture

@@ -141,15 +141,21 @@ async def get_handle(ns: str, name: str, request: Request, svc: Svc) -> JSONResp
     },
 )
 async def get_state(ns: str, name: str, request: Request, svc: Svc) -> Response:
-    """The exact state bytes, streamed, with ``Content-Length`` and ``X-Content-SHA256``.
+    """The exact state bytes, with ``Content-Length`` and ``X-Content-SHA256``.
 
-    The first chunk is read before answering, so a missing blob is a proper
-    502 problem; a mismatch found at the end aborts the stream (the client
-    sees fewer bytes than ``Content-Length``)."""
+    Up to 1 MiB the state is read and verified before answering (a mismatch
+    is a 502 problem). Larger states stream; the first chunk is read before
+    answering, so a missing blob is still a proper 502, and a mismatch found
+    at the end aborts the stream (the client sees fewer bytes than
+    ``Content-Length``)."""
     ns, name = path_namespace(ns), path_name(name)
     svc.authorize(request, ns, Role.read)
     store = svc.store(ns)
     h = await store.get(name)
+    headers = {"Content-Length": str(h.size), "X-Content-SHA256": h.sha256, **_etag(h.version)}
+    if h.size <= _SMALL_BODY:  # verified before answering: a mismatch is a clean 502
+        data = await store.read(h)
+        return Response(data, media_type="application/octet-stream", headers=headers)
     chunks = store.open_read(h)
     try:
         first = await anext(chunks)
@@ -162,7 +168,6 @@ async def get_state(ns: str, name: str, request: Request, svc: Svc) -> Response:
         async for chunk in chunks:
             yield chunk
 
-    headers = {"Content-Length": str(h.size), "X-Content-SHA256": h.sha256, **_etag(h.version)}
     return StreamingResponse(stream(), media_type="application/octet-stream", headers=headers)
 
 

@@ -1,0 +1,64 @@
+"""Helpers shared by the REST tests: paths, problem checks, sessions."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+HANDLE_FIELDS = {"name", "version", "size", "sha256", "created_at", "metadata", "locks"}
+#: The problem ``type`` words of rest-v1.md.
+PROBLEM_TYPES = {
+    "already-exists", "not-found", "version-conflict", "locked", "fenced", "not-leader",
+    "session-expired", "invalid-argument", "integrity", "too-large", "unauthorized",
+    "forbidden", "unavailable",
+}  # fmt: skip
+
+
+def enc(name: str) -> str:
+    """A name as one URL path segment. Names made only of dots are sent as
+    ``%2E`` so no client or server treats them as dot segments."""
+    if name and set(name) == {"."}:
+        return "%2E" * len(name)
+    return quote(name, safe="")
+
+
+def hpath(ns: str, name: str, sub: str = "") -> str:
+    return f"/v1/namespaces/{enc(ns)}/handles/{enc(name)}{sub}"
+
+
+def lpath(ns: str) -> str:
+    return f"/v1/namespaces/{enc(ns)}/handles"
+
+
+def assert_problem(r: httpx.Response, status: int, type_: str | None) -> dict[str, Any]:
+    """Assert an RFC 9457 problem with ``status`` and ``type_`` (``None``: any
+    type word of the spec); returns the body."""
+    assert r.status_code == status, (r.status_code, r.text)
+    ctype = r.headers.get("content-type", "")
+    assert ctype.split(";")[0].strip() == "application/problem+json", ctype
+    body = r.json()
+    assert isinstance(body, dict), body
+    assert body.get("type") in PROBLEM_TYPES, body
+    if type_ is not None:
+        assert body["type"] == type_, body
+    assert body["status"] == status, body
+    assert isinstance(body["title"], str) and body["title"], body
+    assert isinstance(body["detail"], str) and body["detail"], body
+    assert "Traceback" not in r.text
+    return body
+
+
+def new_session(c: httpx.Client, ttl: int = 30, owner: str = "tests") -> str:
+    r = c.post("/v1/sessions", json={"ttl_seconds": ttl, "owner": owner})
+    assert r.status_code == 201, r.text
+    return str(r.json()["session_id"])
+
+
+def sess(sid: str, **extra: str) -> dict[str, str]:
+    return {"X-Session-Id": sid, **extra}
+
+
+def client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, trust_env=False, timeout=30)
