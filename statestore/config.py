@@ -57,6 +57,12 @@ class StoreConfig(BaseSettings):
     blob_chunk_size: int = Field(
         default=4 * 1024 * 1024, ge=64 * 1024, description="Streaming chunk size."
     )
+    gc_grace_seconds: float = Field(
+        default=20.0,
+        ge=0,
+        description="How long a blob outlives its handle before deletion (>= lease_ttl: a "
+        "reader whose lock silently expired may still be reading).",
+    )
     lock_concurrency: int = Field(
         default=8, ge=1, description="Lock batches get_all_and_lock keeps in flight."
     )

@@ -363,6 +363,13 @@ class StateHandleStore:
             return res
         raise SessionExpired(f"{what}: the lease changed repeatedly while the call ran; retry")
 
+    async def fenced_txn(self, build: Callable[[int], Txn], what: str) -> TxnResult:
+        """Run ``build(lease_id)`` as one txn carrying this store's fence (if any).
+
+        For the coordinator modules (counter, checkpoints) that write keys of
+        their own: with fencing on they raise :class:`Fenced` like the store."""
+        return await self._txn(build, what, fenced=True)
+
     async def _lease_was_renewed(self, lease: int, lost: int, what: str) -> bool:
         """After etcd said "lease not found" for ``lease``: True when our own
         ``release_all`` swapped it (retry on the new one); otherwise the lease

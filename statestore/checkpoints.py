@@ -1,0 +1,177 @@
+"""``CompletedCheckpointStore``: retained checkpoints of one job, on handles.
+
+Each checkpoint is a handle named by its zero-padded id (20 digits: every
+non-negative 64-bit id), so name order is id order, with metadata
+``{"checkpoint_id": n, "savepoint": bool}``.
+
+``add_checkpoint_and_subsume`` (Flink's rules, ``CheckpointSubsumeHelper``):
+
+1. ``add_and_lock`` the new checkpoint with a request id derived from
+   (instance, checkpoint id): a retry after an ambiguous outcome or a crash
+   of this call finds its own handle and succeeds instead of failing
+   (FLINK-24543);
+2. list the retained checkpoints; while more than ``max_retained`` remain,
+   subsume the oldest, except the newest checkpoint and the newest one that
+   is not a savepoint, which are always kept (savepoints count towards
+   ``max_retained``);
+3. each subsumed checkpoint is released and removed; one still locked by
+   others (e.g. a reader) is marked for deferred removal and disappears when
+   they let go. It is reported as subsumed either way.
+
+``recover()`` locks every checkpoint from one snapshot and returns them
+sorted by id. It fails loudly (``IntegrityError``) when a checkpoint is
+unreadable, its record or its blob, instead of silently skipping it and
+restoring from an older one (FLINK-22502).
+
+With a fenced store every write carries the leadership compare, so a
+deposed leader can neither add nor subsume (``Fenced``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from statestore.blobs import Data
+from statestore.errors import IntegrityError, InvalidArgument, NotFound, StateStoreError
+from statestore.handle import Handle
+from statestore.store import StateHandleStore
+
+MAX_ID = 2**63 - 1
+_WIDTH = 20
+
+
+def checkpoint_name(checkpoint_id: int) -> str:
+    if not isinstance(checkpoint_id, int) or not 0 <= checkpoint_id <= MAX_ID:
+        raise InvalidArgument(
+            f"checkpoint ids are integers 0..{MAX_ID} (64-bit), got {checkpoint_id!r}"
+        )
+    return f"{checkpoint_id:0{_WIDTH}d}"
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedCheckpoint:
+    checkpoint_id: int
+    savepoint: bool
+    handle: Handle
+
+    @classmethod
+    def of(cls, h: Handle) -> CompletedCheckpoint:
+        try:
+            cid = int(h.metadata.get("checkpoint_id", h.name))
+        except (TypeError, ValueError):
+            raise IntegrityError(f"handle {h.name!r} is not a checkpoint") from None
+        return cls(cid, bool(h.metadata.get("savepoint", False)), h)
+
+
+def to_subsume(checkpoints: list[CompletedCheckpoint], retain: int) -> list[CompletedCheckpoint]:
+    """Which of ``checkpoints`` (ascending by id) Flink's rules subsume."""
+    if len(checkpoints) <= retain:
+        return []
+    latest = checkpoints[-1]
+    latest_regular = next((c for c in reversed(checkpoints) if not c.savepoint), None)
+    keep = len(checkpoints)
+    out = []
+    for c in checkpoints:
+        if keep <= retain:
+            break
+        if c is latest or c is latest_regular:
+            continue
+        out.append(c)
+        keep -= 1
+    return out
+
+
+class CompletedCheckpointStore:
+    """Retained completed checkpoints of the store's namespace."""
+
+    def __init__(self, store: StateHandleStore, max_retained: int = 1) -> None:
+        if not isinstance(max_retained, int) or max_retained < 1:
+            raise InvalidArgument(f"max_retained must be >= 1, got {max_retained!r}")
+        self._store = store
+        self.max_retained = max_retained
+
+    @property
+    def store(self) -> StateHandleStore:
+        return self._store
+
+    async def add_checkpoint_and_subsume(
+        self, checkpoint_id: int, data: Data, savepoint: bool = False, **kwargs: Any
+    ) -> tuple[CompletedCheckpoint, list[int]]:
+        """Add the checkpoint (locked), then subsume beyond ``max_retained``;
+        returns it and the subsumed ids."""
+        name = checkpoint_name(checkpoint_id)
+        metadata = {"checkpoint_id": checkpoint_id, "savepoint": bool(savepoint)}
+        rid = f"checkpoint-{checkpoint_id}-{self._store.instance_id}"
+        h = await self._store.add_and_lock(name, data, metadata, request_id=rid, **kwargs)
+        added = CompletedCheckpoint.of(h)
+        subsumed = await self._subsume()
+        return added, subsumed
+
+    async def _subsume(self) -> list[int]:
+        snap = await self._store.snapshot()
+        current = [
+            CompletedCheckpoint.of(h) for h in snap.handles if h.name not in snap.pending_removal
+        ]
+        current.sort(key=lambda c: c.checkpoint_id)
+        out = []
+        for c in to_subsume(current, self.max_retained):
+            await self._store.try_remove(c.handle.name, deferred=True)
+            out.append(c.checkpoint_id)
+        return out
+
+    async def get_all(self) -> list[CompletedCheckpoint]:
+        """Retained checkpoints, ascending by id, without locking."""
+        snap = await self._store.snapshot()
+        out = [
+            CompletedCheckpoint.of(h) for h in snap.handles if h.name not in snap.pending_removal
+        ]
+        return sorted(out, key=lambda c: c.checkpoint_id)
+
+    async def get_latest(self) -> CompletedCheckpoint | None:
+        all_ = await self.get_all()
+        return all_[-1] if all_ else None
+
+    async def recover(self, *, verify_blobs: bool = True) -> list[CompletedCheckpoint]:
+        """Lock every checkpoint (one snapshot) and return them ascending by id.
+
+        Raises ``IntegrityError`` naming the checkpoint when a record cannot be
+        parsed or (``verify_blobs``) its blob is missing: recovery must not
+        silently fall back to an older checkpoint (FLINK-22502)."""
+        handles = await self._store.get_all_and_lock()
+        checkpoints = sorted(
+            (CompletedCheckpoint.of(h) for h in handles), key=lambda c: c.checkpoint_id
+        )
+        if verify_blobs and checkpoints:
+            present = {e.url for e in await self._store.blobs.list_namespace(self._store.namespace)}
+            missing = [c.checkpoint_id for c in checkpoints if c.handle.blob_url not in present]
+            if missing:
+                raise IntegrityError(
+                    f"recovery refused: the state of checkpoint(s) {missing[:10]} is missing from "
+                    "the blob store; restoring an older checkpoint silently would lose progress. "
+                    "Restore the blobs or remove those checkpoints deliberately",
+                    missing=missing,
+                )
+        return checkpoints
+
+    async def shutdown(self, globally_terminal: bool) -> None:
+        """Globally terminal: remove every checkpoint (deferred where others
+        still lock one). Otherwise release our locks and keep them."""
+        if not globally_terminal:
+            await self._store.release_all()
+            return
+        names = await self._store.get_all_names()
+        sem = asyncio.Semaphore(16)
+
+        async def one(name: str) -> None:
+            async with sem:
+                try:
+                    await self._store.try_remove(name, deferred=True)
+                except NotFound:
+                    pass
+
+        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, StateStoreError)]
+        if errors:
+            raise errors[0]

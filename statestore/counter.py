@@ -1,0 +1,154 @@
+"""``CheckpointIDCounter``: a 64-bit counter in etcd, atomic under any concurrency.
+
+The counter is the key ``<ns>/counters/<name>`` holding the *next* value in
+decimal, followed by a space and the id of the write that set it
+(``b"18 5f0c..."``). A counter never set reads 1.
+
+``get_and_increment`` is a compare-and-swap loop: read the key (value and
+mod_revision), then ONE txn ``If(mod_revision == read [and fence]) Then(put
+value + 1)`` (``create_revision == 0`` when the key does not exist yet). A
+lost race re-reads and tries again; two callers can never get the same value.
+An ambiguous answer is resolved by re-reading: the write id tells whether
+the key holds *our* write (two racers that read the same value would both
+write value + 1, so the value alone cannot tell); if not, the CAS is retried.
+
+With a fenced store every write carries the leadership compare, so a
+deposed leader cannot hand out or reset ids (``Fenced``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from statestore.config import StoreConfig
+from statestore.errors import (
+    InvalidArgument,
+    PossibleInconsistentState,
+    StateStoreError,
+    Unavailable,
+)
+from statestore.etcd import Ambiguous, Txn
+from statestore.keys import validate_name
+from statestore.store import StateHandleStore
+
+MAX_VALUE = 2**63 - 1  # signed 64-bit, as Flink's long and JSON integers everywhere
+_ROUNDS = 1000
+
+
+class CheckpointIDCounter:
+    """Checkpoint ids for one job (namespace), as Flink's ``CheckpointIDCounter``."""
+
+    def __init__(self, store_or_cfg: StateHandleStore | StoreConfig, name: str = "checkpoint-id"):
+        if isinstance(store_or_cfg, StoreConfig):
+            self._store = StateHandleStore(store_or_cfg)
+            self._owns = True
+        else:
+            self._store = store_or_cfg
+            self._owns = False
+        self.name = validate_name(name)
+        self._key = self._store.keys.counter(self.name)
+        self._started = not self._owns
+
+    async def _ready(self) -> None:
+        if not self._started:
+            await self._store.start()
+            self._started = True
+
+    async def _read(self) -> tuple[int, int]:
+        """(current value, mod_revision); (1, 0) for a counter never set."""
+        kv = await self._store.etcd.get(self._key)
+        if kv is None:
+            return 1, 0
+        return int(kv.value.split(b" ", 1)[0]), kv.mod_revision
+
+    @staticmethod
+    def _encode(value: int) -> tuple[bytes, bytes]:
+        """(stored bytes, the write id in them)."""
+        wid = uuid.uuid4().hex.encode()
+        return str(value).encode() + b" " + wid, wid
+
+    async def get(self) -> int:
+        """The value the next ``get_and_increment`` returns."""
+        await self._ready()
+        return (await self._read())[0]
+
+    async def get_and_increment(self) -> int:
+        """Atomically return the current value and store value + 1 (first call: 1)."""
+        await self._ready()
+        for _ in range(_ROUNDS):
+            value, rev = await self._read()
+            if value >= MAX_VALUE:
+                raise InvalidArgument(f"counter {self.name!r} is exhausted at {value}")
+            nxt, _ = self._encode(value + 1)
+
+            def build(lease: int, rev: int = rev, nxt: bytes = nxt) -> Txn:
+                t = Txn()
+                if rev == 0:
+                    t.compare("create", self._key, "==", 0)
+                else:
+                    t.compare("mod", self._key, "==", rev)
+                return t.then(Txn.put(self._key, nxt))
+
+            try:
+                res = await self._store.fenced_txn(build, "counter increment")
+            except Ambiguous:
+                if await self._applied(rev, nxt):
+                    return value
+                continue
+            if res.succeeded:
+                return value
+        raise Unavailable(f"counter {self.name!r}: too much contention; retry")
+
+    async def _applied(self, rev: int, nxt: bytes) -> bool:
+        """After an ambiguous CAS: did it land? Only if the key now holds our
+        write (its id is unique) or was moved on past it by later writes."""
+        try:
+            kv = await self._store.etcd.get(self._key)
+        except Unavailable as e:
+            raise PossibleInconsistentState(
+                f"counter {self.name!r}: increment not confirmed and etcd unreachable ({e}); "
+                "read the counter before handing out an id"
+            ) from None
+        if kv is not None and kv.value == nxt:
+            return True
+        if kv is None or kv.mod_revision <= rev:
+            return False  # nothing was written since our read: ours did not land
+        # Others wrote since: ours may have landed and been incremented past.
+        # etcd keeps the history until compaction: the first write to the key
+        # after the revision we read is ours exactly when our CAS landed.
+        try:
+            async with asyncio.timeout(self._store.config.etcd_timeout):
+                async for _, events in self._store.etcd.watch(
+                    self._key, self._key + b"\0", start_revision=rev + 1
+                ):
+                    for kind, ev in events:
+                        return kind == "put" and ev.value == nxt
+        except (TimeoutError, StateStoreError) as e:
+            raise PossibleInconsistentState(
+                f"counter {self.name!r}: could not tell whether an unconfirmed increment "
+                f"landed ({e}); read the counter before handing out an id"
+            ) from None
+        return False
+
+    async def set_count(self, value: int) -> None:
+        """Set the next value (restore from a savepoint)."""
+        if not isinstance(value, int) or not 0 <= value <= MAX_VALUE:
+            raise InvalidArgument(f"counter value must be an integer 0..{MAX_VALUE}, got {value!r}")
+        await self._ready()
+        data, _ = self._encode(value)
+        await self._store.fenced_txn(
+            lambda lease: Txn().then(Txn.put(self._key, data)), "counter set"
+        )
+
+    async def shutdown(self, globally_terminal: bool) -> None:
+        """Delete the counter when the job is globally terminal (finished,
+        cancelled, failed); otherwise keep it for the next leader."""
+        if globally_terminal:
+            await self._ready()
+            await self._store.fenced_txn(
+                lambda lease: Txn().then(Txn.delete(self._key)), "counter shutdown"
+            )
+        if self._owns:
+            await self._store.close()
+            self._started = False

@@ -1,0 +1,183 @@
+"""Leader election per namespace, with the fencing token writes carry.
+
+Protocol (the etcd election pattern, as etcd's own ``concurrency.Election``):
+
+1. A candidate puts ``<ns>/leader/<instance-id>`` (value: the instance id)
+   on its lease, unless it already has that key. The key's create revision
+   is the candidate's place in line and, once it leads, its fencing token.
+2. The candidate with the lowest create revision under the prefix leads.
+   Every other candidate watches only its predecessor (the next lower key)
+   and looks again when that key is deleted, so a resignation wakes one
+   waiter, not all of them.
+3. Leadership ends when the key goes: ``resign()`` deletes it, and lease
+   expiry deletes it with every other key of the lease.
+
+Fencing: a store opened ``with_fencing(election)`` adds to every mutating txn
+``create_revision(own key) == token`` and ``create_revision >= token for every
+key under the prefix`` (so no older key, i.e. no other leader, exists). A
+deposed or paused leader's writes therefore fail inside etcd, whatever the
+deposed process believes; it gets :class:`~statestore.errors.Fenced`.
+
+Failure cases:
+
+- campaign times out: the candidate's key is deleted and ``NotLeader`` is
+  raised, naming the current leader;
+- the lease is lost (``SessionExpired`` from etcd, or the keepalive found it
+  gone): the key went with it; ``token`` becomes None at once and the loss
+  is logged; campaign again to lead;
+- etcd unreachable during campaign: ``Unavailable`` (the key, if written,
+  expires with the lease or is reused by the next campaign).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from statestore.errors import NotLeader, StateStoreError, Unavailable
+from statestore.etcd import KV, Txn
+from statestore.keys import prefix_end
+from statestore.store import StateHandleStore
+
+log = logging.getLogger(__name__)
+
+
+class LeaderElection:
+    """Campaign for the leadership of the store's namespace."""
+
+    def __init__(self, store: StateHandleStore) -> None:
+        self._store = store
+        self._prefix = store.keys.leader_prefix
+        self._key = self._prefix + store.instance_id.encode()
+        self._token: int | None = None
+        self._lease = 0
+        self._lost_count = 0
+        on_lost = getattr(store.session, "on_lost", None)
+        if on_lost is not None:
+            on_lost(self._on_session_lost)
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def leader_key(self) -> bytes:
+        return self._key
+
+    @property
+    def token(self) -> int | None:
+        """The fencing token while this instance leads, else None. Leadership
+        is taken as lost as soon as the lease it was won on is gone."""
+        session = self._store.session
+        if self._token is not None and (
+            session.lease_id != self._lease or session.lost_count != self._lost_count
+        ):
+            self._token = None
+        return self._token
+
+    @property
+    def is_leader(self) -> bool:
+        return self.token is not None
+
+    def _on_session_lost(self, lease_id: int) -> None:
+        if self._token is not None and lease_id == self._lease:
+            log.error(
+                "leadership of namespace %r lost with lease %x (token %d): this instance "
+                "must stop acting as leader; its fenced writes are refused from now on",
+                self._store.namespace,
+                lease_id,
+                self._token,
+            )
+            self._token = None
+
+    async def _line(self) -> list[KV]:
+        kvs, _ = await self._store.etcd.range_all(self._prefix, prefix_end(self._prefix))
+        return sorted(kvs, key=lambda kv: kv.create_revision)
+
+    async def leader(self) -> tuple[str, int] | None:
+        """(leader's instance id, fencing token) of the namespace, or None."""
+        line = await self._line()
+        if not line:
+            return None
+        return line[0].value.decode(), line[0].create_revision
+
+    # -- campaign ----------------------------------------------------------------
+
+    async def _enter(self) -> int:
+        """Put our key (once per lease); returns its create revision."""
+        lease = self._store.session.lease_id
+        value = self._store.instance_id.encode()
+        t = (
+            Txn()
+            .compare("create", self._key, "==", 0)
+            .then(Txn.put(self._key, value, lease))
+            .orelse(Txn.get(self._key))
+        )
+        res = await self._store.etcd.txn(t, what="campaign")
+        if res.succeeded:
+            return res.revision
+        kv = res.results[0][0]
+        if kv.lease != lease:  # left over from a lease we no longer hold
+            await self._store.etcd.delete(self._key)
+            return await self._enter()
+        return kv.create_revision
+
+    async def campaign(self, timeout: float | None = None) -> int:
+        """Wait until this instance leads; returns the fencing token.
+
+        ``timeout=0`` tries once without waiting. On timeout the candidacy is
+        withdrawn and ``NotLeader`` names who leads."""
+        if self.token is not None:
+            return self._token  # type: ignore[return-value]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lease, lost = self._store.session.lease_id, self._store.session.lost_count
+        mine = await self._enter()
+        while True:
+            line = await self._line()
+            ahead = [kv for kv in line if kv.create_revision < mine]
+            if not any(kv.key == self._key for kv in line):
+                mine = await self._enter()  # our key vanished (lease loss): line up again
+                continue
+            if not ahead:
+                self._token, self._lease, self._lost_count = mine, lease, lost
+                log.info("leading namespace %r with token %d", self._store.namespace, mine)
+                return mine
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                await self._withdraw(mine)
+                raise NotLeader(
+                    f"namespace {self._store.namespace!r} is led by {ahead[0].value.decode()} "
+                    f"(token {ahead[0].create_revision}); campaign gave up",
+                    leader=ahead[0].value.decode(),
+                    fencing_token=ahead[0].create_revision,
+                )
+            await self._wait_gone(ahead[-1], remaining)
+
+    async def _wait_gone(self, predecessor: KV, timeout: float | None) -> None:
+        """Return when ``predecessor`` is deleted (or on timeout / watch error)."""
+
+        async def watch() -> None:
+            key = predecessor.key
+            async for _, events in self._store.etcd.watch(
+                key, key + b"\0", start_revision=predecessor.mod_revision + 1
+            ):
+                if any(kind == "delete" for kind, _ in events):
+                    return
+
+        try:
+            await asyncio.wait_for(watch(), timeout)
+        except (TimeoutError, StateStoreError):
+            pass  # look at the line again either way
+
+    async def _withdraw(self, mine: int) -> None:
+        t = Txn().compare("create", self._key, "==", mine).then(Txn.delete(self._key))
+        try:
+            await self._store.etcd.txn(t, what="withdraw candidacy")
+        except Unavailable:
+            pass  # the key expires with the lease
+
+    async def resign(self) -> None:
+        """Give up leadership (or candidacy): delete our key if it is still ours."""
+        token, self._token = self._token, None
+        kv = await self._store.etcd.get(self._key)
+        if kv is not None and (token is None or kv.create_revision == token):
+            await self._withdraw(kv.create_revision)

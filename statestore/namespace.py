@@ -1,0 +1,30 @@
+"""Namespace cleanup for globally terminal jobs: leave nothing behind (FLINK-20695).
+
+``clear_namespace(store)`` is idempotent and makes progress on every call:
+
+1. every handle is released and removed; handles still locked by live
+   sessions are marked for deferred removal and go when they are let go
+   (invariant 2 is never bypassed);
+2. counters and leader election keys are deleted (one range delete each);
+3. blobs queued under ``gc/`` that are past the grace period are deleted,
+   then their entries.
+
+It returns True when no key at all remains under ``<root>/<ns>/`` (upload
+intents of live writers and not-yet-due gc entries keep it pending), so
+callers repeat it (REST: 202 while pending, 204 when done).
+"""
+
+from __future__ import annotations
+
+from statestore.gc import collect_due
+from statestore.keys import prefix_end
+from statestore.store import StateHandleStore
+
+
+async def clear_namespace(store: StateHandleStore) -> bool:
+    await store.clear_entries()
+    for prefix in (store.keys.ns_prefix + b"counters/", store.keys.leader_prefix):
+        await store.etcd.delete(prefix, prefix_end(prefix))
+    await collect_due(store)
+    ns = store.keys.ns_prefix
+    return await store.etcd.count(ns, prefix_end(ns)) == 0
