@@ -19,7 +19,7 @@ from api import problems
 from api.auth import Authorizer
 from api.observability import Metrics, RequestContext, configure_logging
 from api.paths import EncodedSegments
-from api.routes import handles, ops, sessions
+from api.routes import coordination, handles, ops, sessions
 from api.service import Service
 from api.settings import ServiceSettings
 from statestore.sessions import SessionRegistry
@@ -74,6 +74,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(handles.list_router)
     app.include_router(handles.router)
+    app.include_router(coordination.router)
+    app.include_router(coordination.ns_router)
     app.include_router(ops.router)
     app.add_middleware(EncodedSegments)
     app.add_middleware(RequestContext, metrics=metrics)

@@ -354,10 +354,15 @@ class StateHandleStore:
                 current = min((k.create_revision for k in keys), default=0)
                 ours = any(k.key == fence[0] and k.create_revision == fence[1] for k in keys)
                 if not ours or current != fence[1]:
+                    why = (
+                        "this instance does not hold the leader key with that token"
+                        if not ours
+                        else f"an older leader key (token {current}) exists"
+                    )
                     raise Fenced(
                         f"{what} refused: fencing token {fence[1]} is not the current leadership "
-                        f"of namespace {self.namespace!r} (current token: {current or 'none'}); "
-                        "nothing was changed. This instance must stop acting as leader",
+                        f"of namespace {self.namespace!r} ({why}; current token: "
+                        f"{current or 'none'}); nothing was changed. Stop acting as leader",
                         current_token=current or None,
                     )
             return res

@@ -28,7 +28,7 @@ from api.service import (
 router = APIRouter(prefix="/v1/namespaces/{ns}/handles", tags=["handles"])
 Svc = Annotated[Service, Depends(service)]
 
-_SMALL_BODY = 1 << 20
+SMALL_BODY = 1 << 20
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
 
@@ -54,7 +54,7 @@ _HANDLE = {"content": {"application/json": {"example": _HANDLE_EXAMPLE}}}
 _BYTES = {
     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 }
-_BINARY_BODY = {
+BINARY_BODY = {
     "requestBody": {
         "required": True,
         **_BYTES,
@@ -69,7 +69,7 @@ def _etag(version: int) -> dict[str, str]:
 @router.put(
     "/{name}",
     status_code=201,
-    openapi_extra=_BINARY_BODY,
+    openapi_extra=BINARY_BODY,
     responses={
         200: {"description": "replaced (If-Match)", **_HANDLE},
         201: {"description": "added and locked", **_HANDLE},
@@ -110,7 +110,7 @@ async def put_handle(
     # A small body with a declared length is read whole: bytes need no
     # pre-upload existence check, which saves an etcd round trip. Anything
     # else streams, so memory stays bounded.
-    small = length is not None and length.isdigit() and int(length) <= _SMALL_BODY
+    small = length is not None and length.isdigit() and int(length) <= SMALL_BODY
     body = await request.body() if small else request.stream()
     if version is None:
         h = await store.add_and_lock(name, body, metadata, expected_sha256=digest, max_size=limit)
@@ -153,7 +153,7 @@ async def get_state(ns: str, name: str, request: Request, svc: Svc) -> Response:
     store = svc.store(ns)
     h = await store.get(name)
     headers = {"Content-Length": str(h.size), "X-Content-SHA256": h.sha256, **_etag(h.version)}
-    if h.size <= _SMALL_BODY:  # verified before answering: a mismatch is a clean 502
+    if h.size <= SMALL_BODY:  # verified before answering: a mismatch is a clean 502
         data = await store.read(h)
         return Response(data, media_type="application/octet-stream", headers=headers)
     chunks = store.open_read(h)

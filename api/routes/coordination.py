@@ -1,0 +1,233 @@
+"""Counters, leadership, checkpoints and namespace cleanup (rest-v1.md).
+
+Each call builds the SDK's coordinator objects on a store acting as the
+caller's session, so the HTTP rows behave exactly as the Python ones:
+``POST .../leader`` is ``LeaderElection.campaign(timeout=0)`` (it never
+waits: someone else leading is an immediate 409), and writes carrying
+``X-Fencing-Token`` use a fenced store.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from api.auth import Role
+from api.problems import ApiError, problem
+from api.routes.handles import BINARY_BODY, SMALL_BODY
+from api.service import Service, handle_json, path_name, path_namespace, service
+from statestore.checkpoints import MAX_ID, CompletedCheckpoint, CompletedCheckpointStore
+from statestore.counter import MAX_VALUE, CheckpointIDCounter
+from statestore.election import LeaderElection
+from statestore.namespace import clear_namespace
+
+router = APIRouter(prefix="/v1/namespaces/{ns}", tags=["coordination"])
+Svc = Annotated[Service, Depends(service)]
+SessionHeader = Annotated[str | None, Header(description="The caller's session.")]
+FencingHeader = Annotated[str | None, Header(description="Leadership token; 409 fenced if stale.")]
+
+
+class CounterValue(BaseModel):
+    value: int = Field(ge=0, le=MAX_VALUE)
+
+
+class Leadership(BaseModel):
+    leader: str
+    fencing_token: int
+
+
+# -- counters ---------------------------------------------------------------------
+
+
+@router.get("/counters/{name}", response_model=CounterValue)
+async def get_counter(ns: str, name: str, request: Request, svc: Svc) -> CounterValue:
+    """The counter's value (the next ``increment`` returns it); 1 if never set."""
+    ns, name = path_namespace(ns), path_name(name)
+    svc.authorize(request, ns, Role.read)
+    return CounterValue(value=await CheckpointIDCounter(svc.store(ns), name).get())
+
+
+@router.post("/counters/{name}/increment", response_model=CounterValue)
+async def increment_counter(
+    ns: str,
+    name: str,
+    request: Request,
+    svc: Svc,
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+) -> CounterValue:
+    """Atomically increment; answers the value *before* the increment."""
+    ns, name = path_namespace(ns), path_name(name)
+    svc.authorize(request, ns, Role.write)
+    store = await _writer(svc, ns, request)
+    return CounterValue(value=await CheckpointIDCounter(store, name).get_and_increment())
+
+
+@router.put("/counters/{name}", response_model=CounterValue)
+async def set_counter(
+    ns: str,
+    name: str,
+    request: Request,
+    svc: Svc,
+    body: Annotated[CounterValue, Body()],
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+) -> CounterValue:
+    """Set the value (restore from a savepoint)."""
+    ns, name = path_namespace(ns), path_name(name)
+    svc.authorize(request, ns, Role.write)
+    store = await _writer(svc, ns, request)
+    await CheckpointIDCounter(store, name).set_count(body.value)
+    return body
+
+
+async def _writer(svc: Service, ns: str, request: Request) -> Any:
+    """A store for a write that needs no lock: as the session when one is
+    given (required with a fencing token), else as a lock-less writer."""
+    if request.headers.get("x-session-id") or request.headers.get("x-fencing-token"):
+        return svc.store(ns, await svc.session(request), request)
+    return svc.store(ns)
+
+
+# -- leadership -------------------------------------------------------------------
+
+
+@router.post("/leader", response_model=Leadership, responses={409: {"description": "not-leader"}})
+async def campaign(
+    ns: str, request: Request, svc: Svc, x_session_id: SessionHeader = None
+) -> Leadership:
+    """Lead the namespace if nobody else does (also 200 if already leading)."""
+    ns = path_namespace(ns)
+    svc.authorize(request, ns, Role.write)
+    session = await svc.session(request)
+    token = await LeaderElection(svc.store(ns, session)).campaign(timeout=0)
+    return Leadership(leader=session.session_id, fencing_token=token)
+
+
+@router.get("/leader", response_model=Leadership)
+async def get_leader(ns: str, request: Request, svc: Svc) -> Any:
+    """The current leader and its fencing token; 404 when nobody leads."""
+    ns = path_namespace(ns)
+    svc.authorize(request, ns, Role.read)
+    current = await LeaderElection(svc.store(ns)).leader()
+    if current is None:
+        return problem(404, "not-found", f"nobody leads namespace {ns!r}")
+    return Leadership(leader=current[0], fencing_token=current[1])
+
+
+@router.delete("/leader", status_code=204)
+async def resign(
+    ns: str, request: Request, svc: Svc, x_session_id: SessionHeader = None
+) -> Response:
+    """Resign (nothing happens when the session does not lead)."""
+    ns = path_namespace(ns)
+    svc.authorize(request, ns, Role.write)
+    session = await svc.session(request)
+    await LeaderElection(svc.store(ns, session)).resign()
+    return Response(status_code=204)
+
+
+# -- checkpoints ------------------------------------------------------------------
+
+
+def checkpoint_json(c: CompletedCheckpoint, locks: list[str]) -> dict[str, Any]:
+    doc = handle_json(c.handle, locks)
+    doc["checkpoint_id"] = c.checkpoint_id
+    doc["savepoint"] = c.savepoint
+    return doc
+
+
+@router.post("/checkpoints/{checkpoint_id}", status_code=201, openapi_extra=BINARY_BODY)
+async def add_checkpoint(
+    ns: str,
+    checkpoint_id: Annotated[int, Path(ge=0, le=MAX_ID)],
+    request: Request,
+    svc: Svc,
+    retain: Annotated[int, Query(ge=1, le=10_000, description="checkpoints to retain")] = 1,
+    savepoint: Annotated[bool, Query()] = False,
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+) -> JSONResponse:
+    """Add a completed checkpoint (locked by the session) and subsume older ones
+    beyond ``retain``; the newest non-savepoint checkpoint is always kept."""
+    ns = path_namespace(ns)
+    svc.authorize(request, ns, Role.write)
+    session = await svc.session(request)
+    store = svc.store(ns, session, request)
+    length = request.headers.get("content-length")
+    limit = svc.settings.max_state_bytes
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, "too-large", f"the state is over the limit of {limit} bytes")
+    small = length is not None and length.isdigit() and int(length) <= SMALL_BODY
+    body = await request.body() if small else request.stream()
+    cs = CompletedCheckpointStore(store, max_retained=retain)
+    added, subsumed = await cs.add_checkpoint_and_subsume(
+        checkpoint_id, body, savepoint=savepoint, max_size=limit
+    )
+    return JSONResponse(
+        {"checkpoint": checkpoint_json(added, [session.session_id]), "subsumed": subsumed}, 201
+    )
+
+
+@router.get("/checkpoints")
+async def list_checkpoints(
+    ns: str,
+    request: Request,
+    svc: Svc,
+    lock: Annotated[bool, Query(description="recover: lock all for the session")] = False,
+    x_session_id: SessionHeader = None,
+) -> JSONResponse:
+    """Retained checkpoints ascending by id; ``?lock=true`` recovers (locks) them all."""
+    ns = path_namespace(ns)
+    svc.authorize(request, ns, Role.write if lock else Role.read)
+    if lock:
+        session = await svc.session(request)
+        store = svc.store(ns, session, request)
+        checkpoints = await CompletedCheckpointStore(store).recover()
+        snap = await store.snapshot()
+    else:
+        store = svc.store(ns)
+        snap = await store.snapshot()
+        checkpoints = sorted(
+            (CompletedCheckpoint.of(h) for h in snap.handles if h.name not in snap.pending_removal),
+            key=lambda c: c.checkpoint_id,
+        )
+    docs = [checkpoint_json(c, sorted(snap.locks.get(c.handle.name, []))) for c in checkpoints]
+    return JSONResponse({"checkpoints": docs})
+
+
+@router.get("/checkpoints/latest")
+async def latest_checkpoint(ns: str, request: Request, svc: Svc) -> JSONResponse:
+    """The newest retained checkpoint; 404 when there is none."""
+    ns = path_namespace(ns)
+    svc.authorize(request, ns, Role.read)
+    store = svc.store(ns)
+    latest = await CompletedCheckpointStore(store).get_latest()
+    if latest is None:
+        return problem(404, "not-found", f"namespace {ns!r} has no checkpoint")
+    _, locks = await store.describe(latest.handle.name)
+    return JSONResponse(checkpoint_json(latest, locks))
+
+
+# -- namespace cleanup ------------------------------------------------------------
+
+ns_router = APIRouter(prefix="/v1/namespaces", tags=["coordination"])
+
+
+@ns_router.delete(
+    "/{ns}",
+    status_code=204,
+    responses={202: {"content": {"application/json": {"example": {"status": "pending"}}}}},
+)
+async def delete_namespace(ns: str, request: Request, svc: Svc) -> Response:
+    """Remove every handle, counter and leadership key and queue the blobs
+    for deletion (admin). 202 while handles locked by live sessions (or blobs
+    in their grace period) remain: repeat until 204."""
+    ns = path_namespace(ns)
+    svc.authorize(request, ns, Role.admin)
+    if await clear_namespace(svc.store(ns)):
+        return Response(status_code=204)
+    return JSONResponse({"status": "pending"}, 202)
