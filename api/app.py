@@ -22,6 +22,7 @@ from api.paths import EncodedSegments
 from api.routes import coordination, handles, ops, sessions
 from api.service import Service
 from api.settings import ServiceSettings
+from statestore.maintenance import Maintenance
 from statestore.sessions import SessionRegistry
 from statestore.store import StoreBackend
 
@@ -46,6 +47,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             auth=auth,
             metrics=metrics,
         )
+        maintenance = None
+        if settings.maintenance:
+            maintenance = Maintenance(
+                backend,
+                gc_interval=settings.gc_interval_seconds,
+                compaction_interval=settings.compaction_interval_seconds,
+                orphan_min_age=settings.orphan_min_age_seconds,
+            )
+            await maintenance.start()
+        app.state.service.maintenance = maintenance
         if not auth.enabled:
             log.warning(
                 "AUTH IS OFF: no STATESTORE_AUTH_TOKENS_FILE is configured, so anyone who can "
@@ -60,6 +71,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if maintenance is not None:
+                await maintenance.stop()
             await backend.close()
 
     app = FastAPI(

@@ -72,6 +72,32 @@ class Metrics:
             ["op"],
             registry=r,
         )
+        self.pending_removals = Gauge(
+            "statestore_pending_removals",
+            "Deferred removals waiting for locks to go (maintenance leader's view).",
+            registry=r,
+        )
+        self.blobs_reclaimed = Gauge(
+            "statestore_gc_blobs_reclaimed",
+            "Blobs deleted by this replica's GC since start (queued and orphans).",
+            registry=r,
+        )
+        self.orphans_found = Gauge(
+            "statestore_gc_orphans_found", "Orphaned blobs found since start.", registry=r
+        )
+        self.compactions = Gauge(
+            "statestore_compactions", "Compactions this replica performed.", registry=r
+        )
+        self.last_compaction = Gauge(
+            "statestore_last_compaction_revision",
+            "Revision of this replica's last compaction.",
+            registry=r,
+        )
+        self.maintenance_leader = Gauge(
+            "statestore_maintenance_leader",
+            "1 while this replica runs the reconciler and GC.",
+            registry=r,
+        )
         self.lease_lost = Gauge(
             "statestore_service_lease_losses",
             "Times the service's own lease was found lost.",

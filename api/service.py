@@ -16,6 +16,7 @@ from api.settings import ServiceSettings
 from statestore.errors import SessionExpired
 from statestore.handle import Handle
 from statestore.keys import Layout, validate_name, validate_namespace
+from statestore.maintenance import Maintenance
 from statestore.sessions import SessionInfo, SessionRegistry
 from statestore.store import FixedLease, StateHandleStore, StoreBackend, TokenFence
 
@@ -30,6 +31,7 @@ class Service:
     sessions: SessionRegistry
     auth: Authorizer
     metrics: Metrics
+    maintenance: Maintenance | None = None
 
     # -- request helpers ---------------------------------------------------------
 

@@ -28,5 +28,12 @@ class ServiceSettings(StoreConfig):
         description="Idle keep-alive of client connections; keep it above any load "
         "balancer's idle timeout, or pooled clients race the server's close.",
     )
+    maintenance: bool = Field(
+        default=True, description="Run the reconciler, blob GC and compactor in this process."
+    )
+    gc_interval_seconds: float = Field(default=60.0, gt=0, description="Blob GC period.")
+    compaction_interval_seconds: float = Field(
+        default=300.0, gt=0, description="etcd compaction period (one per period in total)."
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_json: bool = Field(default=True, description="One JSON object per log line.")

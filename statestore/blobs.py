@@ -69,6 +69,15 @@ class BlobEntry:
     mtime: float | None
 
 
+def blob_age(blob_id: str, mtime: float | None, now: float) -> float | None:
+    """Seconds since the blob was started: from the timestamp in its id (see
+    :func:`new_blob_id`), else from the store's mtime; None when unknown."""
+    head = blob_id.split("-", 1)[0]
+    if len(head) == 13 and head.isdigit():
+        return now - int(head) / 1000
+    return None if mtime is None else now - mtime
+
+
 def new_blob_id() -> str:
     """A fresh id: a millisecond timestamp (for people reading listings) and
     128 random bits (for uniqueness)."""
@@ -404,6 +413,46 @@ class BlobStore:
             return out
 
         return await self._run("list", ls)
+
+    async def list_namespaces(self) -> list[str]:
+        """Encoded names of the namespace directories under the root."""
+
+        def ls() -> list[str]:
+            try:
+                infos = self.fs.ls(self.root, detail=True)
+            except FileNotFoundError:
+                return []
+            return sorted(
+                str(i["name"]).rstrip("/").rsplit("/", 1)[-1]
+                for i in infos
+                if i.get("type") == "directory"
+            )
+
+        return await self._run("list", ls)
+
+    async def stale_multipart_uploads(self, namespace: str) -> list[tuple[str, str, str, float]]:
+        """S3 only: unfinished multipart uploads under the namespace:
+        (key, upload id, blob id, initiated unix time). Empty elsewhere."""
+        lister = getattr(self.fs, "list_multipart_uploads", None)
+        if lister is None:
+            return []
+        bucket, _, prefix = self.ns_dir(namespace).partition("/")
+
+        def ls() -> list[tuple[str, str, str, float]]:
+            out = []
+            for u in lister(bucket):
+                key = str(u.get("Key", ""))
+                if key.startswith(prefix + "/"):
+                    initiated = u.get("Initiated")
+                    ts = initiated.timestamp() if hasattr(initiated, "timestamp") else 0.0
+                    out.append((key, str(u["UploadId"]), key.rsplit("/", 1)[-1], ts))
+            return out
+
+        return await self._run("list uploads", ls)
+
+    async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        bucket = self.root.split("/", 1)[0]
+        await self._run("abort upload", self.fs.abort_mpu, bucket, key, upload_id)
 
     async def ping(self) -> None:
         """Raise Unavailable unless the blob store answers."""

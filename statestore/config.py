@@ -63,6 +63,12 @@ class StoreConfig(BaseSettings):
         description="How long a blob outlives its handle before deletion (>= lease_ttl: a "
         "reader whose lock silently expired may still be reading).",
     )
+    orphan_min_age_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="An unreferenced blob younger than this is never swept (a live or "
+        "just-committed write).",
+    )
     lock_concurrency: int = Field(
         default=8, ge=1, description="Lock batches get_all_and_lock keeps in flight."
     )

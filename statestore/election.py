@@ -46,9 +46,11 @@ log = logging.getLogger(__name__)
 class LeaderElection:
     """Campaign for the leadership of the store's namespace."""
 
-    def __init__(self, store: StateHandleStore) -> None:
+    def __init__(self, store: StateHandleStore, *, prefix: bytes | None = None) -> None:
+        """``prefix``: elect among keys under another prefix than the
+        namespace's ``leader/`` (the service's maintenance election)."""
         self._store = store
-        self._prefix = store.keys.leader_prefix
+        self._prefix = prefix if prefix is not None else store.keys.leader_prefix
         self._key = self._prefix + store.instance_id.encode()
         self._token: int | None = None
         self._lease = 0

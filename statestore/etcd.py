@@ -592,7 +592,12 @@ class EtcdClient:
     # -- watch -----------------------------------------------------------------
 
     async def watch(
-        self, key: bytes, range_end: bytes, *, start_revision: int = 0
+        self,
+        key: bytes,
+        range_end: bytes,
+        *,
+        start_revision: int = 0,
+        deletes_only: bool = False,
     ) -> AsyncIterator[tuple[int, list[tuple[str, KV]]]]:
         """Watch a range: yields (revision, [(\"put\"|\"delete\", kv), ...]).
 
@@ -601,11 +606,12 @@ class EtcdClient:
         Raises :class:`Unavailable` when the stream breaks.
         """
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        create = rpc.WatchRequest(
-            create_request=rpc.WatchCreateRequest(
-                key=key, range_end=range_end, start_revision=start_revision, progress_notify=True
-            )
+        req = rpc.WatchCreateRequest(
+            key=key, range_end=range_end, start_revision=start_revision, progress_notify=True
         )
+        if deletes_only:  # filtered in etcd: a busy keyspace sends us only deletions
+            req.filters.append(rpc.WatchCreateRequest.FilterType.NOPUT)
+        create = rpc.WatchRequest(create_request=req)
 
         async def requests() -> AsyncIterator[Any]:
             yield create

@@ -11,8 +11,18 @@ entry, so the next pass deletes the (already absent) blob again and then the
 entry: nothing leaks and nothing is deleted twice in a harmful way. A blob
 store error leaves the entry for the next pass.
 
-The background worker, orphan sweeps and multipart clean-up build on this
-(see the maintenance issue); namespace cleanup calls :func:`collect_due`.
+Orphans (:func:`sweep_orphans`): a blob no handle, gc entry or upload intent
+names, older than ``orphan_min_age`` — left by a writer that crashed after
+its lease expired, or kept after an unresolved ambiguous commit. The blob
+listing is taken BEFORE etcd is read: a writer puts its intent before its
+first byte, so any blob in the listing is, at the later etcd read, either
+still named by a live intent, or committed (a handle, or a gc entry after a
+removal), or truly unreferenced. The minimum age covers writes whose commit
+etcd applies late. On S3, multipart uploads of writers without a live intent
+are aborted after the same age.
+
+:func:`gc_pass` does both for every namespace; the service runs it every
+``gc_interval_seconds`` on one replica, ``statestore gc`` runs it by hand.
 """
 
 from __future__ import annotations
@@ -20,11 +30,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from statestore.blobs import blob_age
 from statestore.errors import StateStoreError
 from statestore.etcd import Txn
-from statestore.keys import prefix_end
+from statestore.keys import decode, prefix_end
 from statestore.store import StateHandleStore
 
 log = logging.getLogger(__name__)
@@ -37,8 +49,11 @@ class GcPass:
     pending: int = 0
 
 
-async def collect_due(store: StateHandleStore, *, now: float | None = None) -> GcPass:
-    """Delete every blob of the store's namespace whose gc entry is due."""
+async def collect_due(
+    store: StateHandleStore, *, now: float | None = None, dry_run: bool = False
+) -> GcPass:
+    """Delete every blob of the store's namespace whose gc entry is due
+    (``dry_run``: only count them)."""
     now = time.time() if now is None else now
     grace = store.config.gc_grace_seconds
     gp = store.keys.gc_prefix
@@ -55,6 +70,9 @@ async def collect_due(store: StateHandleStore, *, now: float | None = None) -> G
         if queued + grace > now:
             result.pending += 1
             continue
+        if dry_run:
+            result.deleted += 1
+            continue
         try:
             await store.blobs.delete(url)
         except StateStoreError as e:
@@ -65,3 +83,103 @@ async def collect_due(store: StateHandleStore, *, now: float | None = None) -> G
         await store.etcd.txn(t, what="gc entry delete")
         result.deleted += 1
     return result
+
+
+@dataclass(slots=True)
+class GcReport:
+    namespaces: int = 0
+    deleted: int = 0
+    pending: int = 0
+    orphans_found: int = 0
+    orphans_deleted: int = 0
+    uploads_aborted: int = 0
+    orphans: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _blob_id(value: bytes) -> str | None:
+    try:
+        return str(json.loads(value)["blob_id"]) or None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def sweep_orphans(
+    store: StateHandleStore,
+    min_age: float,
+    report: GcReport,
+    *,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> None:
+    """Find (and unless ``dry_run`` delete) the namespace's orphaned blobs."""
+    now = time.time() if now is None else now
+    ns = store.namespace
+    blobs = await store.blobs.list_namespace(ns)  # first: see the module docstring
+    uploads = await store.blobs.stale_multipart_uploads(ns)
+    keys = store.keys
+    handles, rev = await store.etcd.range_all(keys.handles_prefix, prefix_end(keys.handles_prefix))
+    referenced = {
+        bid for kv in handles if keys.is_handle_key(kv.key) and (bid := _blob_id(kv.value))
+    }
+    for prefix in (keys.gc_prefix, keys.uploads_prefix):
+        kvs, _ = await store.etcd.range_all(
+            prefix, prefix_end(prefix), revision=rev, keys_only=True
+        )
+        referenced.update(kv.key[len(prefix) :].decode() for kv in kvs)
+    for b in blobs:
+        age = blob_age(b.blob_id, b.mtime, now)
+        if b.blob_id in referenced or age is None or age < min_age:
+            continue
+        report.orphans_found += 1
+        report.orphans.append(b.url)
+        if not dry_run:
+            await store.blobs.delete(b.url)
+            report.orphans_deleted += 1
+            log.info("deleted orphaned blob %s (%.0fs old, no handle, entry or intent)", b.url, age)
+    for key, upload_id, blob_id, initiated in uploads:
+        if blob_id in referenced or now - initiated < min_age:
+            continue
+        if not dry_run:
+            await store.blobs.abort_multipart_upload(key, upload_id)
+        report.uploads_aborted += 1
+
+
+async def namespaces(store: StateHandleStore) -> list[str]:
+    """Every namespace with blobs or keys under the store's root."""
+    found = {decode(d) for d in await store.blobs.list_namespaces()}
+    root = store.config.root.encode() + b"/"
+    kvs, _ = await store.etcd.range_all(root, prefix_end(root), keys_only=True)
+    for kv in kvs:
+        head = kv.key[len(root) :].split(b"/", 1)[0].decode()
+        if head and not head.startswith("_"):
+            found.add(decode(head))
+    return sorted(found)
+
+
+async def gc_pass(
+    store: StateHandleStore,
+    *,
+    orphan_min_age: float,
+    dry_run: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> GcReport:
+    """Collect due gc entries and sweep orphans in every namespace."""
+    report = GcReport()
+    all_ns = await namespaces(store)
+    report.namespaces = len(all_ns)
+    for i, ns in enumerate(all_ns):
+        if progress is not None:
+            progress(ns, i, len(all_ns))
+        try:
+            view = store.for_namespace(ns)
+            due = await collect_due(view, dry_run=dry_run)
+            report.deleted += due.deleted
+            report.pending += due.pending
+            await sweep_orphans(view, orphan_min_age, report, dry_run=dry_run)
+        except StateStoreError as e:
+            report.errors.append(f"{ns}: {e}")
+            log.warning("gc of namespace %r incomplete: %s", ns, e)
+    if progress is not None:
+        progress("", len(all_ns), len(all_ns))
+    return report

@@ -408,9 +408,6 @@ def test_deferred_delete_without_other_holders_removes_at_once(
     assert_problem(api.get(hpath(namespace, "dn")), 404, "not-found")
 
 
-@pytest.mark.xfail(
-    reason="reconciler for lease expiry lands with the maintenance issue", strict=True
-)
 def test_deferred_delete_completes_when_the_last_holder_expires(
     api: httpx.Client, sid: str, namespace: str
 ) -> None:

@@ -1,0 +1,123 @@
+"""Completes deferred removals when the last lock goes, by release or expiry.
+
+Lease expiry deletes the lock keys attached to the lease and touches no
+other key (the zetcd lesson), so no counter or marker can say "the last lock
+went". The reconciler therefore derives the state from the lock keys:
+
+1. **resync**: list every removal marker under ``<root>/*/removals/`` at one
+   revision R and try to complete each (``complete_removal`` is one txn that
+   succeeds only when no lock key remains);
+2. **watch** deletions under ``<root>/`` from R + 1 (filtered in etcd: no
+   puts), and for every deleted lock key whose handle has a removal marker,
+   try to complete that removal;
+3. if the watch breaks (etcd unreachable) or its revision was compacted away
+   (``Compacted``), go back to 1: the re-list catches every removal whose
+   lock went while we were not watching, so none is missed.
+
+``complete_removal`` is idempotent and guarded by its own compares, so a
+second reconciler (two replicas during a maintenance hand-over) or a
+``release`` that completes the same removal at the same time is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from statestore.errors import StateStoreError
+from statestore.etcd import Compacted
+from statestore.keys import decode, prefix_end
+from statestore.store import StateHandleStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ReconcilerStats:
+    resyncs: int = 0
+    completed: int = 0
+    pending: int = 0
+
+
+class RemovalReconciler:
+    """Watches lock deletions across every namespace under the store's root."""
+
+    def __init__(self, store: StateHandleStore) -> None:
+        self._store = store
+        self._root = store.config.root.encode() + b"/"
+        self.stats = ReconcilerStats()
+        self._stop = asyncio.Event()
+
+    def _parse(self, key: bytes, marker: bytes) -> tuple[str, str] | None:
+        """(namespace, name) from ``<root>/<ns>/<marker>/<name>[/...]``."""
+        parts = key[len(self._root) :].split(b"/")
+        if len(parts) >= 3 and parts[1] == marker:
+            return decode(parts[0].decode()), decode(parts[2].decode())
+        return None
+
+    async def _complete(self, ns: str, name: str) -> bool:
+        view = self._store.for_namespace(ns)
+        try:
+            done = await view.complete_removal(name)
+        except StateStoreError as e:
+            log.warning("could not complete removal of %r in %r yet: %s", name, ns, e)
+            return False
+        if done:
+            self.stats.completed += 1
+            log.info("completed deferred removal of %r in namespace %r", name, ns)
+        return done
+
+    async def resync(self) -> int:
+        """Try every pending removal; returns the revision the list was read at."""
+        self.stats.resyncs += 1
+        kvs, rev = await self._store.etcd.range_all(
+            self._root, prefix_end(self._root), keys_only=True
+        )
+        pending = 0
+        for kv in kvs:
+            found = self._parse(kv.key, b"removals")
+            if found is not None and not await self._complete(*found):
+                pending += 1
+        self.stats.pending = pending
+        return rev
+
+    async def _on_deleted(self, keys: list[bytes]) -> None:
+        seen: set[tuple[str, str]] = set()
+        for key in keys:
+            if b"/locks/" not in key:
+                continue
+            found = self._parse(key, b"handles")
+            if found is None or found in seen:
+                continue
+            seen.add(found)
+            ns, name = found
+            marker = self._store.for_namespace(ns).keys.removal(name)
+            if await self._store.etcd.get(marker) is not None and await self._complete(ns, name):
+                self.stats.pending = max(0, self.stats.pending - 1)
+
+    async def run(self) -> None:
+        """Resync, then watch; on any break resync again. Runs until ``stop()``."""
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                rev = await self.resync()
+                backoff = 0.2
+                async for _, events in self._store.etcd.watch(
+                    self._root, prefix_end(self._root), start_revision=rev + 1, deletes_only=True
+                ):
+                    await self._on_deleted([kv.key for kind, kv in events if kind == "delete"])
+                    if self._stop.is_set():
+                        return
+            except Compacted as e:
+                log.info("reconciler watch compacted (%s): re-listing", e)
+            except StateStoreError as e:
+                log.warning("reconciler lost its watch (%s): re-listing in %.1fs", e, backoff)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 5.0)
+
+    def stop(self) -> None:
+        self._stop.set()
