@@ -153,6 +153,62 @@ def serve(
             member.stop()
 
 
+@app.command()
+def gc(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only report what would be reclaimed.")
+    ] = False,
+) -> None:
+    """Reclaim blobs: due gc entries and orphans in every namespace.
+
+    Connects with the STATESTORE_* settings (as `serve`); safe to run while
+    the service runs (every deletion is guarded as in the service's own GC).
+    """
+    from rich.progress import Progress
+
+    from statestore.config import load_config
+    from statestore.gc import gc_pass
+    from statestore.store import StateHandleStore
+
+    async def run() -> Any:
+        try:
+            cfg = load_config()
+        except StateStoreError as e:
+            err_console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        async with StateHandleStore.open(cfg) as store:
+            with Progress(console=err_console, transient=True) as bar:
+                task = bar.add_task("scanning namespaces", total=None)
+
+                def progress(ns: str, done: int, total: int) -> None:
+                    bar.update(task, total=total, completed=done, description=f"gc {ns}")
+
+                return await gc_pass(
+                    store,
+                    orphan_min_age=cfg.orphan_min_age_seconds,
+                    dry_run=dry_run,
+                    progress=progress,
+                )
+
+    try:
+        report = asyncio.run(run())
+    except StateStoreError as e:
+        raise _fail(e) from None
+    verb = "would reclaim" if dry_run else "reclaimed"
+    console.print(
+        f"{report.namespaces} namespace(s): {verb} {report.deleted} queued blob(s) and "
+        f"{report.orphans_found} orphan(s); {report.pending} queued blob(s) still in their "
+        f"grace period; {report.uploads_aborted} stale multipart upload(s) "
+        f"{'to abort' if dry_run else 'aborted'}"
+    )
+    for url in report.orphans[:50]:
+        console.print(f"  orphan: {url}")
+    for err in report.errors:
+        err_console.print(f"[yellow]incomplete:[/yellow] {err}")
+    if report.errors:
+        raise typer.Exit(1)
+
+
 # -- admin commands for people, over the REST API ------------------------------
 
 Url = Annotated[
