@@ -65,6 +65,31 @@ class CompletedCheckpoint:
         return cls(cid, bool(h.metadata.get("savepoint", False)), h)
 
 
+def is_checkpoint(h: Handle) -> bool:
+    """Checkpoint handles: a zero-padded id name that matches their metadata.
+    Other handles of the namespace (job graphs, user data) are left alone."""
+    cid = h.metadata.get("checkpoint_id")
+    return (
+        len(h.name) == _WIDTH
+        and h.name.isdigit()
+        and isinstance(cid, int)
+        and not isinstance(cid, bool)
+        and int(h.name) == cid
+    )
+
+
+def checkpoints_of(
+    handles: list[Handle], pending: set[str] | None = None
+) -> list[CompletedCheckpoint]:
+    """The checkpoints among ``handles`` (not pending removal), ascending by id."""
+    out = [
+        CompletedCheckpoint.of(h)
+        for h in handles
+        if is_checkpoint(h) and (pending is None or h.name not in pending)
+    ]
+    return sorted(out, key=lambda c: c.checkpoint_id)
+
+
 def to_subsume(checkpoints: list[CompletedCheckpoint], retain: int) -> list[CompletedCheckpoint]:
     """Which of ``checkpoints`` (ascending by id) Flink's rules subsume."""
     if len(checkpoints) <= retain:
@@ -111,10 +136,7 @@ class CompletedCheckpointStore:
 
     async def _subsume(self) -> list[int]:
         snap = await self._store.snapshot()
-        current = [
-            CompletedCheckpoint.of(h) for h in snap.handles if h.name not in snap.pending_removal
-        ]
-        current.sort(key=lambda c: c.checkpoint_id)
+        current = checkpoints_of(snap.handles, snap.pending_removal)
         out = []
         for c in to_subsume(current, self.max_retained):
             await self._store.try_remove(c.handle.name, deferred=True)
@@ -124,10 +146,7 @@ class CompletedCheckpointStore:
     async def get_all(self) -> list[CompletedCheckpoint]:
         """Retained checkpoints, ascending by id, without locking."""
         snap = await self._store.snapshot()
-        out = [
-            CompletedCheckpoint.of(h) for h in snap.handles if h.name not in snap.pending_removal
-        ]
-        return sorted(out, key=lambda c: c.checkpoint_id)
+        return checkpoints_of(snap.handles, snap.pending_removal)
 
     async def get_latest(self) -> CompletedCheckpoint | None:
         all_ = await self.get_all()
@@ -139,10 +158,8 @@ class CompletedCheckpointStore:
         Raises ``IntegrityError`` naming the checkpoint when a record cannot be
         parsed or (``verify_blobs``) its blob is missing: recovery must not
         silently fall back to an older checkpoint (FLINK-22502)."""
-        handles = await self._store.get_all_and_lock()
-        checkpoints = sorted(
-            (CompletedCheckpoint.of(h) for h in handles), key=lambda c: c.checkpoint_id
-        )
+        handles, _, _ = await self._store.lock_all(select=is_checkpoint)
+        checkpoints = checkpoints_of(handles)
         if verify_blobs and checkpoints:
             present = {e.url for e in await self._store.blobs.list_namespace(self._store.namespace)}
             missing = [c.checkpoint_id for c in checkpoints if c.handle.blob_url not in present]
@@ -161,7 +178,7 @@ class CompletedCheckpointStore:
         if not globally_terminal:
             await self._store.release_all()
             return
-        names = await self._store.get_all_names()
+        names = [c.handle.name for c in await self.get_all()]
         sem = asyncio.Semaphore(16)
 
         async def one(name: str) -> None:

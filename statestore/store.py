@@ -872,11 +872,11 @@ class StateHandleStore:
         return (await self.lock_all())[0]
 
     async def lock_all(
-        self, prefix: str | None = None
+        self, prefix: str | None = None, select: Callable[[Handle], bool] | None = None
     ) -> tuple[list[Handle], dict[str, list[str]], int]:
-        """``get_all_and_lock`` of the handles whose names start with ``prefix``;
-        also returns every handle's lock holders (ours included) and the
-        snapshot revision, for listings."""
+        """``get_all_and_lock`` of the handles whose names start with ``prefix``
+        (and for which ``select`` is true); also returns every handle's lock
+        holders (ours included) and the snapshot revision, for listings."""
         start = self._keys.handles_prefix
         if prefix:
             start = self._keys.handle(validate_name(prefix))
@@ -891,6 +891,8 @@ class StateHandleStore:
             for kv in kvs
             if self._keys.is_handle_key(kv.key) and kv.key not in pending
         ]
+        if select is not None:
+            wanted = [(k, h) for k, h in wanted if select(h)]
         sem = asyncio.Semaphore(self._cfg.lock_concurrency)
         out: list[_Keyed] = []
 
@@ -1040,7 +1042,13 @@ class StateHandleStore:
         for _ in range(_MAX_ROUNDS):
             kv = await self._s.client.get(hkey)
             if kv is None:
-                await self._s.client.delete(own)
+                # Nothing to remove; still, a fenced caller must prove leadership
+                # (a deposed leader learns it is deposed, not "removed").
+                await self._txn(
+                    lambda lease: Txn().compare("create", hkey, "==", 0).then(Txn.delete(own)),
+                    "release_and_try_remove",
+                    fenced=True,
+                )
                 return Removal(True, [])
             h = parse_record(kv.value, kv.mod_revision, kv.create_revision)
             gc_key = self._keys.gc(h.blob_id or blob_id_of(h.blob_url))

@@ -19,7 +19,12 @@ from api.auth import Role
 from api.problems import ApiError, problem
 from api.routes.handles import BINARY_BODY, SMALL_BODY
 from api.service import Service, handle_json, path_name, path_namespace, service
-from statestore.checkpoints import MAX_ID, CompletedCheckpoint, CompletedCheckpointStore
+from statestore.checkpoints import (
+    MAX_ID,
+    CompletedCheckpoint,
+    CompletedCheckpointStore,
+    checkpoints_of,
+)
 from statestore.counter import MAX_VALUE, CheckpointIDCounter
 from statestore.election import LeaderElection
 from statestore.namespace import clear_namespace
@@ -31,7 +36,8 @@ FencingHeader = Annotated[str | None, Header(description="Leadership token; 409 
 
 
 class CounterValue(BaseModel):
-    value: int = Field(ge=0, le=MAX_VALUE)
+    # strict: "5" or true must not silently become a checkpoint id
+    value: int = Field(ge=0, le=MAX_VALUE, strict=True)
 
 
 class Leadership(BaseModel):
@@ -191,10 +197,7 @@ async def list_checkpoints(
     else:
         store = svc.store(ns)
         snap = await store.snapshot()
-        checkpoints = sorted(
-            (CompletedCheckpoint.of(h) for h in snap.handles if h.name not in snap.pending_removal),
-            key=lambda c: c.checkpoint_id,
-        )
+        checkpoints = checkpoints_of(snap.handles, snap.pending_removal)
     docs = [checkpoint_json(c, sorted(snap.locks.get(c.handle.name, []))) for c in checkpoints]
     return JSONResponse({"checkpoints": docs})
 
