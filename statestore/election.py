@@ -35,7 +35,7 @@ import asyncio
 import logging
 import time
 
-from statestore.errors import NotLeader, StateStoreError, Unavailable
+from statestore.errors import NotLeader, SessionExpired, StateStoreError, Unavailable
 from statestore.etcd import KV, Txn
 from statestore.keys import prefix_end
 from statestore.store import StateHandleStore
@@ -105,8 +105,10 @@ class LeaderElection:
     # -- campaign ----------------------------------------------------------------
 
     async def _enter(self) -> int:
-        """Put our key (once per lease); returns its create revision."""
+        """Put our key (once per lease); returns its create revision and
+        remembers the lease (and loss count) it hangs on."""
         lease = self._store.session.lease_id
+        self._lease, self._lost_count = lease, self._store.session.lost_count
         value = self._store.instance_id.encode()
         t = (
             Txn()
@@ -114,7 +116,15 @@ class LeaderElection:
             .then(Txn.put(self._key, value, lease))
             .orelse(Txn.get(self._key))
         )
-        res = await self._store.etcd.txn(t, what="campaign")
+        try:
+            res = await self._store.etcd.txn(t, what="campaign")
+        except SessionExpired:
+            # The lease died while we waited in line; the session takes a new
+            # one (a REST session cannot: then the error stands).
+            await self._store.session.report_lost(lease, "campaign: etcd lost the lease")
+            if self._store.session.lease_id == lease:
+                raise
+            return await self._enter()
         if res.succeeded:
             return res.revision
         kv = res.results[0][0]
@@ -131,7 +141,6 @@ class LeaderElection:
         if self.token is not None:
             return self._token  # type: ignore[return-value]
         deadline = None if timeout is None else time.monotonic() + timeout
-        lease, lost = self._store.session.lease_id, self._store.session.lost_count
         mine = await self._enter()
         while True:
             line = await self._line()
@@ -140,7 +149,7 @@ class LeaderElection:
                 mine = await self._enter()  # our key vanished (lease loss): line up again
                 continue
             if not ahead:
-                self._token, self._lease, self._lost_count = mine, lease, lost
+                self._token = mine  # won on the lease _enter() recorded
                 log.info("leading namespace %r with token %d", self._store.namespace, mine)
                 return mine
             remaining = None if deadline is None else deadline - time.monotonic()

@@ -7,16 +7,18 @@
    (invariant 2 is never bypassed);
 2. counters and leader election keys are deleted (one range delete each);
 3. blobs queued under ``gc/`` that are past the grace period are deleted,
-   then their entries.
+   then their entries; blobs no key names any more (a crashed writer's)
+   are swept.
 
-It returns True when no key at all remains under ``<root>/<ns>/`` (upload
-intents of live writers and not-yet-due gc entries keep it pending), so
+It returns True when no key remains under ``<root>/<ns>/`` and no blob
+under the namespace's blob directory (upload intents of live writers and
+not-yet-due gc entries keep it pending), so
 callers repeat it (REST: 202 while pending, 204 when done).
 """
 
 from __future__ import annotations
 
-from statestore.gc import collect_due
+from statestore.gc import GcReport, collect_due, sweep_orphans
 from statestore.keys import prefix_end
 from statestore.store import StateHandleStore
 
@@ -26,5 +28,11 @@ async def clear_namespace(store: StateHandleStore) -> bool:
     for prefix in (store.keys.ns_prefix + b"counters/", store.keys.leader_prefix):
         await store.etcd.delete(prefix, prefix_end(prefix))
     await collect_due(store)
+    # A crashed writer's blob has no key left once its intent expired; with
+    # the job terminal, any unreferenced blob goes now (live intents still
+    # protect an upload in progress: see gc.sweep_orphans).
+    await sweep_orphans(store, 0.0, GcReport())
     ns = store.keys.ns_prefix
-    return await store.etcd.count(ns, prefix_end(ns)) == 0
+    if await store.etcd.count(ns, prefix_end(ns)) != 0:
+        return False
+    return not await store.blobs.list_namespace(store.namespace)

@@ -253,6 +253,14 @@ class StateHandleStore:
         if self._s.owns_backend:
             await self._s.backend.close()
 
+    async def _holds_election_key(self) -> bool:
+        me = self._s.instance_id.encode()
+        for ns in sorted(self._s.namespaces):
+            view = self if ns == self.namespace else self.for_namespace(ns)
+            if await self._s.client.get(view._keys.leader_prefix + me) is not None:
+                return True
+        return False
+
     async def _complete_pending_removals(self) -> None:
         """After all our locks went at once (``release_all``, ``close``), finish
         the deferred removals that only they were blocking."""
@@ -348,6 +356,7 @@ class StateHandleStore:
             except SessionExpired:
                 if await self._lease_was_renewed(lease, lost, what):
                     continue
+                self._fence_token()  # leadership went with the lease: say Fenced
                 raise
             if not res.succeeded and fence is not None:
                 keys = res.results[-1]
@@ -419,6 +428,7 @@ class StateHandleStore:
             except SessionExpired:
                 if await self._lease_was_renewed(lease, lost, "add (upload intent)"):
                     continue
+                self._fence_token()  # leadership went with the lease: say Fenced
                 raise
         raise Unavailable("could not record the upload intent: etcd gave no definite answer")
 
@@ -996,11 +1006,12 @@ class StateHandleStore:
         """Drop every lock of this instance.
 
         Fast path: take a new lease and revoke the old one, which deletes all
-        its keys at once. While a write is in flight its upload intent lives on
-        the same lease, so then the lock keys are deleted one txn batch at a
-        time instead (found through the lease's key list).
+        its keys at once. Other keys on the same lease must survive when a
+        write is in flight (its upload intent) or the instance leads or waits
+        in an election (its leader key): then the lock keys are deleted in txn
+        batches instead.
         """
-        if self._s.writes_in_flight == 0:
+        if self._s.writes_in_flight == 0 and not await self._holds_election_key():
             await self._s.session.renew()
             await self._complete_pending_removals()
             return
