@@ -417,16 +417,26 @@ class BlobStore:
     async def list_namespaces(self) -> list[str]:
         """Encoded names of the namespace directories under the root."""
 
+        lister = getattr(self.fs, "list_multipart_uploads", None)
+
         def ls() -> list[str]:
             try:
                 infos = self.fs.ls(self.root, detail=True)
             except FileNotFoundError:
-                return []
-            return sorted(
+                infos = []
+            found = {
                 str(i["name"]).rstrip("/").rsplit("/", 1)[-1]
                 for i in infos
                 if i.get("type") == "directory"
-            )
+            }
+            if lister is not None:  # S3: a crashed first writer leaves only an upload
+                bucket, _, prefix = self.root.partition("/")
+                head = prefix + "/" if prefix else ""
+                for u in lister(bucket):
+                    key = str(u.get("Key", ""))
+                    if key.startswith(head) and "/" in key[len(head) :]:
+                        found.add(key[len(head) :].split("/", 1)[0])
+            return sorted(found)
 
         return await self._run("list", ls)
 

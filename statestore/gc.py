@@ -97,11 +97,11 @@ class GcReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _blob_id(value: bytes) -> str | None:
-    try:
-        return str(json.loads(value)["blob_id"]) or None
-    except (ValueError, KeyError, TypeError):
-        return None
+def _blob_id(value: bytes) -> str:
+    """The blob a handle record names (as the store reads it: ``blob_id``, or
+    the last segment of ``blob_url``). Unreadable -> raise: never guess."""
+    rec = json.loads(value)
+    return str(rec.get("blob_id") or str(rec["blob_url"]).rstrip("/").rsplit("/", 1)[-1])
 
 
 async def sweep_orphans(
@@ -119,9 +119,12 @@ async def sweep_orphans(
     uploads = await store.blobs.stale_multipart_uploads(ns)
     keys = store.keys
     handles, rev = await store.etcd.range_all(keys.handles_prefix, prefix_end(keys.handles_prefix))
-    referenced = {
-        bid for kv in handles if keys.is_handle_key(kv.key) and (bid := _blob_id(kv.value))
-    }
+    try:
+        referenced = {_blob_id(kv.value) for kv in handles if keys.is_handle_key(kv.key)}
+    except (ValueError, KeyError, TypeError) as e:
+        # A record we cannot read might name any blob: sweep nothing here.
+        report.errors.append(f"{ns}: unreadable handle record ({e}); orphan sweep skipped")
+        return
     for prefix in (keys.gc_prefix, keys.uploads_prefix):
         kvs, _ = await store.etcd.range_all(
             prefix, prefix_end(prefix), revision=rev, keys_only=True
@@ -138,7 +141,8 @@ async def sweep_orphans(
             report.orphans_deleted += 1
             log.info("deleted orphaned blob %s (%.0fs old, no handle, entry or intent)", b.url, age)
     for key, upload_id, blob_id, initiated in uploads:
-        if blob_id in referenced or now - initiated < min_age:
+        age = blob_age(blob_id, initiated or None, now)
+        if blob_id in referenced or age is None or age < min_age:
             continue
         if not dry_run:
             await store.blobs.abort_multipart_upload(key, upload_id)

@@ -105,6 +105,9 @@ class Maintenance:
     async def _gc_loop(self) -> None:
         while True:
             try:
+                # A re-list each round: refreshes the pending-removal count (the
+                # watch sees only deletions) and is a safety net for the watch.
+                await self.reconciler.resync()
                 report = await gc_pass(self._store, orphan_min_age=self.orphan_min_age)
                 self.last_gc = report
                 self.blobs_reclaimed += report.deleted + report.orphans_deleted

@@ -542,6 +542,14 @@ class StateHandleStore:
         finally:
             self._s.writes_in_flight -= 1
 
+    @staticmethod
+    def _intent_lost(name: str) -> SessionExpired:
+        return SessionExpired(
+            f"writing {name!r}: this instance's lease expired during the upload, so its upload "
+            "intent is gone and the blob may already be reclaimed; nothing was committed. "
+            "Retry the write"
+        )
+
     def _already_exists(self, name: str, h: Handle) -> AlreadyExists:
         return AlreadyExists(
             f"cannot add handle {name!r}: it already exists (version {h.version}, written "
@@ -559,12 +567,14 @@ class StateHandleStore:
             return (
                 Txn()
                 .compare("create", hkey, "==", 0)
+                # The intent went with a lost lease: the GC may have swept the blob.
+                .compare("create", upload_key, ">", 0)
                 .then(
                     Txn.put(hkey, record),
                     Txn.put(lock_key, self._lock_value(), lease),
                     Txn.delete(upload_key),
                 )
-                .orelse(Txn.get(hkey))
+                .orelse(Txn.get(hkey), Txn.get(upload_key))
             )
 
         for _ in range(_MAX_ROUNDS):
@@ -589,10 +599,10 @@ class StateHandleStore:
                 raise
             if res.succeeded:
                 return parse_record(record, res.revision, res.revision)
-            existing = res.results[0]
+            existing, intent = res.results[0], res.results[1]
             await asyncio.shield(self._drop_blob(blob_id, url))
-            if not existing:
-                continue  # removed between compare and read: cannot happen in one txn
+            if not existing and not intent:
+                raise self._intent_lost(name)
             h = parse_record(
                 existing[0].value, existing[0].mod_revision, existing[0].create_revision
             )
@@ -684,12 +694,13 @@ class StateHandleStore:
                     Txn()
                     .compare("mod", hkey, "==", expected_version)
                     .compare("create", rkey, "==", 0)
+                    .compare("create", upload_key, ">", 0)  # see _commit_add
                     .then(
                         Txn.put(hkey, record),
                         Txn.put(gc_key, self._gc_record(old, "replaced")),
                         Txn.delete(upload_key),
                     )
-                    .orelse(Txn.get(hkey), Txn.get(rkey))
+                    .orelse(Txn.get(hkey), Txn.get(rkey), Txn.get(upload_key))
                 )
 
             for _ in range(_MAX_ROUNDS):
@@ -716,7 +727,9 @@ class StateHandleStore:
                 if res.succeeded:
                     return parse_record(record, res.revision, old.create_revision)
                 await asyncio.shield(self._drop_blob(blob_id, url))
-                current, removal = res.results[0], res.results[1]
+                current, removal, intent = res.results[0], res.results[1], res.results[2]
+                if not intent:
+                    raise self._intent_lost(name)
                 if not current:
                     raise NotFound(f"cannot replace handle {name!r}: it was removed meanwhile")
                 if removal:
