@@ -6,9 +6,11 @@ with deadlines (``helpers.wait_until``), never sleep and hope.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -16,6 +18,7 @@ from uuid import uuid4
 import pytest
 from service import ServiceProcess
 
+from statestore import StateHandleStore
 from statestore.config import StoreConfig
 from statestore.etcd_server import EtcdCluster, EtcdProcess
 
@@ -215,3 +218,19 @@ def service(
     svc.wait_ready()
     yield svc
     svc.stop()
+
+
+@pytest.fixture
+async def open_store() -> AsyncIterator[Callable[..., Awaitable[StateHandleStore]]]:
+    """``await open_store(cfg)``: an opened store, closed at teardown."""
+    opened: list[StateHandleStore] = []
+
+    async def factory(cfg: StoreConfig, **kwargs: Any) -> StateHandleStore:
+        store = await StateHandleStore.open(cfg, **kwargs)
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in reversed(opened):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(store.close(), 15)

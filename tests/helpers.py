@@ -10,7 +10,10 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from statestore import StateHandleStore
 
 T = TypeVar("T")
 
@@ -88,3 +91,7 @@ async def async_wait_until(
         if time.monotonic() >= deadline:
             raise _failure(message, timeout, last, error)
         await asyncio.sleep(interval)
+
+
+#: ``await open_store(cfg)`` (the ``open_store`` fixture in conftest.py).
+OpenStore = Callable[..., Awaitable["StateHandleStore"]]

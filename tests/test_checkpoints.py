@@ -9,16 +9,14 @@ by reading raw keys (handle records, ``/locks/<instance-id>`` keys,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import async_wait_until
+from helpers import OpenStore, async_wait_until
 
 from statestore import Handle, StateHandleStore, StoreConfig
 from statestore.checkpoints import (
@@ -30,25 +28,6 @@ from statestore.checkpoints import (
 )
 from statestore.errors import AlreadyExists, IntegrityError, InvalidArgument, NotFound
 from statestore.keys import prefix_end
-
-OpenStore = Callable[..., Awaitable[StateHandleStore]]
-
-
-@pytest.fixture
-async def open_store() -> AsyncIterator[OpenStore]:
-    """``await open_store(cfg)``: an opened store, closed at teardown."""
-    opened: list[StateHandleStore] = []
-
-    async def factory(cfg: StoreConfig, **kwargs: Any) -> StateHandleStore:
-        store = await StateHandleStore.open(cfg, **kwargs)
-        opened.append(store)
-        return store
-
-    yield factory
-    for store in reversed(opened):
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(store.close(), 15)
-
 
 # -- raw readers ----------------------------------------------------------------------
 

@@ -7,16 +7,15 @@ raw key ``<ns>/counters/<name>`` (``b"<next value> <write id>"``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import OpenStore
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.counter import MAX_VALUE, CheckpointIDCounter
@@ -24,24 +23,6 @@ from statestore.election import LeaderElection
 from statestore.errors import Fenced, InvalidArgument
 
 REPO = Path(__file__).resolve().parent.parent
-
-OpenStore = Callable[..., Awaitable[StateHandleStore]]
-
-
-@pytest.fixture
-async def open_store() -> AsyncIterator[OpenStore]:
-    """``await open_store(cfg)``: an opened store, closed at teardown."""
-    opened: list[StateHandleStore] = []
-
-    async def factory(cfg: StoreConfig, **kwargs: Any) -> StateHandleStore:
-        store = await StateHandleStore.open(cfg, **kwargs)
-        opened.append(store)
-        return store
-
-    yield factory
-    for store in reversed(opened):
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(store.close(), 15)
 
 
 async def raw_counter(store: StateHandleStore, name: str = "checkpoint-id") -> int | None:

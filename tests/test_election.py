@@ -18,12 +18,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import async_wait_until
+from helpers import OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.checkpoints import CompletedCheckpointStore, checkpoint_name
@@ -34,24 +34,6 @@ from statestore.keys import prefix_end
 from statestore.store import TokenFence
 
 REPO = Path(__file__).resolve().parent.parent
-
-OpenStore = Callable[..., Awaitable[StateHandleStore]]
-
-
-@pytest.fixture
-async def open_store() -> AsyncIterator[OpenStore]:
-    """``await open_store(cfg)``: an opened store, closed at teardown."""
-    opened: list[StateHandleStore] = []
-
-    async def factory(cfg: StoreConfig, **kwargs: Any) -> StateHandleStore:
-        store = await StateHandleStore.open(cfg, **kwargs)
-        opened.append(store)
-        return store
-
-    yield factory
-    for store in reversed(opened):
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(store.close(), 15)
 
 
 # -- raw etcd readers -------------------------------------------------------------

@@ -9,7 +9,6 @@ by reading etcd directly, not through the store under test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
-from helpers import async_wait_until
+from helpers import OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.errors import (
@@ -29,24 +28,6 @@ from statestore.errors import (
 from statestore.etcd import EtcdClient
 from statestore.etcd_server import EtcdProcess, free_port
 from statestore.keys import encode, prefix_end
-
-OpenStore = Callable[..., Awaitable[StateHandleStore]]
-
-
-@pytest.fixture
-async def open_store() -> AsyncIterator[OpenStore]:
-    """``await open_store(cfg)``: an opened store, closed at teardown."""
-    opened: list[StateHandleStore] = []
-
-    async def factory(cfg: StoreConfig, **kwargs: Any) -> StateHandleStore:
-        store = await StateHandleStore.open(cfg, **kwargs)
-        opened.append(store)
-        return store
-
-    yield factory
-    for store in reversed(opened):
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(store.close(), 15)
 
 
 @pytest.fixture

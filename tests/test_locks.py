@@ -7,7 +7,6 @@ keys (handle records, ``/locks/<instance-id>`` keys, ``gc/`` entries).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -16,36 +15,17 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from helpers import async_wait_until
+from helpers import OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.etcd_server import EtcdProcess
 from statestore.keys import prefix_end
 
 REPO = Path(__file__).resolve().parent.parent
-
-OpenStore = Callable[..., Awaitable[StateHandleStore]]
-
-
-@pytest.fixture
-async def open_store() -> AsyncIterator[OpenStore]:
-    """``await open_store(cfg)``: an opened store, closed at teardown."""
-    opened: list[StateHandleStore] = []
-
-    async def factory(cfg: StoreConfig, **kwargs: Any) -> StateHandleStore:
-        store = await StateHandleStore.open(cfg, **kwargs)
-        opened.append(store)
-        return store
-
-    yield factory
-    for store in reversed(opened):
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(store.close(), 15)
 
 
 # -- raw etcd readers -------------------------------------------------------------
