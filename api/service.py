@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote
 
-from fastapi import Request
+from fastapi import Depends, Header, Request
 
 from api.auth import Authorizer, Role
 from api.observability import Metrics
@@ -118,3 +118,15 @@ def parse_metadata(header: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ApiError(400, "invalid-argument", "X-Handle-Metadata must be a JSON object")
     return value
+
+
+# Parameter types shared by the routers (they also document the headers in OpenAPI).
+Svc = Annotated[Service, Depends(service)]
+SessionHeader = Annotated[
+    str | None,
+    Header(description="The caller's session (lease): needed by calls that take or drop locks."),
+]
+FencingHeader = Annotated[
+    str | None,
+    Header(description="Leadership token from POST .../leader; 409 fenced when not current."),
+]

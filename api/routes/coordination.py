@@ -11,14 +11,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from api.auth import Role
 from api.problems import ApiError, problem
 from api.routes.handles import BINARY_BODY, SMALL_BODY
-from api.service import Service, handle_json, path_name, path_namespace, service
+from api.service import (
+    FencingHeader,
+    Service,
+    SessionHeader,
+    Svc,
+    handle_json,
+    path_name,
+    path_namespace,
+)
 from statestore.checkpoints import (
     MAX_ID,
     CompletedCheckpoint,
@@ -30,9 +38,6 @@ from statestore.election import LeaderElection
 from statestore.namespace import clear_namespace
 
 router = APIRouter(prefix="/v1/namespaces/{ns}", tags=["coordination"])
-Svc = Annotated[Service, Depends(service)]
-SessionHeader = Annotated[str | None, Header(description="The caller's session.")]
-FencingHeader = Annotated[str | None, Header(description="Leadership token; 409 fenced if stale.")]
 
 
 class CounterValue(BaseModel):

@@ -11,35 +11,27 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.auth import Role
 from api.problems import ApiError, problem
 from api.service import (
-    Service,
+    FencingHeader,
+    SessionHeader,
+    Svc,
     handle_json,
     parse_metadata,
     path_name,
     path_namespace,
-    service,
 )
 
 router = APIRouter(prefix="/v1/namespaces/{ns}/handles", tags=["handles"])
-Svc = Annotated[Service, Depends(service)]
 
 SMALL_BODY = 1 << 20
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
 
-SessionHeader = Annotated[
-    str | None,
-    Header(description="The caller's session (lease): needed by calls that take or drop locks."),
-]
-FencingHeader = Annotated[
-    str | None,
-    Header(description="Leadership token from POST .../leader; 409 fenced when not current."),
-]
 
 _HANDLE_EXAMPLE = {
     "name": "chk-17",

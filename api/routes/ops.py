@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.problems import problem
-from api.service import Service, service
+from api.service import Svc
 from statestore.errors import StateStoreError
 from statestore.keys import prefix_end
 
 router = APIRouter(tags=["operations"])
-Svc = Annotated[Service, Depends(service)]
 
 
 @router.get("/healthz")

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from api.auth import Role
-from api.service import Service, service
+from api.service import Svc
 from statestore.keys import decode
 from statestore.sessions import MAX_TTL, MIN_TTL
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
-Svc = Annotated[Service, Depends(service)]
 
 
 class SessionRequest(BaseModel):
