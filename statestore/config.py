@@ -3,14 +3,21 @@
 ``StoreConfig`` is a pydantic-settings model: every field can also come from a
 ``STATESTORE_<FIELD>`` environment variable. ``STATESTORE_ETCD_ENDPOINTS`` is a
 comma list, ``STATESTORE_STORAGE_OPTIONS`` a JSON object.
+
+etcd over TLS: give ``https://host:port`` endpoints and/or ``etcd_ca_file``
+(the CA that signed etcd's server certificate), plus ``etcd_cert_file`` and
+``etcd_key_file`` (a client certificate, for etcd's ``--client-cert-auth``).
+``etcd_username``/``etcd_password`` enable etcd's own authentication, over
+TLS or not.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from statestore.errors import InvalidArgument
@@ -28,7 +35,8 @@ class StoreConfig(BaseSettings):
 
     etcd_endpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.1:2379"],
-        description="etcd client endpoints, host:port (several for a cluster).",
+        description="etcd client endpoints, host:port (several for a cluster); "
+        "https://host:port means TLS.",
     )
     blob_root: str = Field(
         default="file://./.statestore/blobs",
@@ -46,8 +54,27 @@ class StoreConfig(BaseSettings):
     etcd_timeout: float = Field(
         default=5.0, gt=0, description="Deadline of one etcd request, seconds."
     )
-    etcd_username: str | None = None
-    etcd_password: str | None = None
+    etcd_username: str | None = Field(
+        default=None, description="etcd user (etcd auth enabled); needs etcd_password."
+    )
+    etcd_password: str | None = Field(default=None, description="Password of etcd_username.")
+    etcd_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that signed etcd's server certificate; setting it "
+        "turns TLS on (default roots of gRPC when TLS is on without it).",
+    )
+    etcd_cert_file: Path | None = Field(
+        default=None,
+        description="PEM client certificate for etcd --client-cert-auth (with etcd_key_file).",
+    )
+    etcd_key_file: Path | None = Field(
+        default=None, description="PEM private key of etcd_cert_file."
+    )
+    etcd_tls_server_name: str | None = Field(
+        default=None,
+        description="Name to check etcd's server certificate against instead of the "
+        "endpoint host (gRPC ssl_target_name_override).",
+    )
     max_metadata_bytes: int = Field(
         default=64 * 1024,
         ge=0,
@@ -90,6 +117,50 @@ class StoreConfig(BaseSettings):
             raise ValueError("at least one etcd endpoint (host:port) is required")
         return v
 
+    @field_validator("etcd_ca_file", "etcd_cert_file", "etcd_key_file")
+    @classmethod
+    def _check_tls_file(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None or str(v) == "":
+            return None
+        v = v.expanduser()
+        if not v.is_file():
+            raise ValueError(f"{info.field_name} {str(v)!r} does not exist or is not a file")
+        try:
+            with v.open("rb"):
+                pass
+        except OSError as e:
+            raise ValueError(f"{info.field_name} {str(v)!r} is not readable: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _check_etcd_security(self) -> Self:
+        if (self.etcd_cert_file is None) != (self.etcd_key_file is None):
+            raise ValueError(
+                "etcd_cert_file and etcd_key_file go together: give both (a client "
+                "certificate and its key) or neither"
+            )
+        schemes = {ep.split("://", 1)[0].lower() for ep in self.etcd_endpoints if "://" in ep}
+        if schemes - {"http", "https"}:
+            raise ValueError(f"etcd endpoints must be host:port, http:// or https:// ({schemes})")
+        if schemes == {"http", "https"}:
+            raise ValueError("etcd endpoints mix http:// and https://: use one scheme")
+        files = (self.etcd_ca_file, self.etcd_cert_file, self.etcd_key_file)
+        if "http" in schemes and any(f is not None for f in files):
+            raise ValueError(
+                "etcd TLS files are set but the endpoints say http://: use https:// "
+                "endpoints (or host:port) with TLS"
+            )
+        if self.etcd_password is not None and self.etcd_username is None:
+            raise ValueError("etcd_password is set without etcd_username")
+        return self
+
+    @property
+    def etcd_tls(self) -> bool:
+        """Whether etcd is reached over TLS (https endpoints or any TLS file set)."""
+        return etcd_uses_tls(
+            self.etcd_endpoints, self.etcd_ca_file, self.etcd_cert_file, self.etcd_key_file
+        )
+
     @field_validator("root")
     @classmethod
     def _check_root(cls, v: str) -> str:
@@ -104,6 +175,13 @@ class StoreConfig(BaseSettings):
         if not v:
             raise ValueError("blob_root must be an fsspec URL such as file://, s3://")
         return v.rstrip("/")
+
+
+def etcd_uses_tls(endpoints: list[str], *files: Path | str | None) -> bool:
+    """TLS is on when an endpoint is ``https://`` or any TLS file is given."""
+    return any(ep.strip().lower().startswith("https://") for ep in endpoints) or any(
+        f is not None for f in files
+    )
 
 
 def load_config(cls: type[C] = StoreConfig, **overrides: Any) -> C:  # type: ignore[assignment]

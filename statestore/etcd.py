@@ -22,7 +22,19 @@ same, on a read                                retried, then ``Unavailable``
 ``requested lease not found``                  :class:`~statestore.errors.SessionExpired`
 ``request is too large``                       :class:`~statestore.errors.TooLarge`
 ``required revision has been compacted``       :class:`Compacted`
+TLS handshake failed (wrong CA, no client      retried until the deadline, then
+certificate, name mismatch)                    ``Unavailable`` naming TLS
+wrong etcd username/password                   ``Unavailable`` naming the credentials
+``invalid auth token`` (token expired)         re-authenticate once and retry
 =============================================  ==================================
+
+Security: with ``https://`` endpoints or any of ``ca_file``/``cert_file``/
+``key_file`` the channel is a TLS one (``grpc.ssl_channel_credentials``); the
+server certificate is checked against the endpoint host (give certificates an
+IP SAN for IP endpoints) unless ``tls_server_name`` overrides it. With a
+username the client calls ``Authenticate`` once and sends the token with every
+request; etcd's simple tokens expire after ``--auth-token-ttl`` idle seconds,
+so a call refused with ``invalid auth token`` re-authenticates and retries.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import grpc
@@ -62,6 +75,10 @@ class TooManyOps(InvalidArgument):
     """etcd refused a txn for having more operations than ``--max-txn-ops``."""
 
 
+class ResponseTooLarge(Unavailable):
+    """A response over the gRPC message limit (paged reads shrink their page)."""
+
+
 class Compacted(StateStoreError):
     """A read or watch asked for a revision that etcd has compacted away."""
 
@@ -84,8 +101,28 @@ _NOT_SENT = (
 )
 
 
+# Phrases of a failed TLS handshake (BoringSSL/gRPC wording).
+_TLS_FAILED = (
+    "ssl",
+    "tls",
+    "handshake",
+    "certificate",
+    "verification",
+    "wrong_version_number",
+    "tsi_",  # gRPC's transport security layer, e.g. a client certificate refused
+)
+
+
 def _describe(e: grpc.aio.AioRpcError) -> str:
     return f"{e.code().name}: {e.details()}"
+
+
+def is_token_error(e: grpc.aio.AioRpcError) -> bool:
+    """Whether etcd refused the request for an expired or unknown auth token."""
+    low = (e.details() or "").lower()
+    return "invalid auth token" in low or (
+        e.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in low
+    )
 
 
 def map_error(e: grpc.aio.AioRpcError, what: str, endpoints: str, *, write: bool) -> Exception:
@@ -94,6 +131,11 @@ def map_error(e: grpc.aio.AioRpcError, what: str, endpoints: str, *, write: bool
     low = details.lower()
     if "too many operations in txn request" in low:
         return TooManyOps(f"{what}: etcd refused the transaction: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in low:
+        return ResponseTooLarge(
+            f"{what}: etcd's answer exceeded the client's message limit ({details}); "
+            "read fewer keys at a time"
+        )
     if "database space exceeded" in low or "nospace" in low:
         return Unavailable(
             f"{what}: etcd raised its NOSPACE alarm (database space exceeded): nothing was "
@@ -113,8 +155,32 @@ def map_error(e: grpc.aio.AioRpcError, what: str, endpoints: str, *, write: bool
         )
     if "required revision has been compacted" in low:
         return Compacted(f"{what}: {details}", compact_revision=0)
-    if code == grpc.StatusCode.UNAUTHENTICATED or code == grpc.StatusCode.PERMISSION_DENIED:
-        return Unavailable(f"{what}: etcd refused our credentials ({_describe(e)})")
+    if "authentication failed" in low or "invalid user id or password" in low:
+        return Unavailable(
+            f"{what}: etcd at {endpoints} refused the username/password "
+            f"({_describe(e)}); check the etcd_username and etcd_password settings",
+            reason="credentials",
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in low:
+        return Unavailable(
+            f"{what}: etcd refused the request: the etcd user lacks permission "
+            f"({_describe(e)}); grant its role readwrite on the store's key prefix",
+            reason="credentials",
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unavailable(
+            f"{what}: etcd refused our credentials ({_describe(e)}); check etcd_username "
+            "and etcd_password (etcd has auth enabled)",
+            reason="credentials",
+        )
+    if code == grpc.StatusCode.UNAVAILABLE and any(p in low for p in _TLS_FAILED):
+        return Unavailable(
+            f"{what}: TLS connection to etcd at {endpoints} failed ({_describe(e)}); check "
+            "etcd_ca_file (the CA of etcd's server certificate), etcd_cert_file/etcd_key_file "
+            "(a client certificate signed by a CA in etcd's --trusted-ca-file) and that the "
+            "server certificate is valid for the endpoint host (or set etcd_tls_server_name)",
+            reason="tls",
+        )
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
         return InvalidArgument(f"{what}: etcd refused the request ({_describe(e)})")
     sent = not any(p in low for p in _NOT_SENT)
@@ -312,17 +378,47 @@ class EtcdClient:
         timeout: float = 5.0,
         username: str | None = None,
         password: str | None = None,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        tls_server_name: str | None = None,
+        tls: bool | None = None,
     ) -> None:
+        """Args:
+        endpoints: ``host:port`` or ``https://host:port`` (TLS) of the members.
+        timeout: deadline of one call, seconds (retries included).
+        username, password: etcd credentials (etcd with auth enabled).
+        ca_file: PEM CA bundle that signed etcd's server certificate.
+        cert_file, key_file: PEM client certificate and key (``--client-cert-auth``).
+        tls_server_name: name to check the server certificate against instead of
+            the target's host (gRPC ``ssl_target_name_override``).
+        tls: force TLS on or off; by default on with ``https://`` endpoints or
+            any TLS file.
+        """
         self.endpoints = list(endpoints)
         self.timeout = timeout
         self._username = username
         self._password = password
+        if (cert_file is None) != (key_file is None):
+            raise InvalidArgument("an etcd client certificate needs both cert_file and key_file")
+        self._ca_file = ca_file
+        self._cert_file = cert_file
+        self._key_file = key_file
+        self._tls_server_name = tls_server_name
+        https = any(ep.strip().lower().startswith("https://") for ep in self.endpoints)
+        self.tls: bool = (
+            tls
+            if tls is not None
+            else https or any(f is not None for f in (ca_file, cert_file, key_file))
+        )
         self._channel: grpc.aio.Channel | None = None
         self._metadata: tuple[tuple[str, str], ...] | None = None
+        self._auth_lock: asyncio.Lock | None = None
         self._kv_stub: Any = None
         self._lease_stub: Any = None
         self._maint_stub: Any = None
         self._watch_stub: Any = None
+        self._auth_stub: Any = None
         #: Called with (operation, seconds) after each call, for metrics.
         self.observer: Callable[[str, float], None] | None = None
 
@@ -330,16 +426,47 @@ class EtcdClient:
     def _where(self) -> str:
         return ",".join(self.endpoints)
 
+    @staticmethod
+    def _read_pem(path: str | Path | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).expanduser().read_bytes()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read the etcd {what} {str(path)!r}: {e}") from None
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        """TLS credentials from the configured files (read at each channel build,
+        so rotated certificates are picked up on reconnect)."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._read_pem(self._ca_file, "CA file"),
+            private_key=self._read_pem(self._key_file, "client key file"),
+            certificate_chain=self._read_pem(self._cert_file, "client certificate file"),
+        )
+
     def _ensure_channel(self) -> None:
         if self._channel is not None:
             return
-        self._channel = grpc.aio.insecure_channel(
-            grpc_target(self.endpoints), options=_CHANNEL_OPTIONS
-        )
+        target = grpc_target(self.endpoints)
+        if self.tls:
+            options = list(_CHANNEL_OPTIONS)
+            if self._tls_server_name:
+                options.append(("grpc.ssl_target_name_override", self._tls_server_name))
+            elif "," in target:
+                # The authority of a multi-address target is the whole comma
+                # list, which no certificate matches: check against the first
+                # endpoint as written (its certificates must all be valid for
+                # that name, or set tls_server_name to a name they share).
+                first = self.endpoints[0].strip().split("://", 1)[-1].rstrip("/")
+                options.append(("grpc.default_authority", first))
+            self._channel = grpc.aio.secure_channel(target, self._credentials(), options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._kv_stub = rpc.KVStub(self._channel)
         self._lease_stub = rpc.LeaseStub(self._channel)
         self._maint_stub = rpc.MaintenanceStub(self._channel)
         self._watch_stub = rpc.WatchStub(self._channel)
+        self._auth_stub = rpc.AuthStub(self._channel)
 
     # Stubs are created on first use, so a client can be built outside a loop.
     @property
@@ -363,22 +490,47 @@ class EtcdClient:
         return self._watch_stub
 
     async def connect(self) -> None:
-        """Open the channel and, with credentials, authenticate. Idempotent."""
+        """Open the channel and, with credentials, authenticate. Idempotent.
+
+        Optional: the first call authenticates by itself when needed.
+        """
         self._ensure_channel()
         if self._username is not None and self._metadata is None:
-            auth = rpc.AuthStub(self._channel)
-            resp = await self._call(
-                "authenticate",
-                auth.Authenticate,
-                rpc.AuthenticateRequest(name=self._username, password=self._password or ""),
-                write=False,
-            )
+            await self._authenticate(None)
+
+    async def _authenticate(self, stale: tuple[tuple[str, str], ...] | None) -> None:
+        """Get a fresh token unless another task already replaced ``stale``."""
+        if self._auth_lock is None:
+            self._auth_lock = asyncio.Lock()
+        async with self._auth_lock:
+            if self._metadata is not None and self._metadata != stale:
+                return  # someone else re-authenticated meanwhile
+            self._ensure_channel()
+            try:
+                resp = await self._call(
+                    "authenticate",
+                    self._auth_stub.Authenticate,
+                    rpc.AuthenticateRequest(name=self._username, password=self._password or ""),
+                    write=False,
+                    authenticated=False,
+                )
+            except StateStoreError as e:
+                if "authentication is not enabled" in e.message.lower():
+                    log.warning(
+                        "etcd at %s has auth disabled; etcd_username %r is not used",
+                        self._where,
+                        self._username,
+                    )
+                    self._metadata = ()
+                    return
+                raise
             self._metadata = (("token", resp.token),)
 
     async def close(self) -> None:
         if self._channel is not None:
             ch, self._channel = self._channel, None
             self._metadata = None
+            self._auth_lock = None
             await ch.close()
 
     async def __aenter__(self) -> EtcdClient:
@@ -391,19 +543,46 @@ class EtcdClient:
     # -- core call with retry and error mapping --------------------------------
 
     async def _call(
-        self, what: str, method: Any, request: Any, *, write: bool, timeout: float | None = None
+        self,
+        what: str,
+        method: Any,
+        request: Any,
+        *,
+        write: bool,
+        timeout: float | None = None,
+        authenticated: bool = True,
     ) -> Any:
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         attempt = 0
+        reauthenticated = False
         start = time.perf_counter()
+        if authenticated and self._username is not None and self._metadata is None:
+            await self._authenticate(None)  # lazily: callers need not call connect()
         while True:
             remaining = deadline - time.monotonic()
+            metadata = self._metadata if authenticated else None
             try:
-                resp = await method(request, timeout=max(remaining, 0.05), metadata=self._metadata)
+                resp = await method(request, timeout=max(remaining, 0.05), metadata=metadata)
             except grpc.aio.AioRpcError as e:
+                if (
+                    authenticated
+                    and self._username is not None
+                    and not reauthenticated
+                    and is_token_error(e)
+                ):
+                    # The token expired (etcd --auth-token-ttl): etcd refused the
+                    # request without applying it, so a retry is safe even for a write.
+                    reauthenticated = True
+                    log.info("etcd auth token refused (%s); re-authenticating", e.details())
+                    await self._authenticate(metadata)
+                    continue
                 err = map_error(e, what, self._where, write=write)
-                retryable = type(err) is Unavailable and "NOSPACE" not in err.message
+                retryable = (
+                    type(err) is Unavailable
+                    and "NOSPACE" not in err.message
+                    and err.details.get("reason") != "credentials"
+                )
                 if retryable and time.monotonic() + 0.05 < deadline:
                     attempt += 1
                     await asyncio.sleep(min(0.02 * 2**attempt, 0.5, deadline - time.monotonic()))
@@ -455,14 +634,21 @@ class EtcdClient:
         """Every key in ``[key, range_end)`` at ONE revision, read in pages.
 
         The first page fixes the revision (unless given); later pages are
-        pinned to it, so the result is one consistent snapshot.
+        pinned to it, so the result is one consistent snapshot. A page whose
+        answer exceeds the message limit (large metadata) is read again smaller.
         """
         out: list[KV] = []
         start = key
         while True:
-            kvs, more, _, rev = await self.range(
-                start, range_end, revision=revision, limit=page, keys_only=keys_only
-            )
+            try:
+                kvs, more, _, rev = await self.range(
+                    start, range_end, revision=revision, limit=page, keys_only=keys_only
+                )
+            except ResponseTooLarge:
+                if page <= 1:
+                    raise
+                page //= 4  # records with large metadata: fewer per page
+                continue
             revision = revision or rev
             out.extend(kvs)
             if not more or not kvs:
@@ -617,23 +803,51 @@ class EtcdClient:
             yield create
             await queue.get()  # hold the stream open until cancelled
 
-        call = self._watch.Watch(requests(), metadata=self._metadata)
-        try:
-            async for resp in call:
-                if resp.compact_revision:
-                    raise Compacted(
-                        f"watch from revision {start_revision} is compacted "
-                        f"(compact revision {resp.compact_revision})",
-                        compact_revision=int(resp.compact_revision),
-                    )
-                if resp.canceled:
-                    raise Unavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
-                events = [
-                    ("put" if ev.type == rpc.Event.PUT else "delete", KV.of(ev.kv))
-                    for ev in resp.events
-                ]
-                yield int(resp.header.revision), events
-        except grpc.aio.AioRpcError as e:
-            raise map_error(e, "watch", self._where, write=False) from None
-        finally:
-            call.cancel()
+        # An expired token shows as a refused stream or, in etcd 3.4, as a watch
+        # cancelled for "permission denied": authenticate once and watch again
+        # (only before any event was delivered, so nothing is seen twice).
+        reauthenticated = yielded = False
+        if self._username is not None and self._metadata is None:
+            await self._authenticate(None)
+        while True:
+            metadata = self._metadata
+            call = self._watch.Watch(requests(), metadata=metadata)
+            try:
+                async for resp in call:
+                    if resp.compact_revision:
+                        raise Compacted(
+                            f"watch from revision {start_revision} is compacted "
+                            f"(compact revision {resp.compact_revision})",
+                            compact_revision=int(resp.compact_revision),
+                        )
+                    if resp.canceled:
+                        reason = resp.cancel_reason or ""
+                        low = reason.lower()
+                        if (
+                            ("invalid auth token" in low or "permission denied" in low)
+                            and self._username is not None
+                            and not (reauthenticated or yielded)
+                        ):
+                            reauthenticated = True
+                            break  # the token expired: authenticate and watch again
+                        raise Unavailable(f"etcd cancelled the watch: {reason}")
+                    events = [
+                        ("put" if ev.type == rpc.Event.PUT else "delete", KV.of(ev.kv))
+                        for ev in resp.events
+                    ]
+                    yielded = True
+                    yield int(resp.header.revision), events
+                else:
+                    return
+            except grpc.aio.AioRpcError as e:
+                if (
+                    self._username is not None
+                    and not (reauthenticated or yielded)
+                    and is_token_error(e)
+                ):
+                    reauthenticated = True
+                else:
+                    raise map_error(e, "watch", self._where, write=False) from None
+            finally:
+                call.cancel()
+            await self._authenticate(metadata)

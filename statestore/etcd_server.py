@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -142,6 +143,13 @@ class EtcdProcess:
         heartbeat_interval, election_timeout: raft timing in ms (fast for tests).
         log_level: etcd's ``--log-level`` (with ``--logger zap``).
         binary: etcd executable; found with :func:`find_etcd_binary` by default.
+        client_tls: ``(cert_file, key_file, ca_file)``: serve clients over
+            https with that server certificate and require client certificates
+            signed by ``ca_file`` (``--client-cert-auth``). The health and
+            metrics probes then present ``probe_cert``.
+        probe_cert: ``(cert_file, key_file)`` of the client certificate the
+            probes use; defaults to the server pair (which then needs the
+            clientAuth extended key usage, or none).
     """
 
     def __init__(
@@ -160,8 +168,21 @@ class EtcdProcess:
         election_timeout: int = 1000,
         log_level: str = "warn",
         binary: str | None = None,
+        client_tls: tuple[Path | str, Path | str, Path | str] | None = None,
+        probe_cert: tuple[Path | str, Path | str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.client_tls: tuple[Path, Path, Path] | None = (
+            (Path(client_tls[0]), Path(client_tls[1]), Path(client_tls[2]))
+            if client_tls is not None
+            else None
+        )
+        if probe_cert is None and self.client_tls is not None:
+            probe_cert = (self.client_tls[0], self.client_tls[1])
+        self.probe_cert: tuple[str, str] | None = (
+            (str(probe_cert[0]), str(probe_cert[1])) if probe_cert is not None else None
+        )
+        self._probe_ssl: ssl.SSLContext | None = None
         self.name = name
         if client_port is None or peer_port is None:
             ports = free_ports(2)
@@ -186,13 +207,17 @@ class EtcdProcess:
 
     @property
     def endpoint(self) -> str:
-        """Client endpoint as ``host:port`` (the form ``StoreConfig`` takes)."""
+        """Client endpoint in the form ``StoreConfig`` takes: ``host:port``, or
+        ``https://host:port`` when serving TLS."""
+        if self.client_tls is not None:
+            return self.client_url
         return f"{LOCALHOST}:{self.client_port}"
 
     @property
     def client_url(self) -> str:
-        """Client URL, ``http://127.0.0.1:<client_port>``."""
-        return f"http://{LOCALHOST}:{self.client_port}"
+        """Client URL, ``http://127.0.0.1:<client_port>`` (``https://`` with TLS)."""
+        scheme = "https" if self.client_tls is not None else "http"
+        return f"{scheme}://{LOCALHOST}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -226,8 +251,36 @@ class EtcdProcess:
             "--election-timeout", str(self.election_timeout),
             "--logger", "zap",
             "--log-level", self.log_level,
+            *self._tls_args(),
             *self.extra_args,
         ]  # fmt: skip
+
+    def _tls_args(self) -> list[str]:
+        if self.client_tls is None:
+            return []
+        cert, key, ca = self.client_tls
+        return [
+            "--cert-file", str(cert),
+            "--key-file", str(key),
+            "--trusted-ca-file", str(ca),
+            "--client-cert-auth",
+        ]  # fmt: skip
+
+    def _http_get(self, path: str) -> httpx.Response:
+        """One probe request to the client URL (with TLS: verified against the
+        CA, presenting :attr:`probe_cert`)."""
+        # trust_env=False: an HTTP(S)_PROXY of the environment must not be used.
+        if self.client_tls is None:
+            return httpx.get(f"{self.client_url}{path}", timeout=_PROBE_TIMEOUT, trust_env=False)
+        if self._probe_ssl is None:  # built once: wait_ready probes every 20 ms
+            ctx = ssl.create_default_context(cafile=str(self.client_tls[2]))
+            if self.probe_cert is not None:
+                ctx.load_cert_chain(self.probe_cert[0], self.probe_cert[1])
+            self._probe_ssl = ctx
+        ctx = self._probe_ssl
+        return httpx.get(
+            f"{self.client_url}{path}", timeout=_PROBE_TIMEOUT, trust_env=False, verify=ctx
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -268,8 +321,7 @@ class EtcdProcess:
         alarm such as NOSPACE is raised.
         """
         try:
-            # trust_env=False: an HTTP(S)_PROXY of the environment must not be used.
-            r = httpx.get(f"{self.client_url}/health", timeout=_PROBE_TIMEOUT, trust_env=False)
+            r = self._http_get("/health")
             return r.status_code == 200 and json.loads(r.text).get("health") == "true"
         except (httpx.HTTPError, ValueError, AttributeError):
             return False
@@ -281,7 +333,7 @@ class EtcdProcess:
             Unavailable: the member did not answer.
         """
         try:
-            r = httpx.get(f"{self.client_url}/metrics", timeout=_PROBE_TIMEOUT, trust_env=False)
+            r = self._http_get("/metrics")
             r.raise_for_status()
         except httpx.HTTPError as e:
             raise Unavailable(f"etcd member {self.name!r} metrics: {e!r}") from e

@@ -154,6 +154,11 @@ class StoreBackend:
             timeout=cfg.etcd_timeout,
             username=cfg.etcd_username,
             password=cfg.etcd_password,
+            ca_file=cfg.etcd_ca_file,
+            cert_file=cfg.etcd_cert_file,
+            key_file=cfg.etcd_key_file,
+            tls_server_name=cfg.etcd_tls_server_name,
+            tls=cfg.etcd_tls,
         )
         self.blobs = BlobStore(cfg.blob_root, cfg.storage_options, chunk_size=cfg.blob_chunk_size)
         # Learned from etcd when it refuses a txn as too large (--max-txn-ops).

@@ -389,3 +389,31 @@ async def test_refused_connections_give_unavailable_and_nothing_visible(
     )
     assert await handle_names(direct, store) == ["warm", "y"]
     assert await store.read(h) == b"state of y"
+
+
+def test_readyz_reports_the_nospace_alarm(
+    etcd_factory: Callable[..., EtcdProcess], service_factory: Callable[..., Any]
+) -> None:
+    """etcd answers Status under NOSPACE while every write fails: /readyz must say 503."""
+    import httpx
+
+    member = etcd_factory("--quota-backend-bytes", str(4 * 1024 * 1024))
+    svc = service_factory(etcd_endpoints=member.endpoint, maintenance="false")
+    with httpx.Client(base_url=svc.url, trust_env=False, timeout=30) as c:
+        assert c.get("/readyz").status_code == 200
+
+        async def fill() -> None:
+            async with EtcdClient([member.endpoint], timeout=5) as client:
+                for i in range(100):  # bounded: ~13 puts of 1 MiB fill a 4 MiB quota
+                    try:
+                        await client.put(b"/scratch/%d" % i, b"v" * (1024 * 1024))
+                    except Unavailable:
+                        return
+                pytest.fail("etcd never raised NOSPACE")
+
+        asyncio.run(fill())
+        r = c.get("/readyz")
+        assert r.status_code == 503, r.text
+        assert r.json()["type"] == "unavailable"
+        assert "NOSPACE" in r.json()["detail"]
+        assert c.get("/healthz").status_code == 200

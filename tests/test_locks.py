@@ -447,3 +447,28 @@ async def test_release_all_fast_path(
     await a.get_and_lock(names[0])
     kv = await a.etcd.get(a.keys.lock(names[0], a.instance_id))
     assert kv is not None and kv.lease == a.session.lease_id
+
+
+async def test_listing_and_recovery_with_large_metadata_beyond_one_message(
+    etcd_factory: Callable[..., EtcdProcess],
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+) -> None:
+    """1,200 handles x 60 KB metadata is ~72 MB: more than one gRPC message
+    (64 MiB) per page, so paged reads must shrink their page, not fail."""
+    member = etcd_factory()
+    cfg = make_config(etcd_endpoints=[member.endpoint], blob_root="memory://large-meta")
+    writer, reader = await open_store(cfg), await open_store(cfg)
+    meta = {"x": "m" * 60_000}
+    sem = asyncio.Semaphore(64)
+
+    async def add(i: int) -> None:
+        async with sem:
+            await writer.add_and_lock(f"h{i:05d}", b"d", meta)
+
+    await asyncio.gather(*(add(i) for i in range(1200)))
+    snap = await reader.snapshot()
+    assert len(snap.handles) == 1200
+    locked = await reader.get_all_and_lock()
+    assert [h.name for h in locked] == [f"h{i:05d}" for i in range(1200)]
+    assert all(h.metadata == meta for h in locked[:5])

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.problems import problem
 from api.service import Svc
-from statestore.errors import StateStoreError
+from statestore.errors import StateStoreError, Unavailable
 from statestore.keys import prefix_end
 
 router = APIRouter(tags=["operations"])
@@ -24,11 +24,18 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"content": {"application/problem+json": {}}}})
 async def readyz(svc: Svc) -> JSONResponse:
-    """200 only when etcd and the blob store both answer (each within 2 s)."""
+    """200 only when etcd answers without alarms and the blob store answers (each within 2 s)."""
     checks: dict[str, str] = {}
 
     async def etcd() -> None:
-        await svc.backend.client.status()
+        # etcd answers Status even under its NOSPACE alarm, when every write
+        # fails: an alarm means not ready.
+        alarms = await svc.backend.client.alarms()
+        if alarms:
+            raise Unavailable(
+                f"etcd has active alarm(s) {', '.join(alarms)}: writes are refused; see "
+                "docs/operations.md (NOSPACE: compact, defrag, alarm disarm)"
+            )
 
     async def blobs() -> None:
         await svc.backend.blobs.ping()
