@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -137,6 +138,11 @@ def serve(
         err_console.print(
             f"embedded default: etcd at {member.endpoint}, blobs in {settings.home / 'blobs'}"
         )
+    # uvicorn re-raises SIGTERM after its graceful shutdown with the handler
+    # that was installed before it started; with the default one the process
+    # would die there and leave the embedded etcd running. Exit instead, so
+    # the ``finally`` below stops it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(
             "api.app:create_app_from_env",
@@ -357,6 +363,10 @@ def sessions_(url: Url = "http://127.0.0.1:8080", token: Token = None) -> None:
     for sess in sessions:
         table.add_row(sess["session_id"], str(sess["ttl_seconds"]), str(sess.get("owner") or ""))
     console.print(table)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run() -> None:  # pragma: no cover - console entry point wrapper

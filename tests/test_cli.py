@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from helpers import wait_until
 
 from statestore.embedded import start_embedded_etcd
 
@@ -94,3 +98,43 @@ def test_admin_command_reports_unreachable_service(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "unavailable" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_its_embedded_etcd_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    """Stopping `statestore serve` (SIGTERM from an orchestrator, Ctrl-C from a
+    person) must stop the etcd child it started, not orphan it."""
+    import os
+    import socket
+
+    import httpx
+
+    from statestore.etcd_server import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
+    env["STATESTORE_PORT"] = str(port)
+    proc = subprocess.Popen(
+        [*CLI, "serve"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_until(
+            lambda: (
+                httpx.get(f"http://127.0.0.1:{port}/readyz", trust_env=False).status_code == 200
+            ),
+            timeout=60,
+            ignore=(httpx.HTTPError,),
+            message="serve never became ready",
+        )
+        ports = json.loads((tmp_path / ".statestore" / "etcd" / "ports.json").read_text())
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+        def etcd_gone() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", ports["client"])) != 0
+
+        wait_until(etcd_gone, timeout=15, message="the embedded etcd outlived serve")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
