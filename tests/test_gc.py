@@ -25,7 +25,7 @@ from typing import Any
 
 import boto3
 import pytest
-from helpers import async_wait_until
+from helpers import OpenStore, async_wait_until
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -42,22 +42,6 @@ CHUNK = 64 * 1024  # the smallest streaming chunk: partial blobs reach the disk 
 
 def unique_root() -> str:
     return f"/t-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-async def stores() -> AsyncIterator[Callable[..., Any]]:
-    """``await open_(cfg)``: an open store, closed at teardown."""
-    opened: list[StateHandleStore] = []
-
-    async def open_(cfg: StoreConfig) -> StateHandleStore:
-        store = await StateHandleStore.open(cfg)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in reversed(opened):
-        with contextlib.suppress(Exception):
-            await store.close()
 
 
 def blob_dir(tmp_path: Path, namespace: str) -> Path:
@@ -101,13 +85,13 @@ asyncio.run(main())
 
 async def test_killed_writers_blob_is_reclaimed_after_its_lease_expires(
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
     tmp_path: Path,
     namespace: str,
 ) -> None:
     ttl = 2
     root = unique_root()
-    reader = await stores(make_config(root=root))
+    reader = await open_store(make_config(root=root))
     child_cfg = make_config(root=root, lease_ttl=ttl, blob_chunk_size=CHUNK)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
     env["PYTHONPATH"] = str(REPO)
@@ -185,14 +169,14 @@ async def test_killed_writers_blob_is_reclaimed_after_its_lease_expires(
 
 async def test_slow_live_upload_older_than_min_age_is_never_swept(
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
     tmp_path: Path,
     namespace: str,
 ) -> None:
     min_age, chunks, pause = 1.0, 30, 0.1  # ~3 s of upload, three times the minimum age
     root = unique_root()
-    writer = await stores(make_config(root=root, blob_chunk_size=CHUNK))
-    gc_store = await stores(make_config(root=root))
+    writer = await open_store(make_config(root=root, blob_chunk_size=CHUNK))
+    gc_store = await open_store(make_config(root=root))
     directory = blob_dir(tmp_path, namespace)
 
     async def slow_body() -> AsyncIterator[bytes]:
@@ -243,7 +227,7 @@ async def test_slow_live_upload_older_than_min_age_is_never_swept(
 @pytest.mark.parametrize("op", ["add", "replace"])
 async def test_writer_that_lost_its_lease_mid_upload_cannot_commit_a_swept_blob(
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
     tmp_path: Path,
     namespace: str,
     op: str,
@@ -253,8 +237,8 @@ async def test_writer_that_lost_its_lease_mid_upload_cannot_commit_a_swept_blob(
     not commit a handle naming that blob (invariant 1): a visible handle's
     blob always exists and verifies."""
     root = unique_root()
-    writer = await stores(make_config(root=root, lease_ttl=3, blob_chunk_size=CHUNK))
-    gc_store = await stores(make_config(root=root))
+    writer = await open_store(make_config(root=root, lease_ttl=3, blob_chunk_size=CHUNK))
+    gc_store = await open_store(make_config(root=root))
     directory = blob_dir(tmp_path, namespace)
     old = None
     if op == "replace":
@@ -317,12 +301,12 @@ async def test_writer_that_lost_its_lease_mid_upload_cannot_commit_a_swept_blob(
 
 async def test_collect_due_waits_for_the_grace_period(
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
     tmp_path: Path,
     namespace: str,
 ) -> None:
     grace = 1.5
-    store = await stores(make_config(root=unique_root(), gc_grace_seconds=grace))
+    store = await open_store(make_config(root=unique_root(), gc_grace_seconds=grace))
     directory = blob_dir(tmp_path, namespace)
     first = await store.add_and_lock("chk", b"first")
     second = await store.replace("chk", first.version, b"second")
@@ -371,7 +355,7 @@ async def test_collect_due_waits_for_the_grace_period(
 
 async def test_sweep_keeps_the_blob_of_a_record_without_blob_id(
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
     tmp_path: Path,
     namespace: str,
 ) -> None:
@@ -379,7 +363,7 @@ async def test_sweep_keeps_the_blob_of_a_record_without_blob_id(
     goes by ``blob_url``, as ``try_remove``/``replace`` do with
     ``blob_id_of(url)``): such a handle is visible and readable, so the orphan
     sweep must count its blob as referenced too."""
-    store = await stores(make_config(root=unique_root()))
+    store = await open_store(make_config(root=unique_root()))
     h = await store.add_and_lock("chk", b"state")
     key = store.keys.handle("chk")
     kv = await store.etcd.get(key)
@@ -636,13 +620,13 @@ def start_upload(s3: Any, bucket: str, key: str) -> str:
 
 async def test_s3_stale_multipart_upload_aborted_live_one_kept(
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
     s3_bucket: tuple[str, dict[str, Any]],
     s3: Any,
     namespace: str,
 ) -> None:
     bucket, options = s3_bucket
-    store = await stores(
+    store = await open_store(
         make_config(root=unique_root(), blob_root=f"s3://{bucket}/ckpt", storage_options=options)
     )
     h = await store.add_and_lock("chk", b"committed state")
@@ -676,7 +660,7 @@ async def test_s3_stale_multipart_upload_aborted_live_one_kept(
 
 async def test_s3_crashed_first_writers_multipart_upload_is_aborted(
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
     s3_bucket: tuple[str, dict[str, Any]],
     s3: Any,
 ) -> None:
@@ -685,7 +669,7 @@ async def test_s3_crashed_first_writers_multipart_upload_is_aborted(
     is in etcd. The upload must still be aborted (invariant 5: no blob leaks
     forever)."""
     bucket, options = s3_bucket
-    store = await stores(
+    store = await open_store(
         make_config(root=unique_root(), blob_root=f"s3://{bucket}/ckpt", storage_options=options)
     )
     other_ns = f"first-{uuid.uuid4().hex[:8]}"
@@ -704,12 +688,12 @@ async def test_s3_crashed_first_writers_multipart_upload_is_aborted(
 
 async def test_gc_cli_dry_run_then_real_run(
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
     tmp_path: Path,
     namespace: str,
 ) -> None:
     cfg = make_config(root=unique_root(), gc_grace_seconds=0)
-    store = await stores(cfg)
+    store = await open_store(cfg)
     directory = blob_dir(tmp_path, namespace)
     first = await store.add_and_lock("chk", b"v1")
     current = await store.replace("chk", first.version, b"v2")  # queues first's blob

@@ -18,10 +18,9 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
-from helpers import async_wait_until
+from helpers import OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.etcd import Compacted
@@ -34,22 +33,6 @@ HOLDER_TTL = 2
 
 def unique_root() -> str:
     return f"/t-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-async def stores() -> AsyncIterator[Callable[..., Any]]:
-    """``await open_(cfg)``: an open store, closed at teardown (in reverse)."""
-    opened: list[StateHandleStore] = []
-
-    async def open_(cfg: StoreConfig) -> StateHandleStore:
-        store = await StateHandleStore.open(cfg)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in reversed(opened):
-        with contextlib.suppress(Exception):
-            await store.close()
 
 
 @contextlib.asynccontextmanager
@@ -92,12 +75,12 @@ async def raw_exists(store: StateHandleStore, key: bytes) -> bool:
 
 
 async def test_removal_completes_when_last_holders_lease_expires(
-    make_config: Callable[..., StoreConfig], stores: Callable[..., Any]
+    make_config: Callable[..., StoreConfig], open_store: OpenStore
 ) -> None:
     root = unique_root()
-    holder = await stores(make_config(root=root, lease_ttl=HOLDER_TTL))
-    remover = await stores(make_config(root=root))
-    reader = await stores(make_config(root=root))
+    holder = await open_store(make_config(root=root, lease_ttl=HOLDER_TTL))
+    remover = await open_store(make_config(root=root))
+    reader = await open_store(make_config(root=root))
     h = await holder.add_and_lock("chk-1", b"state of chk-1")
 
     outcome = await remover.try_remove("chk-1", deferred=True)
@@ -151,14 +134,14 @@ async def test_removal_completes_when_last_holders_lease_expires(
 
 
 async def test_reconciler_ignores_removals_whose_holders_stay(
-    make_config: Callable[..., StoreConfig], stores: Callable[..., Any]
+    make_config: Callable[..., StoreConfig], open_store: OpenStore
 ) -> None:
     """Other locks going away (a second holder releasing) must not complete a
     removal while one holder is left."""
     root = unique_root()
-    first = await stores(make_config(root=root))
-    second = await stores(make_config(root=root))
-    reader = await stores(make_config(root=root))
+    first = await open_store(make_config(root=root))
+    second = await open_store(make_config(root=root))
+    reader = await open_store(make_config(root=root))
     await first.add_and_lock("chk", b"x")
     await second.get_and_lock("chk")
     assert (await reader.try_remove("chk", deferred=True)).pending
@@ -183,13 +166,13 @@ async def test_reconciler_ignores_removals_whose_holders_stay(
 async def test_removal_completes_after_compaction_while_reconciler_was_stopped(
     etcd_factory: Callable[..., EtcdProcess],
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
 ) -> None:
     member = etcd_factory()
     cfg = make_config(etcd_endpoints=[member.endpoint], root=unique_root())
-    holder = await stores(cfg)
-    remover = await stores(cfg)
-    reader = await stores(cfg)
+    holder = await open_store(cfg)
+    remover = await open_store(cfg)
+    reader = await open_store(cfg)
 
     first = RemovalReconciler(reader)
     async with running(first):
@@ -227,7 +210,7 @@ async def test_removal_completes_after_compaction_while_reconciler_was_stopped(
 async def test_watch_compacted_during_resync_relists_and_completes(
     etcd_factory: Callable[..., EtcdProcess],
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
 ) -> None:
     """Compact etcd while the reconciler is re-listing (many pending removals
     make that slow): its watch then starts at a compacted revision, gets
@@ -239,9 +222,9 @@ async def test_watch_compacted_during_resync_relists_and_completes(
         root=unique_root(),
         blob_root=f"memory://rec-{uuid.uuid4().hex}",
     )
-    holder = await stores(cfg)
-    remover = await stores(cfg)
-    reader = await stores(cfg)
+    holder = await open_store(cfg)
+    remover = await open_store(cfg)
+    reader = await open_store(cfg)
     n = 150
     sem = asyncio.Semaphore(32)
 
@@ -293,17 +276,17 @@ async def test_watch_compacted_during_resync_relists_and_completes(
 async def test_reconciler_recovers_from_etcd_restart(
     etcd_factory: Callable[..., EtcdProcess],
     make_config: Callable[..., StoreConfig],
-    stores: Callable[..., Any],
+    open_store: OpenStore,
 ) -> None:
     """The watch breaks when etcd stops; the reconciler re-lists once etcd is
     back and completes removals whose lock went meanwhile (one released while
     etcd was still coming back, one expiring after the restart)."""
     member = etcd_factory()
     cfg = make_config(etcd_endpoints=[member.endpoint], root=unique_root())
-    holder = await stores(cfg.model_copy(update={"lease_ttl": HOLDER_TTL}))
-    early = await stores(cfg)
-    remover = await stores(cfg)
-    reader = await stores(cfg)
+    holder = await open_store(cfg.model_copy(update={"lease_ttl": HOLDER_TTL}))
+    early = await open_store(cfg)
+    remover = await open_store(cfg)
+    reader = await open_store(cfg)
     h1 = await holder.add_and_lock("expires", b"one")
     h2 = await early.add_and_lock("revoked", b"two")
     for name in ("expires", "revoked"):
