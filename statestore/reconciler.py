@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 
 from statestore.errors import StateStoreError
-from statestore.etcd import Compacted
+from statestore.etcd import Compacted, Txn
 from statestore.keys import decode, prefix_end
 from statestore.store import StateHandleStore
 
@@ -83,17 +83,27 @@ class RemovalReconciler:
         return rev
 
     async def _on_deleted(self, keys: list[bytes]) -> None:
-        seen: set[tuple[str, str]] = set()
+        """Complete the removals whose marker exists among the handles whose
+        lock keys were deleted. This runs for every lock deletion in the
+        cluster, so the markers are derived from the raw keys and read in one
+        txn of gets per batch; only actual pending removals cost more."""
+        markers: dict[bytes, tuple[bytes, bytes]] = {}
         for key in keys:
-            if b"/locks/" not in key:
-                continue
-            found = self._parse(key, b"handles")
-            if found is None or found in seen:
-                continue
-            seen.add(found)
-            ns, name = found
-            marker = self._store.for_namespace(ns).keys.removal(name)
-            if await self._store.etcd.get(marker) is not None and await self._complete(ns, name):
+            parts = key[len(self._root) :].split(b"/")
+            if len(parts) == 5 and parts[1] == b"handles" and parts[3] == b"locks":
+                markers[self._root + parts[0] + b"/removals/" + parts[2]] = (parts[0], parts[2])
+        batch = max(1, self._store.backend.max_ops)
+        found: list[tuple[bytes, bytes]] = []
+        items = list(markers.items())
+        for i in range(0, len(items), batch):
+            part = items[i : i + batch]
+            res = await self._store.etcd.txn(
+                Txn().then(*[Txn.get(marker, keys_only=True) for marker, _ in part]),
+                what="reconciler marker check",
+            )
+            found += [segs for (_, segs), kvs in zip(part, res.results, strict=True) if kvs]
+        for ns, name in found:
+            if await self._complete(decode(ns.decode()), decode(name.decode())):
                 self.stats.pending = max(0, self.stats.pending - 1)
 
     async def run(self) -> None:
