@@ -34,6 +34,20 @@ def blob_root(home: Path = DEFAULT_HOME) -> str:
     return f"file://{(home / 'blobs').resolve()}"
 
 
+def running_embedded_endpoint(home: Path = DEFAULT_HOME) -> str | None:
+    """The endpoint of an embedded member already running under ``home`` (a
+    ``statestore serve`` in another terminal), or None."""
+    import httpx
+
+    try:
+        port = int(json.loads((home / "etcd" / "ports.json").read_text())["client"])
+        url = f"http://127.0.0.1:{port}/health"
+        ok = httpx.get(url, timeout=2.0, trust_env=False).json().get("health")
+    except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
+        return None
+    return f"127.0.0.1:{port}" if str(ok).lower() == "true" else None
+
+
 def start_embedded_etcd(home: Path = DEFAULT_HOME, timeout: float = 30.0) -> EtcdProcess:
     """Start (or restart on its old ports) the embedded member and wait for it."""
     etcd_dir = home / "etcd"

@@ -496,6 +496,10 @@ class EtcdCluster:
         ]
 
     @property
+    def election_timeout_seconds(self) -> float:
+        return self.members[0].election_timeout / 1000
+
+    @property
     def endpoints(self) -> list[str]:
         """Client endpoints (``host:port``) of all members, in member order."""
         return [m.endpoint for m in self.members]

@@ -35,7 +35,10 @@ class Maintenance:
         gc_interval: float,
         compaction_interval: float,
         orphan_min_age: float,
+        compact: bool = True,
     ) -> None:
+        """``compact=False``: no compactor here (``statestore drill`` stands in
+        for a missing maintenance replica without compacting the user's etcd)."""
         cfg = backend.cfg
         self._backend = backend
         self._session = Session(backend.client, cfg.lease_ttl)
@@ -45,6 +48,7 @@ class Maintenance:
         self.election = LeaderElection(self._store, prefix=prefix)
         self.reconciler = RemovalReconciler(self._store)
         self.compactor = Compactor(backend.client, cfg.root, compaction_interval)
+        self._compact = compact
         self.gc_interval = gc_interval
         self.orphan_min_age = orphan_min_age
         self.last_gc: GcReport | None = None
@@ -63,10 +67,9 @@ class Maintenance:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._lead_loop(), name="statestore-maintenance"),
-            loop.create_task(self.compactor.run(), name="statestore-compactor"),
-        ]
+        self._tasks = [loop.create_task(self._lead_loop(), name="statestore-maintenance")]
+        if self._compact:
+            self._tasks.append(loop.create_task(self.compactor.run(), name="statestore-compactor"))
 
     async def _start_session(self) -> None:
         while not self._stopping.is_set():

@@ -1,7 +1,7 @@
 """etcd failures: unreachable, paused, killed, full (NOSPACE), and lost answers.
 
 Real etcd members (``etcd_factory``) are paused, killed and filled; lost
-answers are made by a real TCP proxy (tests/faultproxy.py) between the store
+answers are made by a real TCP proxy (statestore/faultproxy.py) between the store
 and etcd that forwards requests but drops responses. Every outcome is checked
 by reading etcd directly, not through the store under test.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultproxy import FaultProxy
+from statestore.faultproxy import FaultProxy
 from helpers import OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig

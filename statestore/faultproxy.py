@@ -1,4 +1,4 @@
-"""A small TCP fault-injection proxy for tests (thread based, no event loop needed).
+"""A small TCP fault-injection proxy for tests and drills (thread based, no event loop needed).
 
 ``FaultProxy(target_host, target_port)`` listens on a free 127.0.0.1 port and
 forwards every connection to the target. Its ``mode`` can be switched at any

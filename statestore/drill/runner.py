@@ -1,0 +1,248 @@
+"""Running a drill: the target, the scratch namespaces, the job manager
+processes, the maintenance stand-in, cleanup and the report.
+
+Every scenario works in its own scratch namespace ``drill-<run>-<scenario>``
+and every job manager process is killed when the drill ends, however it
+ends. Cleanup removes the namespaces with the same code as the REST
+namespace cleanup (``clear_namespace``): it waits for blobs queued for
+deletion to pass their grace period, then reports ``done``; if that takes
+longer than the cleanup deadline the durable ``gc/`` entries are left to the
+service's GC and the report says so.
+
+In SDK mode the drill joins the maintenance election as a replica without a
+compactor: if a ``statestore serve`` replica already runs maintenance, that
+replica's reconciler completes the deferred removals; otherwise the drill's
+does, and the report names which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from statestore.drill.child import Child
+from statestore.drill.jobmanager import JobManager
+from statestore.drill.report import DrillReport, ScenarioResult
+from statestore.drill.scenarios import SCENARIOS
+from statestore.drill.target import Target
+from statestore.errors import StateStoreError
+
+#: Called with (scenario, message) for live progress.
+StepCallback = Callable[[str, str], None]
+
+
+class CannotVerify(Exception):
+    """The drill lacks the access a check needs (e.g. a non-admin token)."""
+
+
+@dataclass
+class DrillOptions:
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    checkpoints: int = 20
+    state_bytes: int = 64 * 1024
+    writers: int = 3
+    cleanup_timeout: float | None = None
+
+
+class Drill:
+    """What scenarios use: the target, scratch namespaces, job managers."""
+
+    def __init__(self, target: Target, opts: DrillOptions, on_step: StepCallback) -> None:
+        self.target = target
+        self.opts = opts
+        self.run_id = f"{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.namespaces: list[str] = []
+        self.children: list[Child] = []
+        self._on_step = on_step
+        self.scenario = ""
+        ttl = target.ttl
+        #: Slack on top of every timing bound the scenarios assert.
+        self.margin = 2.0
+        self.call_timeout = 30.0 + 2 * ttl
+        self.takeover_timeout = 3 * ttl + 15.0
+        self.reconcile_timeout = 15.0 + ttl
+        self._admin: Any = None
+        self._maintenance: Any = None
+
+    # -- for scenarios -----------------------------------------------------------
+
+    def step(self, message: str) -> None:
+        self._on_step(self.scenario, message)
+
+    def namespace(self, scenario: str) -> str:
+        ns = f"drill-{self.run_id}-{scenario}"
+        self.namespaces.append(ns)
+        return ns
+
+    async def spawn(self, namespace: str, label: str) -> Child:
+        child = await Child.start(self.target.worker_spec(namespace, label), self.call_timeout)
+        self.children.append(child)
+        return child
+
+    @contextlib.asynccontextmanager
+    async def job_manager(
+        self, namespace: str, label: str, storage_options: dict[str, Any] | None = None
+    ) -> AsyncIterator[JobManager]:
+        jm = self.target.job_manager(namespace, label, storage_options)
+        await jm.open()
+        try:
+            yield jm
+        finally:
+            await jm.close()
+
+    @property
+    def maintenance_note(self) -> str:
+        if self.target.mode == "rest":
+            return "the service's maintenance"
+        if self._maintenance is not None and self._maintenance.leading:
+            return "this drill's reconciler (no service replica was leading maintenance)"
+        return "a service replica's reconciler"
+
+    async def reclaim(self, namespace: str, keep: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+        """Run the GC over the scratch namespace; return what is left that
+        nothing references: blobs (SDK) or "pending" (REST, where the
+        namespace cleanup answers 204 only once no blob is left). ``keep``:
+        names of handles that stay (their blobs are referenced)."""
+        if self.target.mode == "rest":
+            from statestore.http import Forbidden, Unauthorized
+
+            try:
+                done = await self._admin.delete_namespace(namespace)
+            except (Forbidden, Unauthorized) as e:
+                raise CannotVerify(f"namespace cleanup refused ({e.kind}): {e}") from None
+            return [] if done else [f"namespace {namespace} cleanup pending"]
+        from statestore.gc import GcReport, collect_due, sweep_orphans
+
+        view = self._admin.for_namespace(namespace)
+        await collect_due(view)
+        # The drill owns the namespace and its writers are dead: no age needed.
+        await sweep_orphans(view, 0.0, GcReport())
+        snap = await view.snapshot()
+        referenced = {h.blob_url for h in snap.handles if h.name in keep}
+        left = [b.url for b in await view.blobs.list_namespace(namespace)]
+        left += [
+            f"multipart upload {u[1]}" for u in await view.blobs.stale_multipart_uploads(namespace)
+        ]
+        return [u for u in left if u not in referenced]
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.target.mode == "rest":
+            from statestore.http import AsyncStateStoreClient
+
+            assert self.target.url is not None
+            self._admin = AsyncStateStoreClient(self.target.url, token=self.target.token)
+            return
+        from statestore.maintenance import Maintenance
+        from statestore.store import StateHandleStore, StoreBackend
+
+        ns = f"drill-{self.run_id}"
+        self._admin = await StateHandleStore.open(self.target.config_for(ns))
+        self._maintenance = Maintenance(
+            StoreBackend(self.target.config_for(ns)),
+            gc_interval=self.target.gc_interval,
+            compaction_interval=self.target.compaction_interval,
+            orphan_min_age=self.target.config_for(ns).orphan_min_age_seconds,
+            compact=False,
+        )
+        await self._maintenance.start()
+
+    async def kill_children(self) -> None:
+        await asyncio.gather(*(c.kill() for c in self.children), return_exceptions=True)
+        self.children.clear()
+
+    async def cleanup(self) -> str:
+        """Remove every scratch namespace; "done" or what was left."""
+        if self._admin is None:
+            return "not run"
+        grace = self.target.cfg.gc_grace_seconds if self.target.cfg is not None else 20.0
+        timeout = self.opts.cleanup_timeout or grace + self.target.ttl + 15.0
+        deadline = time.monotonic() + timeout
+        pending = list(self.namespaces)
+        while pending:
+            still = []
+            for ns in pending:
+                try:
+                    done = await self._clear(ns)
+                except CannotVerify as e:
+                    return f"not done: {e}"
+                except StateStoreError as e:
+                    done = False
+                    self._on_step("cleanup", f"{ns}: {e}")
+                if not done:
+                    still.append(ns)
+            pending = still
+            if not pending:
+                return "done"
+            if time.monotonic() >= deadline:
+                return (
+                    f"incomplete after {timeout:.0f}s: {pending} still hold blobs queued for "
+                    "deletion; the service's GC removes them (their gc/ entries are durable)"
+                )
+            self._on_step(
+                "cleanup", f"{len(pending)} namespace(s) waiting for the blob grace period"
+            )
+            await asyncio.sleep(1.0)
+        return "done"
+
+    async def _clear(self, namespace: str) -> bool:
+        if self.target.mode == "rest":
+            return not await self.reclaim(namespace)
+        from statestore.namespace import clear_namespace
+
+        return await clear_namespace(self._admin.for_namespace(namespace))
+
+    async def close(self) -> None:
+        await self.kill_children()
+        if self._maintenance is not None:
+            with contextlib.suppress(StateStoreError):
+                await self._maintenance.stop()
+            await self._maintenance._backend.close()
+        if self._admin is not None:
+            with contextlib.suppress(StateStoreError):
+                if self.target.mode == "rest":
+                    await self._admin.aclose()
+                else:
+                    await self._admin.close()
+
+
+async def run_drill(
+    target: Target,
+    opts: DrillOptions,
+    on_step: StepCallback,
+    on_done: Callable[[ScenarioResult], None] = lambda r: None,
+) -> DrillReport:
+    """Run the selected scenarios one after another, then clean up."""
+    report = DrillReport(
+        target={"mode": target.mode, "description": target.description, "lease_ttl": target.ttl}
+    )
+    started = time.monotonic()
+    drill = Drill(target, opts, on_step)
+    try:
+        await drill.start()
+        for name in opts.scenarios:
+            result = ScenarioResult(name)
+            drill.scenario = name
+            on_step(name, "starting")
+            t0 = time.monotonic()
+            try:
+                await SCENARIOS[name](drill, result)
+            except Exception as e:  # report it and go on with the next scenario
+                result.error = f"{type(e).__name__}: {e}"
+            finally:
+                await drill.kill_children()
+            result.duration_seconds = time.monotonic() - t0
+            report.scenarios.append(result)
+            on_done(result)
+        drill.scenario = "cleanup"
+        report.cleanup = await drill.cleanup()
+    finally:
+        await drill.close()
+    report.duration_seconds = time.monotonic() - started
+    return report
