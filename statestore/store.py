@@ -438,13 +438,15 @@ class StateHandleStore:
         raise Unavailable("could not record the upload intent: etcd gave no definite answer")
 
     async def _drop_blob(self, blob_id: str, url: str) -> None:
-        """Delete a never-committed blob and its intent (best effort: a blob
-        left behind is an orphan the GC sweeps once the intent is gone)."""
-        try:
+        """Delete a never-committed blob, then its intent, each best effort.
+
+        The intent goes even when the blob store refuses the delete (it is
+        usually down when a write failed): the upload is no longer live, and
+        only without its intent is what it left behind an orphan the GC
+        sweeps. Kept, the intent would protect it as long as our lease lives."""
+        with contextlib.suppress(StateStoreError):
             await self._s.blobs.delete(url)
-            await self._s.client.delete(self._keys.upload(blob_id))
-        except StateStoreError:
-            pass
+        await self._forget_intent(self._keys.upload(blob_id))
 
     def _precheck_wanted(self, data: Data) -> bool:
         # Streamed or big state: a cheap read first avoids uploading it all

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from statestore.faultproxy import FaultProxy
 from helpers import OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig
@@ -27,6 +26,7 @@ from statestore.errors import (
 )
 from statestore.etcd import EtcdClient
 from statestore.etcd_server import EtcdProcess, free_port
+from statestore.faultproxy import FaultProxy
 from statestore.keys import encode, prefix_end
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from uuid import uuid4
 
 import grpc
 import httpx
@@ -44,7 +43,6 @@ from statestore import StateHandleStore, StoreConfig
 from statestore.errors import (
     IntegrityError,
     PossibleInconsistentState,
-    StateStoreError,
     Unavailable,
 )
 from statestore.etcd_server import EtcdCluster, EtcdProcess
@@ -177,6 +175,41 @@ def ack_gap(outcomes: Sequence[Outcome], at: float) -> tuple[float, float]:
     return first, gap
 
 
+class Gate:
+    """State as an async iterable that, once the upload intent is in etcd and
+    the blob is open, waits for ``release`` before yielding its bytes: the
+    commit txn of this write is then sent after whatever the test does
+    meanwhile (a write in flight at the moment of the fault)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started.set()
+        await self.release.wait()
+        yield self.data
+
+
+async def gated_write(store: StateHandleStore, name: str) -> tuple[Gate, asyncio.Task[Outcome]]:
+    """Start ``add_and_lock(name)`` through a :class:`Gate`; returns once the
+    write is staged (intent recorded, blob open) and waiting for the gate."""
+    gate = Gate(content_of(name))
+
+    async def run() -> Outcome:
+        started = time.monotonic()
+        try:
+            h = await asyncio.wait_for(store.add_and_lock(name, gate), HANG)
+            return Outcome(name, started, time.monotonic(), handle=h)
+        except Exception as e:
+            return Outcome(name, started, time.monotonic(), error=e)
+
+    task = asyncio.create_task(run())
+    await asyncio.wait_for(gate.started.wait(), RECOVERY)
+    return gate, task
+
+
 async def verify(
     checker: StateHandleStore, outcomes: Sequence[Outcome], expected: dict[str, bytes] | None = None
 ) -> dict[str, int]:
@@ -217,7 +250,9 @@ async def verify(
     return {"acked": len(acked), "failed": len(failed), "failed_but_visible": len(visible_failed)}
 
 
-async def timed(coro: Awaitable[Any], limit: float = HANG) -> tuple[Any, BaseException | None, float]:
+async def timed(
+    coro: Awaitable[Any], limit: float = HANG
+) -> tuple[Any, BaseException | None, float]:
     """(result, error, seconds) of ``coro``; a hang shows as ``TimeoutError``."""
     start = time.monotonic()
     try:
@@ -226,7 +261,9 @@ async def timed(coro: Awaitable[Any], limit: float = HANG) -> tuple[Any, BaseExc
         return None, e, time.monotonic() - start
 
 
-def cluster_config(endpoints: Sequence[str], tmp_path: Path, namespace: str, **kw: Any) -> StoreConfig:
+def cluster_config(
+    endpoints: Sequence[str], tmp_path: Path, namespace: str, **kw: Any
+) -> StoreConfig:
     settings: dict[str, Any] = {
         "etcd_endpoints": list(endpoints),
         "blob_root": f"file://{tmp_path}/blobs",
@@ -263,11 +300,6 @@ def restart_members(members: Sequence[EtcdProcess]) -> None:
         m.wait_ready(RECOVERY)
 
 
-@pytest.fixture
-def namespace() -> str:
-    return f"fi-{uuid4().hex[:12]}"
-
-
 # -- 1, 2: an etcd member is SIGKILLed mid-stream -------------------------------------
 
 
@@ -282,17 +314,21 @@ async def _kill_member_mid_stream(
     endpoints = [member.endpoint] + [e for e in cluster.endpoints if e != member.endpoint]
     store = await open_store(cluster_config(endpoints, tmp_path, namespace))
     streams = [Stream(store, f"{role}-a").start(), Stream(store, f"{role}-b").start()]
+    gate: Gate | None = None
     try:
         await async_wait_until(
             lambda: len(acks(merged(streams))) >= 30, RECOVERY, message="no writes before the kill"
         )
-        if role == "leader":  # it must still be the leader at the kill
-            victim = await asyncio.to_thread(cluster.wait_for_leader, RECOVERY)
+        # Leadership may have moved meanwhile: pick the victim again if needed.
+        current = await asyncio.to_thread(cluster.wait_for_leader, RECOVERY)
+        if (role == "leader") != (victim == current):
+            victim = current if role == "leader" else (current + 1) % len(cluster.members)
             member = cluster.members[victim]
-        else:
-            assert not member.is_leader()
+        # One more write, staged before the kill and committed after it.
+        gate, gated = await gated_write(store, f"{role}-gated")
         await asyncio.to_thread(member.kill)
         t_kill = time.monotonic()
+        gate.release.set()
         # Writes resume (leader) or keep going (follower): fresh acks after the kill.
         await async_wait_until(
             lambda: len(acks(merged(streams), after=t_kill)) >= 30,
@@ -314,15 +350,20 @@ async def _kill_member_mid_stream(
             RECOVERY,
             message="writes stopped after the member rejoined",
         )
+        in_flight = await asyncio.wait_for(gated, HANG)
     finally:
+        if gate is not None:
+            gate.release.set()
         for s in streams:
             await s.stop()
-    outcomes = merged(streams)
+    outcomes = merged(streams, in_flight)
     assert not unexpected(outcomes), unexpected(outcomes)
+    fate = type(in_flight.error).__name__ if in_flight.error else "acked"
     print(
         f"\n{role} (m{victim}) killed: leader m{leader} -> m{new_leader}; first ack after the "
         f"kill {first:.3f}s, longest ack gap {gap:.3f}s; 30 acks after {t_resumed - t_kill:.2f}s; "
-        f"attempts {len(outcomes)}, errors {error_kinds(outcomes)}"
+        f"attempts {len(outcomes)}, errors {error_kinds(outcomes)}; write committed across the "
+        f"kill: {fate} after {in_flight.ended - in_flight.started:.2f}s"
     )
 
     async with StateHandleStore.open(cluster_config(cluster.endpoints, tmp_path, namespace)) as c:
@@ -331,16 +372,17 @@ async def _kill_member_mid_stream(
 
     # The restarted member caught up: its own (serializable) state holds every
     # acknowledged handle at its version ...
-    wanted = {
-        c.keys.handle(o.name): o.handle.version for o in outcomes if o.handle is not None
-    }
+    wanted = {store.keys.handle(o.name): o.handle.version for o in outcomes if o.handle}
 
     async def caught_up() -> bool:
-        have = await serializable_revisions(member.endpoint, c.keys.handles_prefix)
+        have = await serializable_revisions(member.endpoint, store.keys.handles_prefix)
         return all(have.get(k) == v for k, v in wanted.items())
 
     await async_wait_until(
-        caught_up, RECOVERY, message="the restarted member did not catch up", ignore=(grpc.RpcError,)
+        caught_up,
+        RECOVERY,
+        message="the restarted member did not catch up",
+        ignore=(grpc.RpcError,),
     )
     # ... and a store talking to it alone reads every acknowledged write intact.
     alone = cluster_config([member.endpoint], tmp_path, namespace)
@@ -376,12 +418,17 @@ async def test_quorum_loss_fails_fast_and_recovers(
     store = await open_store(cluster_config(cluster.endpoints, tmp_path, namespace))
     streams = [Stream(store, "q-a").start(), Stream(store, "q-b").start()]
     probes: list[Outcome] = []
+    gate: Gate | None = None
     try:
         await async_wait_until(lambda: len(acks(merged(streams))) >= 30, RECOVERY)
         acked = acks(merged(streams))[0]
+        # A write staged (intent recorded, blob open) before the loss whose
+        # commit txn is sent after it: the write in flight at the loss.
+        gate, gated = await gated_write(store, "in-flight")
         t_kill = time.monotonic()
         await asyncio.to_thread(lambda: [m.kill() for m in followers])
         t_lost = time.monotonic()
+        gate.release.set()
 
         started = time.monotonic()
         (_, w_err, w_s), (_, g_err, g_s), (_, e_err, e_s), (_, l_err, l_s) = await asyncio.gather(
@@ -391,16 +438,21 @@ async def test_quorum_loss_fails_fast_and_recovers(
             timed(store.get_all_names()),
         )
         probes.append(Outcome("probe-write", started, time.monotonic(), error=w_err))
+        probes.append(await asyncio.wait_for(gated, HANG))
+        f_err, f_s = probes[-1].error, probes[-1].ended - t_lost
         print(
-            f"\nquorum lost: add_and_lock -> {type(w_err).__name__} in {w_s:.2f}s, get -> "
+            f"\nquorum lost: add_and_lock -> {type(w_err).__name__} in {w_s:.2f}s, the write "
+            f"in flight -> {type(f_err).__name__} in {f_s:.2f}s, get -> "
             f"{type(g_err).__name__} in {g_s:.2f}s, exists -> {type(e_err).__name__} in "
             f"{e_s:.2f}s, get_all_names -> {type(l_err).__name__} in {l_s:.2f}s"
         )
         assert isinstance(w_err, ALLOWED), repr(w_err)
+        assert isinstance(f_err, ALLOWED), f"the write in flight at the loss: {f_err!r}"
+        assert f_s <= OUTAGE_BOUND, f"the write in flight took {f_s:.2f}s to fail"
         for err in (g_err, e_err, l_err):
-            assert isinstance(err, Unavailable) and not isinstance(err, PossibleInconsistentState), (
-                repr(err)
-            )
+            assert isinstance(err, Unavailable) and not isinstance(
+                err, PossibleInconsistentState
+            ), repr(err)
         for what, secs in (("add_and_lock", w_s), ("get", g_s), ("exists", e_s), ("list", l_s)):
             assert secs <= OUTAGE_BOUND, f"{what} took {secs:.2f}s without a quorum"
 
@@ -408,14 +460,13 @@ async def test_quorum_loss_fails_fast_and_recovers(
         # write started after the loss, within the bound.
         await async_wait_until(
             lambda: all(
-                any(o.error is not None and o.started > t_lost for o in s.outcomes)
-                for s in streams
+                any(o.error is not None and o.started > t_lost for o in s.outcomes) for s in streams
             ),
             2 * OUTAGE_BOUND,
             message="the write streams neither failed nor returned without a quorum",
         )
         t_restart = time.monotonic()
-        # Writes overlapping the kill: their outcome is recorded in the report.
+        # Stream writes overlapping the kill: their outcome is reported.
         in_flight = [o for o in merged(streams) if o.started < t_lost and o.ended > t_kill]
         # Nothing started after the loss can have been committed.
         impossible = [o.name for o in acks(merged(streams)) if o.started > t_lost]
@@ -432,12 +483,15 @@ async def test_quorum_loss_fails_fast_and_recovers(
         got = await asyncio.wait_for(store.get(acked.name), HANG)
         assert got.version == acked.handle.version  # type: ignore[union-attr]
     finally:
+        if gate is not None:
+            gate.release.set()
         for s in streams:
             await s.stop()
     outcomes = merged(streams, *probes)
     assert not unexpected(outcomes), unexpected(outcomes)
+    fates = [(o.name, type(o.error).__name__ if o.error else "acked") for o in in_flight]
     print(
-        f"in flight at the loss: {[(o.name, type(o.error).__name__ if o.error else 'acked') for o in in_flight]}; "
+        f"in flight at the loss: {fates}; "
         f"outage {t_restart - t_kill:.1f}s; members healthy {t_healthy - t_restart:.2f}s and first "
         f"ack {first_ack - t_restart:.2f}s after the restart began; errors {error_kinds(outcomes)}"
     )
@@ -446,7 +500,7 @@ async def test_quorum_loss_fails_fast_and_recovers(
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+def services() -> Iterator[list[ServiceProcess]]:
     """Service processes a test starts (appends); all stopped at teardown."""
     started: list[ServiceProcess] = []
     yield started
@@ -536,7 +590,10 @@ def test_rest_quorum_loss_answers_503_and_recovers(
         r = call("readyz", "GET", "/readyz")
         assert_problem(r, 503, "unavailable")
         assert c.get("/healthz").status_code == 200
-        print(f"\nREST without a quorum: " + ", ".join(f"{k} 503 in {v:.2f}s" for k, v in timings.items()))
+        print(
+            "\nREST without a quorum: "
+            + ", ".join(f"{k} 503 in {v:.2f}s" for k, v in timings.items())
+        )
         for what, secs in timings.items():
             assert secs <= OUTAGE_BOUND, f"{what} took {secs:.2f}s without a quorum"
 
@@ -685,12 +742,6 @@ async def test_blob_store_outage_gives_unavailable_and_loses_nothing(
         assert "during-outage" not in await c.get_all_names()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: statestore/store.py _drop_blob deletes the upload intent only after the blob "
-    "delete succeeded; when the blob store is down the intent stays on the live lease, so "
-    "the orphan sweeper protects whatever the failed write left for the instance's lifetime",
-)
 async def test_failed_add_during_blob_outage_drops_its_upload_intent(
     s3_config: StoreConfig, s3_proxy: FaultProxy, open_store: OpenStore
 ) -> None:
@@ -710,3 +761,113 @@ async def test_failed_add_during_blob_outage_drops_its_upload_intent(
     await store.add_and_lock("y", b"state of y")  # the blob store is back
     intents, _ = await store.etcd.range_all(up, prefix_end(up))
     assert [kv.key for kv in intents] == [], "the failed add left its upload intent behind"
+
+
+# -- 5: the service process is SIGKILLed in the middle of a streamed upload -------------
+
+
+class SlowBody:
+    """A streamed request body that never ends by itself: 64 KiB chunks,
+    paced. ``abort`` makes it raise (never finish cleanly: a clean end would
+    complete the upload with a truncated state)."""
+
+    def __init__(self, seed: str) -> None:
+        self.seed = seed
+        self.sent = 0
+        self.abort = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        i = 0
+        while True:
+            if self.abort.is_set():
+                raise RuntimeError("upload aborted by the test")
+            chunk = hashlib.shake_256(f"{self.seed}:{i}".encode()).digest(64 * 1024)
+            i += 1
+            self.sent += len(chunk)
+            yield chunk
+            time.sleep(0.005)  # pacing the upload, not waiting for a condition
+
+
+async def sdk_check(cfg: StoreConfig, expected: dict[str, bytes], versions: dict[str, int]) -> None:
+    async with StateHandleStore.open(cfg) as store:
+        for name, data in expected.items():
+            h = await store.get(name)
+            assert h.version == versions[name] and h.sha256 == sha(data) and h.size == len(data)
+            assert await store.read(h) == data, name
+        assert await store.exists("interrupted") is None
+
+
+def test_service_killed_mid_upload_loses_no_acknowledged_write(
+    etcd_cluster: EtcdCluster, tmp_path: Path, namespace: str, services: list[ServiceProcess]
+) -> None:
+    cluster, ns = etcd_cluster, namespace
+    svc = start_service(services, cluster, tmp_path)
+    expected: dict[str, bytes] = {}
+    versions: dict[str, int] = {}
+    with client(svc.url) as c:
+        sid = new_session(c, ttl=30)
+        # Small states (one read of the body) and larger ones (streamed, > 1 MiB).
+        sizes = [None, None, None, None, 3 * MiB, 2 * MiB + 17]
+        for i, size in enumerate(sizes):
+            name = f"acked-{i}"
+            data = content_of(name, size)
+            r = c.put(hpath(ns, name), content=data, headers=sess(sid))
+            assert r.status_code == 201, r.text
+            assert r.json()["sha256"] == sha(data)
+            expected[name], versions[name] = data, r.json()["version"]
+
+    blob_dir = tmp_path / "blobs" / encode(ns)
+    acked_blobs = {p.name for p in blob_dir.iterdir()}
+    assert len(acked_blobs) == len(expected)
+    body = SlowBody(f"{ns}/interrupted")
+    result: dict[str, Any] = {}
+
+    def upload() -> None:
+        try:
+            with client(svc.url) as c2:
+                result["response"] = c2.put(
+                    hpath(ns, "interrupted"), content=iter(body), headers=sess(sid)
+                )
+        except Exception as e:  # the server dies under it
+            result["error"] = e
+
+    uploader = threading.Thread(target=upload, name="slow-upload", daemon=True)
+    uploader.start()
+    try:
+        # The server is mid-upload: its blob file exists and holds a first
+        # block (it writes in blocks of blob_chunk_size, 4 MiB).
+        def partial_on_disk() -> bool:
+            new = [p for p in blob_dir.iterdir() if p.name not in acked_blobs]
+            return bool(new) and new[0].stat().st_size > 0
+
+        wait_until(partial_on_disk, RECOVERY, message="the upload did not reach the blob store")
+        svc.kill()
+        t_kill = time.monotonic()
+        # The client learns it from the socket (reset or broken pipe), not from us.
+        uploader.join(RECOVERY)
+    finally:
+        body.abort.set()
+        uploader.join(RECOVERY)
+    assert not uploader.is_alive(), "the client hung on a dead server"
+    assert "response" not in result, f"a killed server answered: {result['response']}"
+    assert isinstance(result.get("error"), httpx.TransportError), repr(result.get("error"))
+    (partial,) = [p for p in blob_dir.iterdir() if p.name not in acked_blobs]
+    print(
+        f"\nservice killed after {body.sent / MiB:.1f} MiB sent ({partial.stat().st_size} bytes "
+        f"on disk); client saw {type(result.get('error')).__name__}"
+    )
+
+    svc2 = start_service(services, cluster, tmp_path)
+    print(f"second service ready {time.monotonic() - t_kill:.2f}s after the kill")
+    with client(svc2.url) as c:
+        visible = check_absent_or_intact(c, ns, "interrupted", None)
+        assert not visible, "an upload that never finished is visible"
+        for name, data in expected.items():
+            r = c.get(hpath(ns, name))
+            assert r.status_code == 200, r.text
+            assert r.json()["version"] == versions[name] and r.json()["sha256"] == sha(data)
+            check_state(c, ns, name, data)
+        names = [h["name"] for h in c.get(f"/v1/namespaces/{ns}/handles").json()["handles"]]
+        assert names == sorted(expected)
+    cfg = cluster_config(cluster.endpoints, tmp_path, ns)
+    asyncio.run(sdk_check(cfg, expected, versions))
