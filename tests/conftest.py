@@ -16,6 +16,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from helpers import make_bucket
 from service import ServiceProcess
 
 from statestore import StateHandleStore
@@ -130,27 +131,8 @@ def s3_server() -> Iterator[dict[str, str]]:
 
 @pytest.fixture
 def s3_bucket(s3_server: dict[str, str]) -> tuple[str, dict[str, Any]]:
-    """A fresh bucket on the moto server: ``(bucket_name, s3fs storage_options)``.
-
-    The options skip fsspec's instance cache (an s3fs instance is bound to the
-    event loop it was created on) and s3fs's listing cache.
-    """
-    import boto3
-
-    endpoint_url = s3_server["endpoint_url"]
-    bucket = f"test-{uuid4().hex[:16]}"
-    boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
-    storage_options: dict[str, Any] = {
-        "endpoint_url": endpoint_url,
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"region_name": "us-east-1"},
-        "use_listings_cache": False,
-        "skip_instance_cache": True,
-    }
-    return bucket, storage_options
+    """A fresh bucket on the moto server (see :func:`make_bucket`)."""
+    return make_bucket(s3_server["endpoint_url"])
 
 
 @pytest.fixture

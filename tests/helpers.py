@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -95,3 +96,43 @@ async def async_wait_until(
 
 #: ``await open_store(cfg)`` (the ``open_store`` fixture in conftest.py).
 OpenStore = Callable[..., Awaitable["StateHandleStore"]]
+
+
+class Gate:
+    """State as an async iterable that, once the upload intent is in etcd and
+    the blob is open, waits for ``release`` before yielding its bytes: the
+    commit txn of the write is then sent after whatever the test does
+    meanwhile (a write in flight at the moment of a fault)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started.set()
+        await self.release.wait()
+        yield self.data
+
+
+def make_bucket(endpoint_url: str, prefix: str = "test") -> tuple[str, dict[str, Any]]:
+    """Create a fresh bucket on the moto server: ``(bucket_name, s3fs storage_options)``.
+
+    The options skip fsspec's instance cache (an s3fs instance is bound to the
+    event loop it was created on) and s3fs's listing cache.
+    """
+    import boto3
+
+    bucket = f"{prefix}-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    storage_options: dict[str, Any] = {
+        "endpoint_url": endpoint_url,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+        "use_listings_cache": False,
+        "skip_instance_cache": True,
+    }
+    return bucket, storage_options

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import make_bucket, wait_until
+from service import ServiceProcess
 
 from statestore.drill.report import DrillReport, ScenarioResult
 from statestore.drill.scenarios import SCENARIOS
@@ -344,22 +345,9 @@ def s3_drill(etcd, s3_server, tmp_path_factory: pytest.TempPathFactory) -> S3Run
     """One drill run (``blob-store-outage``, ``crash-mid-upload``) with blobs
     in a fresh moto bucket, shared by the S3 tests (the outage scenario alone
     takes tens of seconds: every failing S3 call runs into its timeouts)."""
-    import boto3
-
     tmp_path = tmp_path_factory.mktemp("drill-s3")
     endpoint_url = s3_server["endpoint_url"]
-    bucket = f"drill-{uuid.uuid4().hex[:16]}"
-    boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
-    storage_options = {  # as the s3_bucket fixture's
-        "endpoint_url": endpoint_url,
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"region_name": "us-east-1"},
-        "use_listings_cache": False,
-        "skip_instance_cache": True,
-    }
+    bucket, storage_options = make_bucket(endpoint_url, "drill")
     env = drill_env(
         tmp_path,
         STATESTORE_ETCD_ENDPOINTS=etcd.endpoint,
@@ -404,15 +392,27 @@ def test_s3_drill_prints_no_traceback(s3_drill: S3Run) -> None:
 # -- 6. a real violation ----------------------------------------------------------------------
 
 
-def test_service_without_maintenance_fails_lease_expiry(
-    etcd, service_factory, tmp_path: Path
-) -> None:
+def test_service_without_maintenance_fails_lease_expiry(etcd_factory, tmp_path: Path) -> None:
     """With no reconciler, deferred removals never complete: the drill must
-    say so (exit 1) rather than pass."""
+    say so (exit 1) rather than pass. The etcd is this test's own: on the
+    shared one, other tests' services would run a reconciler."""
+    etcd = etcd_factory()
     before = etcd_keys(etcd.endpoint)
-    svc = service_factory(maintenance="false", gc_grace_seconds=1)
-    env = drill_env(tmp_path)
-    out, report = run_drill(tmp_path, env, "--url", svc.url, "-s", "lease-expiry")
+    svc = ServiceProcess(
+        {
+            "STATESTORE_ETCD_ENDPOINTS": etcd.endpoint,
+            "STATESTORE_BLOB_ROOT": f"file://{tmp_path}/service-blobs",
+            "STATESTORE_MAINTENANCE": "false",
+            "STATESTORE_GC_GRACE_SECONDS": "1",
+        },
+        tmp_path / "service.log",
+    )
+    try:
+        svc.wait_ready()
+        env = drill_env(tmp_path)
+        out, report = run_drill(tmp_path, env, "--url", svc.url, "-s", "lease-expiry")
+    finally:
+        svc.stop()
     assert out.returncode == 1, explain(out, report)
     assert report is not None, explain(out, report)
     assert report["passed"] is False

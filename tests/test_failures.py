@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import OpenStore, async_wait_until
+from helpers import Gate, OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.errors import (
@@ -224,21 +224,6 @@ async def test_nospace_alarm_is_clear_and_writes_nothing(
 
 
 # -- lost answers (fault proxy) ------------------------------------------------------
-
-
-class Gate:
-    """State as an async iterable that waits, after the upload intent has been
-    acknowledged, until the test lets the data flow (``release``)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        self.started.set()
-        await self.release.wait()
-        yield self.data
 
 
 async def test_ambiguous_add_resolved_by_request_id(

@@ -25,7 +25,7 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import grpc
 import httpx
 import pytest
 from aetcd import rpc
-from helpers import OpenStore, async_wait_until, wait_until
+from helpers import Gate, OpenStore, async_wait_until, wait_until
 from rest import assert_problem, client, hpath, new_session, sess
 from service import ServiceProcess
 
@@ -173,23 +173,6 @@ def ack_gap(outcomes: Sequence[Outcome], at: float) -> tuple[float, float]:
     first = after[0] - at if after else float("inf")
     gap = (after[0] - before[-1]) if before and after else float("inf")
     return first, gap
-
-
-class Gate:
-    """State as an async iterable that, once the upload intent is in etcd and
-    the blob is open, waits for ``release`` before yielding its bytes: the
-    commit txn of this write is then sent after whatever the test does
-    meanwhile (a write in flight at the moment of the fault)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        self.started.set()
-        await self.release.wait()
-        yield self.data
 
 
 async def gated_write(store: StateHandleStore, name: str) -> tuple[Gate, asyncio.Task[Outcome]]:
