@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 import statestore
+from statestore.drill.scenarios import SCENARIOS
 from statestore.errors import StateStoreError
 
 app = typer.Typer(
@@ -234,7 +235,9 @@ def drill(
     ] = None,
     scenario: Annotated[
         list[str] | None,
-        typer.Option("--scenario", "-s", help="Run only these scenarios (repeatable)."),
+        typer.Option(
+            "--scenario", "-s", help=f"Run only these (repeatable): {', '.join(SCENARIOS)}."
+        ),
     ] = None,
     checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints A writes.")] = 20,
     state_bytes: Annotated[int, typer.Option(min=1, help="Bytes per checkpoint.")] = 64 * 1024,
@@ -260,7 +263,7 @@ def drill(
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from statestore.drill import SCENARIOS, DrillOptions, open_target, run_drill
+    from statestore.drill import DrillOptions, open_target, run_drill
 
     chosen = scenario or list(SCENARIOS)
     unknown = [s for s in chosen if s not in SCENARIOS]
