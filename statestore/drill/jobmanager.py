@@ -168,7 +168,9 @@ class SdkJobManager:
         try:
             h, holders = await self.store.describe(name)
         except NotFound:
-            return {"version": None, "holders": []}
+            # Lock keys left under a removed handle would mean a removal
+            # while locked (invariant 2): report them, do not hide them.
+            return {"version": None, "holders": await self.store.holders(name)}
         return {"version": h.version, "holders": holders}
 
     async def listing(self) -> dict[str, int]:

@@ -106,11 +106,11 @@ class Drill:
             return "this drill's reconciler (no service replica was leading maintenance)"
         return "a service replica's reconciler"
 
-    async def reclaim(self, namespace: str, keep: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
-        """Run the GC over the scratch namespace; return what is left that
-        nothing references: blobs (SDK) or "pending" (REST, where the
-        namespace cleanup answers 204 only once no blob is left). ``keep``:
-        names of handles that stay (their blobs are referenced)."""
+    async def reclaim(self, namespace: str) -> list[str]:
+        """Sweep the scratch namespace's orphans; return what is left that no
+        handle references: blobs and multipart uploads (SDK), or "pending"
+        (REST, where the namespace cleanup answers 204 only once no key and
+        no blob is left)."""
         if self.target.mode == "rest":
             from statestore.http import Forbidden, Unauthorized
 
@@ -119,14 +119,13 @@ class Drill:
             except (Forbidden, Unauthorized) as e:
                 raise CannotVerify(f"namespace cleanup refused ({e.kind}): {e}") from None
             return [] if done else [f"namespace {namespace} cleanup pending"]
-        from statestore.gc import GcReport, collect_due, sweep_orphans
+        from statestore.gc import GcReport, sweep_orphans
 
         view = self._admin.for_namespace(namespace)
-        await collect_due(view)
         # The drill owns the namespace and its writers are dead: no age needed.
         await sweep_orphans(view, 0.0, GcReport())
         snap = await view.snapshot()
-        referenced = {h.blob_url for h in snap.handles if h.name in keep}
+        referenced = {h.blob_url for h in snap.handles}
         left = [b.url for b in await view.blobs.list_namespace(namespace)]
         left += [
             f"multipart upload {u[1]}" for u in await view.blobs.stale_multipart_uploads(namespace)
@@ -143,15 +142,14 @@ class Drill:
             self._admin = AsyncStateStoreClient(self.target.url, token=self.target.token)
             return
         from statestore.maintenance import Maintenance
-        from statestore.store import StateHandleStore, StoreBackend
+        from statestore.store import StateHandleStore
 
-        ns = f"drill-{self.run_id}"
-        self._admin = await StateHandleStore.open(self.target.config_for(ns))
-        self._maintenance = Maintenance(
-            StoreBackend(self.target.config_for(ns)),
+        self._admin = await StateHandleStore.open(self.target.config_for(f"drill-{self.run_id}"))
+        self._maintenance = Maintenance(  # on the admin store's connections
+            self._admin.backend,
             gc_interval=self.target.gc_interval,
             compaction_interval=self.target.compaction_interval,
-            orphan_min_age=self.target.config_for(ns).orphan_min_age_seconds,
+            orphan_min_age=self._admin.config.orphan_min_age_seconds,
             compact=False,
         )
         await self._maintenance.start()
@@ -206,7 +204,6 @@ class Drill:
         if self._maintenance is not None:
             with contextlib.suppress(StateStoreError):
                 await self._maintenance.stop()
-            await self._maintenance._backend.close()
         if self._admin is not None:
             with contextlib.suppress(StateStoreError):
                 if self.target.mode == "rest":

@@ -202,7 +202,7 @@ async def lease_expiry(drill: Drill, result: ScenarioResult) -> None:
                 state = await b.inspect(name)
                 if a.identity in state["holders"]:
                     gone = False
-                    if state["version"] is None:  # cannot happen with a lock: record it
+                    if state["version"] is None:  # removed with A's lock still under it
                         removed_early.add(name)
             return gone
 
@@ -347,7 +347,7 @@ async def blob_store_outage(drill: Drill, result: ScenarioResult) -> None:
             for name in failed:
                 if (await jm.inspect(name))["version"] is not None:
                     result.violation(f"failed write {name} became visible after the outage")
-            leftovers = await drill.reclaim(ns, keep=set(acked))
+            leftovers = await drill.reclaim(ns)
             if leftovers:
                 result.violation(f"blobs of failed writes left behind: {leftovers[:5]}")
     finally:

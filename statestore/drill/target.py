@@ -17,7 +17,7 @@ import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -119,7 +119,6 @@ class Target:
     #: Settings of the maintenance the drill runs when no service does (SDK).
     gc_interval: float = 5.0
     compaction_interval: float = 300.0
-    notes: list[str] = field(default_factory=list)
 
     def config_for(self, namespace: str, **update: Any) -> StoreConfig:
         assert self.cfg is not None
