@@ -47,10 +47,9 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,9 +57,18 @@ from urllib.parse import quote
 
 import aetcd
 import httpx
+from harness import (
+    Timing,
+    cancel_on_sigterm,
+    handle_names,
+    host_port,
+    run_split,
+    scratch_etcd,
+    timed,
+)
 
 from statestore import StateHandleStore, StoreConfig
-from statestore.etcd_server import EtcdProcess, free_port
+from statestore.etcd_server import free_port
 from statestore.keys import Layout, encode
 
 ROOT = "/statestore/v1"
@@ -200,37 +208,6 @@ class Service:
 # measurements
 
 
-@dataclass
-class Timing:
-    wall: float = 0.0  # seconds
-    cpu: float = 0.0  # CPU seconds of this process (client side / whole SDK)
-    server_cpu: float = 0.0  # CPU seconds of the service's processes (REST only)
-
-
-@contextlib.contextmanager
-def timed(service: Service | None = None):  # type: ignore[no-untyped-def]
-    t = Timing()
-    s0 = service.cpu_seconds() if service else 0.0
-    w0, c0 = time.perf_counter(), time.process_time()
-    yield t
-    t.wall, t.cpu = time.perf_counter() - w0, time.process_time() - c0
-    t.server_cpu = service.cpu_seconds() - s0 if service else 0.0
-
-
-async def run_split(fn: Callable[[str], Awaitable[Any]], names: list[str], conc: int) -> None:
-    """``conc`` tasks sharing one client/store, task i doing names[i::conc]."""
-
-    async def worker(share: list[str]) -> None:
-        for n in share:
-            await fn(n)
-
-    await asyncio.gather(*(worker(names[i::conc]) for i in range(conc)))
-
-
-def _names(prefix: str, n: int) -> list[str]:
-    return [f"{prefix}-{i:06d}" for i in range(n)]
-
-
 def _ns(side: str, tag: str) -> str:
     return f"bench-rest-{side}-{tag}-{uuid.uuid4().hex[:8]}"
 
@@ -338,13 +315,13 @@ async def measure_rest(
     )
     sid = json.loads(RestSide._expect(got, 201, "create session"))["session_id"]
     side = RestSide(client, ns, sid)
-    names, warm = _names("h", n), _names("warm", WARMUP)
+    names, warm = handle_names("h", n), handle_names("warm", WARMUP)
     out: dict[str, Timing] = {}
     try:
         for fn in (side.add, side.get, side.remove):
             await run_split(fn, warm, CONCURRENCY)
         for op, fn in (("add", side.add), ("get", side.get), ("remove", side.remove)):
-            with timed(service) as t:
+            with timed(service.cpu_seconds) as t:
                 await run_split(fn, names, CONCURRENCY)
             out[op] = t
     finally:
@@ -355,7 +332,7 @@ async def measure_rest(
 
 async def measure_sdk(ctx: Ctx, n: int, blob_root: str, blob_dir: Path | None) -> dict[str, Timing]:
     ns = _ns("sdk", "memory" if blob_dir is None else "file")
-    names, warm = _names("h", n), _names("warm", WARMUP)
+    names, warm = handle_names("h", n), handle_names("warm", WARMUP)
     cfg = StoreConfig(etcd_endpoints=[ctx.endpoint], blob_root=blob_root, namespace=ns)
     out: dict[str, Timing] = {}
     try:
@@ -435,17 +412,14 @@ def add_sample(
 
 
 async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[Row], dict]:
-    # While the loop runs, SIGTERM cancels this task (see bench_store.py).
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    cancel_on_sigterm()
     n = 256 if args.quick else args.n
     reps = args.repeat
     blob_dir = tmp / "blobs"
     blob_root = f"file://{blob_dir}"
     rows: dict[tuple[str, str], Row] = {}
     rss: dict[str, dict[str, Any]] = {}
-    admin = aetcd.Client(*_host_port(endpoint))
+    admin = aetcd.Client(*host_port(endpoint))
     ctx = Ctx(endpoint, admin, blob_dir)
     try:
         await admin.status()
@@ -495,18 +469,13 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[
 
 
 async def _etcd_version(endpoint: str) -> str:
-    client = aetcd.Client(*_host_port(endpoint))
+    client = aetcd.Client(*host_port(endpoint))
     try:
         return str((await client.status()).version)
     except Exception:
         return "?"
     finally:
         await client.close()
-
-
-def _host_port(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    return host, int(port)
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -565,10 +534,6 @@ def _version(dist: str) -> str:
         return "?"
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N=256: a smoke run")
@@ -592,24 +557,11 @@ def main() -> int:
     p.add_argument("--etcd-dir", metavar="DIR", help="parent dir for etcd's data")
     args = p.parse_args()
 
-    signal.signal(signal.SIGTERM, _terminate)
-    tmp = Path(tempfile.mkdtemp(prefix="statestore-bench-rest-"))
-    etcd_parent = Path(tempfile.mkdtemp(prefix="statestore-bench-rest-etcd-", dir=args.etcd_dir))
-    member = EtcdProcess(etcd_parent / "default.etcd", log_file=etcd_parent / "etcd.log")
     started = time.monotonic()
     load_start = os.getloadavg()
-    try:
-        member.start()
-        member.wait_ready()
+    interrupted = "interrupted: stopping the service and etcd, removing temp dirs"
+    with scratch_etcd("statestore-bench-rest", args.etcd_dir, interrupted) as (member, tmp):
         rows, info = asyncio.run(run(args, member.endpoint, tmp))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted: stopping the service and etcd, removing temp dirs", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, _terminate)
-        member.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(etcd_parent, ignore_errors=True)
 
     load_end = os.getloadavg()
     try:

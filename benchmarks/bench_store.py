@@ -33,12 +33,9 @@ import json
 import os
 import platform
 import pstats
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -51,9 +48,18 @@ from typing import Any
 import aetcd
 import fsspec
 from aetcd.utils import prefix_range_end
+from harness import (
+    Timing,
+    cancel_on_sigterm,
+    handle_names,
+    host_port,
+    run_split,
+    scratch_etcd,
+    timed,
+)
 
 from statestore import StateHandleStore, StoreConfig
-from statestore.etcd_server import EtcdProcess, find_etcd_binary
+from statestore.etcd_server import find_etcd_binary
 from statestore.keys import Layout
 
 ROOT = "/statestore/v1"
@@ -288,30 +294,6 @@ async def drop_namespace(client: aetcd.Client, ns: str, backend: Backend) -> Non
     backend.clean(ns)
 
 
-@dataclass
-class Timing:
-    wall: float = 0.0  # seconds
-    cpu: float = 0.0  # seconds of CPU of this process (all its threads), not etcd's
-
-
-@contextlib.contextmanager
-def timed():  # type: ignore[no-untyped-def]
-    t = Timing()
-    w0, c0 = time.perf_counter(), time.process_time()
-    yield t
-    t.wall, t.cpu = time.perf_counter() - w0, time.process_time() - c0
-
-
-async def run_split(fn: Callable[[str], Awaitable[Any]], names: list[str], conc: int) -> None:
-    """``conc`` tasks sharing one client/store, task i doing names[i::conc]."""
-
-    async def worker(share: list[str]) -> None:
-        for n in share:
-            await fn(n)
-
-    await asyncio.gather(*(worker(names[i::conc]) for i in range(conc)))
-
-
 # ---------------------------------------------------------------------------
 # one measurement = fresh namespace, fresh client/store, warm-up, timed run
 
@@ -324,22 +306,13 @@ class Ctx:
     profile: cProfile.Profile | None = None
 
 
-def _names(prefix: str, n: int) -> list[str]:
-    return [f"{prefix}-{i:06d}" for i in range(n)]
-
-
 def _ns(op: str, side: str, conc: int) -> str:
     return f"bench-{op}-{side}-c{conc}-{uuid.uuid4().hex[:8]}"
 
 
-def _host_port(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    return host, int(port)
-
-
 @contextlib.asynccontextmanager
 async def raw_side(ctx: Ctx, ns: str, backend: Backend):  # type: ignore[no-untyped-def]
-    client = aetcd.Client(*_host_port(ctx.endpoint))
+    client = aetcd.Client(*host_port(ctx.endpoint))
     raw = Raw(client, ns, backend, ctx.pool)
     try:
         await raw.start()
@@ -377,8 +350,8 @@ WARMUP = 16
 
 async def measure_add(ctx: Ctx, side: str, conc: int, n: int, backend: Backend) -> Timing:
     ns = _ns("add", side, conc)
-    names = _names("h", n)
-    warm = _names("warm", WARMUP)
+    names = handle_names("h", n)
+    warm = handle_names("warm", WARMUP)
     if side == "raw":
         async with raw_side(ctx, ns, backend) as raw:
             await run_split(raw.add, warm, min(conc, WARMUP))
@@ -398,8 +371,8 @@ async def measure_add(ctx: Ctx, side: str, conc: int, n: int, backend: Backend) 
 
 async def measure_remove(ctx: Ctx, side: str, conc: int, n: int, backend: Backend) -> Timing:
     ns = _ns("remove", side, conc)
-    names = _names("h", n)
-    warm = _names("warm", WARMUP)
+    names = handle_names("h", n)
+    warm = handle_names("warm", WARMUP)
     if side == "raw":
         async with raw_side(ctx, ns, backend) as raw:
             lock_as = (raw.instance_id, raw.lease)
@@ -426,7 +399,7 @@ async def measure_recovery(ctx: Ctx, side: str, conc: int, n: int, backend: Back
     """conc == 1: one batch in flight; otherwise: the SDK's default
     ``lock_concurrency`` (8) vs raw with 8 batches in flight."""
     ns = _ns("recover", side, conc)
-    names = _names("h", n)
+    names = handle_names("h", n)
     await populate(ctx.admin, ns, names, backend)  # handles of a previous leader, unlocked
     in_flight = 1 if conc == 1 else StoreConfig.model_fields["lock_concurrency"].default
     if side == "raw":
@@ -512,11 +485,7 @@ def etcd_binary_version() -> str:
 
 
 async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[Row], dict]:
-    # While the loop runs, SIGTERM cancels this task (a Python-level handler
-    # raising there could fire inside a gRPC callback, which swallows it).
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    cancel_on_sigterm()
     quick = args.quick
     reps = args.repeat or 3
     n1 = 100 if quick else 500  # add/remove ops at concurrency 1
@@ -538,7 +507,7 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[
         plan = [p for p in plan if p[0] in args.only]
     rows: list[Row] = []
     prof = cProfile.Profile() if args.cprofile else None
-    admin = aetcd.Client(*_host_port(endpoint))
+    admin = aetcd.Client(*host_port(endpoint))
     pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="raw-blob")
     ctx = Ctx(endpoint, admin, pool, prof)
     try:
@@ -615,10 +584,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small N: a smoke run (< 30 s)")
@@ -642,31 +607,18 @@ def main() -> int:
     )
     args = p.parse_args()
 
-    # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so the finally below
-    # still stops etcd and removes the temp dirs (see also run()).
-    signal.signal(signal.SIGTERM, _terminate)
-    tmp = Path(tempfile.mkdtemp(prefix="statestore-bench-"))
-    etcd_parent = Path(tempfile.mkdtemp(prefix="statestore-bench-etcd-", dir=args.etcd_dir))
-    member = EtcdProcess(etcd_parent / "default.etcd", log_file=etcd_parent / "etcd.log")
     started = time.monotonic()
     load_start = os.getloadavg()
-    try:
-        member.start()
-        member.wait_ready()
+    # Stops etcd and removes the temp dirs however run() ends; on Ctrl-C or
+    # SIGTERM it exits with status 130 (see also run()).
+    with scratch_etcd("statestore-bench", args.etcd_dir) as (member, tmp):
         rows, info = asyncio.run(run(args, member.endpoint, tmp))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted: stopping etcd, removing temp dirs", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, _terminate)  # the closed loop reset it to default
-        member.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(etcd_parent, ignore_errors=True)
 
     machine = machine_info(info["etcd_server"], load_start)
     machine["etcd_binary"] = etcd_binary_version()
     machine["loadavg_end"] = os.getloadavg()
-    machine["etcd_data_on"] = str(etcd_parent.parent)
+    # <etcd_dir>/<temp dir>/default.etcd: the dir etcd's temp dir was made in
+    machine["etcd_data_on"] = str(member.data_dir.parent.parent)
     print(table(rows))
     print("\nClient CPU per operation (this process, all threads; etcd excluded), median:\n")
     print(cpu_table(rows))

@@ -859,16 +859,27 @@ class StateHandleStore:
         ``NotFound`` when absent or pending removal. An ambiguous answer is
         resolved by sending it again (putting our own lock twice is harmless).
         """
+        h, _ = await self.get_and_lock_described(name)
+        return h
+
+    async def get_and_lock_described(self, name: str) -> tuple[Handle, list[str]]:
+        """:meth:`get_and_lock`, also returning every lock holder (ours
+        included), read in the same txn after our lock was put."""
         name = validate_name(name)
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
         lock_key = self._keys.lock(name, self._s.instance_id)
+        lp = self._keys.lock_prefix(name)
 
         def build(lease: int) -> Txn:
             return (
                 Txn()
                 .compare("create", hkey, ">", 0)
                 .compare("create", rkey, "==", 0)
-                .then(Txn.put(lock_key, self._lock_value(), lease), Txn.get(hkey))
+                .then(
+                    Txn.put(lock_key, self._lock_value(), lease),
+                    Txn.get(hkey),
+                    Txn.get(lp, prefix_end(lp), True),
+                )
                 .orelse(Txn.get(hkey), Txn.get(rkey))
             )
 
@@ -879,7 +890,8 @@ class StateHandleStore:
                 continue
             if res.succeeded:
                 kv = res.results[1][0]
-                return parse_record(kv.value, kv.mod_revision, kv.create_revision)
+                holders = sorted(k.key[len(lp) :].decode() for k in res.results[2])
+                return parse_record(kv.value, kv.mod_revision, kv.create_revision), holders
             if res.results[0]:
                 raise NotFound(
                     f"cannot lock handle {name!r}: its removal is pending (it goes as soon as "

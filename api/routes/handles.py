@@ -177,9 +177,8 @@ async def lock_handle(
     svc.authorize(request, ns, Role.write)
     session = await svc.session(request)
     store = svc.store(ns, session, request)
-    await store.get_and_lock(name)
+    h, locks = await store.get_and_lock_described(name)
     svc.metrics.locks.labels("acquire").inc()
-    h, locks = await store.describe(name)
     return JSONResponse(handle_json(h, locks), headers=_etag(h.version))
 
 
