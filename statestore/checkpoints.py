@@ -158,7 +158,15 @@ class CompletedCheckpointStore:
         Raises ``IntegrityError`` naming the checkpoint when a record cannot be
         parsed or (``verify_blobs``) its blob is missing: recovery must not
         silently fall back to an older checkpoint (FLINK-22502)."""
-        handles, _, _ = await self._store.lock_all(select=is_checkpoint)
+        checkpoints, _ = await self.recover_described(verify_blobs=verify_blobs)
+        return checkpoints
+
+    async def recover_described(
+        self, *, verify_blobs: bool = True
+    ) -> tuple[list[CompletedCheckpoint], dict[str, list[str]]]:
+        """:meth:`recover`, also returning each handle's lock holders (ours
+        included) from the same snapshot, for listings."""
+        handles, holders, _ = await self._store.lock_all(select=is_checkpoint)
         checkpoints = checkpoints_of(handles)
         if verify_blobs and checkpoints:
             present = {e.url for e in await self._store.blobs.list_namespace(self._store.namespace)}
@@ -170,7 +178,7 @@ class CompletedCheckpointStore:
                     "Restore the blobs or remove those checkpoints deliberately",
                     missing=missing,
                 )
-        return checkpoints
+        return checkpoints, holders
 
     async def shutdown(self, globally_terminal: bool) -> None:
         """Globally terminal: remove every checkpoint (deferred where others

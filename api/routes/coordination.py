@@ -197,13 +197,11 @@ async def list_checkpoints(
     if lock:
         session = await svc.session(request)
         store = svc.store(ns, session, request)
-        checkpoints = await CompletedCheckpointStore(store).recover()
-        snap = await store.snapshot()
+        checkpoints, locks = await CompletedCheckpointStore(store).recover_described()
     else:
-        store = svc.store(ns)
-        snap = await store.snapshot()
-        checkpoints = checkpoints_of(snap.handles, snap.pending_removal)
-    docs = [checkpoint_json(c, sorted(snap.locks.get(c.handle.name, []))) for c in checkpoints]
+        snap = await svc.store(ns).snapshot()
+        checkpoints, locks = checkpoints_of(snap.handles, snap.pending_removal), snap.locks
+    docs = [checkpoint_json(c, sorted(locks.get(c.handle.name, []))) for c in checkpoints]
     return JSONResponse({"checkpoints": docs})
 
 
