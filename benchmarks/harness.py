@@ -1,0 +1,112 @@
+"""Scaffolding shared by the benchmark scripts (bench_store.py, bench_rest.py).
+
+The scripts run as ``python benchmarks/bench_x.py``, which puts this directory
+on ``sys.path``, so they import it as ``from harness import ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from statestore.etcd_server import EtcdProcess
+
+# ---------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Timing:
+    wall: float = 0.0  # seconds
+    cpu: float = 0.0  # CPU seconds of this process (all its threads: client side / whole SDK)
+    server_cpu: float = 0.0  # CPU seconds of the service's processes (REST only); never etcd's
+
+
+@contextlib.contextmanager
+def timed(server_cpu: Callable[[], float] | None = None) -> Iterator[Timing]:
+    """Wall time and CPU time of this process over the block; with
+    ``server_cpu`` (a callable returning CPU seconds so far, such as
+    ``Service.cpu_seconds``) also the CPU the server spent meanwhile."""
+    t = Timing()
+    s0 = server_cpu() if server_cpu else 0.0
+    w0, c0 = time.perf_counter(), time.process_time()
+    yield t
+    t.wall, t.cpu = time.perf_counter() - w0, time.process_time() - c0
+    t.server_cpu = server_cpu() - s0 if server_cpu else 0.0
+
+
+async def run_split(fn: Callable[[str], Awaitable[Any]], names: list[str], conc: int) -> None:
+    """``conc`` tasks sharing one client/store, task i doing names[i::conc]."""
+
+    async def worker(share: list[str]) -> None:
+        for n in share:
+            await fn(n)
+
+    await asyncio.gather(*(worker(names[i::conc]) for i in range(conc)))
+
+
+def handle_names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:06d}" for i in range(n)]
+
+
+def host_port(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host, int(port)
+
+
+# ---------------------------------------------------------------------------
+# a scratch etcd, and SIGTERM
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def cancel_on_sigterm() -> None:
+    """Call at the top of the script's main coroutine: while the loop runs,
+    SIGTERM cancels that task (a Python-level handler raising there could fire
+    inside a gRPC callback, which swallows it)."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
+@contextlib.contextmanager
+def scratch_etcd(
+    prefix: str,
+    etcd_dir: str | None,
+    interrupted: str = "interrupted: stopping etcd, removing temp dirs",
+) -> Iterator[tuple[EtcdProcess, Path]]:
+    """Start an etcd in a fresh temp dir and yield ``(member, tmp)``: the
+    running member and a second fresh temp dir for the benchmark's own files
+    (``{prefix}-*``; etcd's is ``{prefix}-etcd-*`` under ``etcd_dir``, default
+    the system temp dir). The member's data dir is ``<that dir>/default.etcd``.
+
+    Always stops etcd and removes both dirs on the way out. SIGTERM (e.g. from a
+    CI timeout) unwinds like Ctrl-C; either one prints ``interrupted`` to
+    stderr and exits with status 130 (raises ``SystemExit(130)``)."""
+    signal.signal(signal.SIGTERM, _terminate)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    etcd_parent = Path(tempfile.mkdtemp(prefix=f"{prefix}-etcd-", dir=etcd_dir))
+    member = EtcdProcess(etcd_parent / "default.etcd", log_file=etcd_parent / "etcd.log")
+    try:
+        member.start()
+        member.wait_ready()
+        yield member, tmp
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(interrupted, file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, _terminate)  # a closed asyncio loop resets it to default
+        member.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(etcd_parent, ignore_errors=True)
