@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from statestore.errors import IntegrityError, PossibleInconsistentState, StateStoreError
+from statestore.errors import IntegrityError, StateStoreError
 
 log = logging.getLogger("statestore.api")
 
@@ -71,11 +71,10 @@ class ApiError(Exception):
 
 def store_error_response(e: StateStoreError, *, reading: bool = False) -> JSONResponse:
     kind, status = e.kind, e.http_status
-    if isinstance(e, PossibleInconsistentState):
-        kind, status = "unavailable", 503  # outcome unknown: the caller must re-read
-    elif isinstance(e, IntegrityError) and reading:
+    if isinstance(e, IntegrityError) and reading:
         status = 502  # the blob store returned bytes that do not match: not the caller's fault
     if kind not in TITLES:
+        # e.g. possible-inconsistent-state (503, outcome unknown: the caller must re-read)
         kind = "unavailable"
     return problem(status, kind, e.message, **e.details)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote
@@ -15,7 +16,7 @@ from api.problems import ApiError
 from api.settings import ServiceSettings
 from statestore.errors import SessionExpired
 from statestore.handle import Handle
-from statestore.keys import Layout, validate_name, validate_namespace
+from statestore.keys import prefix_end, validate_name, validate_namespace
 from statestore.maintenance import Maintenance
 from statestore.sessions import SessionInfo, SessionRegistry
 from statestore.store import FixedLease, StateHandleStore, StoreBackend, TokenFence
@@ -57,33 +58,53 @@ class Service:
         self, namespace: str, session: SessionInfo | None = None, request: Request | None = None
     ) -> StateHandleStore:
         """A store acting as ``session`` (or as a lock-less reader), fenced when
-        the request carries ``X-Fencing-Token``."""
+        the request carries ``X-Fencing-Token`` (by the session's own leader key)."""
         if session is None:
             store = self.backend.store(namespace, READER, FixedLease(0))
         else:
             store = self.backend.store(namespace, session.session_id, FixedLease(session.lease_id))
-        token = request.headers.get("x-fencing-token") if request is not None else None
-        if token is not None:
+        raw = request.headers.get("x-fencing-token") if request is not None else None
+        if raw is not None:
             if session is None:
                 raise ApiError(
                     400, "invalid-argument", "X-Fencing-Token needs the leader's X-Session-Id"
                 )
-            try:
-                value: int | None = int(token)
-            except ValueError:
-                raise ApiError(
-                    400,
-                    "invalid-argument",
-                    f"X-Fencing-Token must be an integer (the token returned by "
-                    f"POST .../leader), got {token!r}",
-                ) from None
-            if not 1 <= value < 2**63:  # type: ignore[operator]
-                value = None  # no etcd revision: never current leadership -> 409 fenced
-            leader_key = Layout(self.settings.root, namespace).leader_prefix + (
-                session.session_id.encode()
-            )
-            store = store.with_fencing(TokenFence(leader_key, value))
+            leader_key = store.keys.leader_prefix + session.session_id.encode()
+            store = store.with_fencing(TokenFence(leader_key, fencing_token(raw)))
         return store
+
+    async def token_fenced_store(self, namespace: str, raw_token: str) -> StateHandleStore:
+        """A lock-less writer fenced by a token sent without ``X-Session-Id``
+        (counter writes): the token is the create revision of the leader key it
+        names, so that key is looked up (one range of the leader prefix) and the
+        writes compare it exactly as a session's own key. No such key -> every
+        write raises ``Fenced`` before any txn, so nothing changes."""
+        store = self.backend.store(namespace, READER, FixedLease(0))
+        token = fencing_token(raw_token)
+        lp = store.keys.leader_prefix
+        leader_key = None
+        if token is not None:
+            kvs, _ = await store.etcd.range_all(lp, prefix_end(lp), keys_only=True)
+            leader_key = next((kv.key for kv in kvs if kv.create_revision == token), None)
+        if leader_key is None:
+            return store.with_fencing(TokenFence(lp, None))
+        return store.with_fencing(TokenFence(leader_key, token))
+
+
+def fencing_token(raw: str) -> int | None:
+    """The value of ``X-Fencing-Token``; ``None`` when it can be no etcd
+    revision (so never the current leadership: the write is 409 fenced).
+    Not an integer -> 400."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(
+            400,
+            "invalid-argument",
+            f"X-Fencing-Token must be an integer (the token returned by "
+            f"POST .../leader), got {raw!r}",
+        ) from None
+    return value if 1 <= value < 2**63 else None
 
 
 async def service(request: Request) -> Service:
@@ -98,6 +119,29 @@ def path_name(raw: str) -> str:
 
 def path_namespace(raw: str) -> str:
     return validate_namespace(unquote(raw, errors="strict"))
+
+
+#: State bodies up to this size (with a declared length) are read whole, larger
+#: or unsized ones stream. The same 1 MiB as ``StateHandleStore._precheck_wanted``
+#: (statestore/store.py, ``1 << 20``): bytes up to it skip the store's pre-upload
+#: existence check, which saves an etcd round trip; keep the two equal.
+SMALL_BODY = 1 << 20
+
+
+async def state_body(request: Request, limit: int) -> bytes | AsyncIterator[bytes]:
+    """The request's state body: 413 when its ``Content-Length`` is over
+    ``limit``; a small body with a declared length is read whole (bytes need
+    no pre-upload existence check), anything else streams so memory stays
+    bounded (the store enforces ``limit`` on the way)."""
+    length = request.headers.get("content-length")
+    declared = int(length) if length and length.isascii() and length.isdigit() else None
+    if declared is not None and declared > limit:
+        raise ApiError(
+            413, "too-large", f"the state is {length} bytes, over the limit of {limit} bytes"
+        )
+    if declared is not None and declared <= SMALL_BODY:
+        return await request.body()
+    return request.stream()
 
 
 def handle_json(h: Handle, locks: list[str]) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from urllib.parse import quote
 
 import httpx
 
+from statestore.checkpoints import MAX_ID
 from statestore.errors import (
     AlreadyExists,
     Fenced,
@@ -456,6 +457,13 @@ class _Upload:
     def sha256(self) -> str:
         return self._sha.hexdigest()
 
+    def add_digest(self, headers: dict[str, str]) -> None:
+        """Bytes get their own ``X-Content-SHA256`` (unless the caller already
+        gave one), so the server refuses a corrupted upload. A streamed body's
+        digest is only known once sent: :meth:`check` covers it."""
+        if self.raw is not None:
+            headers.setdefault("X-Content-SHA256", self.sha256)
+
     def _feed(self, chunk: bytes) -> bytes:
         self._sha.update(chunk)
         self.size += len(chunk)
@@ -747,8 +755,7 @@ class _Api:
             if_match=expected_version,
         )
         upload = _Upload(data)
-        if sha256 is None and upload.raw is not None:
-            headers["X-Content-SHA256"] = upload.sha256
+        upload.add_digest(headers)
         return _Call(
             "PUT", path, lambda r: upload.check(_handle(r)), headers=headers, upload=upload
         )
@@ -858,15 +865,14 @@ class _Api:
         ns: str | None,
     ) -> _Call[tuple[RestCheckpoint, list[int]]]:
         cid = _checked_int(checkpoint_id, "checkpoint_id")
-        if not 0 <= cid < 2**64:
-            raise InvalidArgument(f"checkpoint_id must be a non-negative 64-bit integer, got {cid}")
+        if not 0 <= cid <= MAX_ID:
+            raise InvalidArgument(f"checkpoint_id must be an integer 0..{MAX_ID}, got {cid}")
         params = {"retain": str(_checked_int(retain, "retain"))}
         if savepoint:
             params["savepoint"] = "true"
         headers = request_headers(session_id=session_id, fencing_token=fencing_token)
         upload = _Upload(data)
-        if upload.raw is not None:
-            headers["X-Content-SHA256"] = upload.sha256
+        upload.add_digest(headers)
 
         def parse(response: httpx.Response) -> tuple[RestCheckpoint, list[int]]:
             body = _body(response)

@@ -32,6 +32,7 @@ import httpx
 import pytest
 from helpers import async_wait_until, wait_until
 
+from statestore.checkpoints import MAX_ID
 from statestore.errors import (
     AlreadyExists,
     Fenced,
@@ -1162,6 +1163,10 @@ def test_checkpoints(client: Any, sid: str, server: FakeServer) -> None:
         client.add_checkpoint(-1, b"x", sid)
     with pytest.raises(InvalidArgument):
         client.add_checkpoint(2**64, b"x", sid)
+    sent = len(server.requests)
+    with pytest.raises(InvalidArgument):  # the server's bound (MAX_ID = 2**63 - 1)
+        client.add_checkpoint(MAX_ID + 1, b"x", sid)
+    assert len(server.requests) == sent  # refused before sending
 
 
 def test_delete_namespace(client: Any, server: FakeServer) -> None:

@@ -24,7 +24,9 @@ from rest import HANDLE_FIELDS, assert_problem, client, enc, hpath, lpath, new_s
 from service import ServiceProcess
 
 from statestore import StateHandleStore, StoreConfig
+from statestore.errors import Fenced
 from statestore.etcd_server import EtcdProcess
+from statestore.http import StateStoreClient
 from statestore.keys import encode, prefix_end
 
 MAX_I64 = 2**63 - 1
@@ -531,6 +533,103 @@ def test_stale_token_delete_of_a_missing_handle_is_fenced(
         r = api.delete(hpath(namespace, "never-existed"), headers=fence(who, ta))
         assert_problem(r, 409, "fenced")
     assert handle_names(api, namespace) == []
+
+
+def only_token(token: int | str) -> dict[str, str]:
+    """``X-Fencing-Token`` without ``X-Session-Id`` (how counter writes are fenced)."""
+    return {"X-Fencing-Token": str(token)}
+
+
+def test_counter_writes_with_only_the_leaders_token_succeed(
+    api: httpx.Client, namespace: str
+) -> None:
+    """rest-v1.md: writes accept X-Fencing-Token; counter writes need no lock, so
+    the token alone (no X-Session-Id) fences them by the leader key it names."""
+    s = new_session(api)
+    t = campaign(api, namespace, s)
+    assert increment(api, namespace, "c", only_token(t)) == 1
+    r = api.put(cpath(namespace, "c"), json={"value": 41}, headers=only_token(t))
+    assert r.status_code == 200 and r.json() == {"value": 41}, r.text
+    assert increment(api, namespace, "c", only_token(t)) == 41
+    assert counter_value(api, namespace, "c") == 42
+    # Calls that take locks still need the session: a token alone is 400 there.
+    put_handle(api, namespace, "h", b"x", sess(s))
+    r = api.post(hpath(namespace, "h", "/lock"), headers=only_token(t))
+    assert_problem(r, 400, "invalid-argument")
+    r = api.put(hpath(namespace, "other"), content=b"x", headers=only_token(t))
+    assert_problem(r, 400, "invalid-argument")
+    assert handle_names(api, namespace) == ["h"]
+
+
+def test_counter_writes_with_only_a_stale_token_are_fenced_and_change_nothing(
+    api: httpx.Client, etcd: EtcdProcess, namespace: str
+) -> None:
+    a, b = new_session(api), new_session(api)
+    ta = campaign(api, namespace, a)
+    r = api.put(cpath(namespace, "c"), json={"value": 7}, headers=only_token(ta))
+    assert r.status_code == 200, r.text
+    assert api.delete(leader_path(namespace), headers=sess(a)).status_code == 204
+
+    before = raw_counter(etcd, namespace, "c")
+    assert before is not None
+
+    def assert_fenced(headers: dict[str, str]) -> None:
+        for r in (
+            api.post(cpath(namespace, "c", "/increment"), headers=headers),
+            api.put(cpath(namespace, "c"), json={"value": 99}, headers=headers),
+        ):
+            assert_problem(r, 409, "fenced")
+        assert counter_value(api, namespace, "c") == 7
+        assert raw_counter(etcd, namespace, "c") == before
+
+    assert_fenced(only_token(ta))  # nobody leads
+    tb = campaign(api, namespace, b)
+    assert tb > ta
+    assert_fenced(only_token(ta))  # someone else leads
+    for never in (0, -1, 2**63, 2**64 + 5, tb + 1000):  # no etcd revision / no leader key
+        assert_fenced(only_token(never))
+    r = api.post(cpath(namespace, "c", "/increment"), headers=only_token("abc"))
+    assert_problem(r, 400, "invalid-argument")
+    assert counter_value(api, namespace, "c") == 7
+    # The current leader's token alone still writes.
+    assert increment(api, namespace, "c", only_token(tb)) == 7
+    assert counter_value(api, namespace, "c") == 8
+
+
+def raw_counter(etcd: EtcdProcess, ns: str, name: str) -> tuple[bytes, int] | None:
+    """The counter key's value and mod revision, read straight from etcd."""
+
+    async def read() -> tuple[bytes, int] | None:
+        cfg = StoreConfig(etcd_endpoints=[etcd.endpoint], namespace=ns, blob_root="file:///unused")
+        store = StateHandleStore(cfg)
+        try:
+            kv = await store.etcd.get(store.keys.counter(name))
+            return None if kv is None else (kv.value, kv.mod_revision)
+        finally:
+            await store.backend.close()
+
+    return asyncio.run(read())
+
+
+def test_http_client_counter_writes_with_a_fencing_token(
+    service: ServiceProcess, namespace: str
+) -> None:
+    """statestore.http sends the token without a session on counter writes: the
+    real service must accept the leader's and fence a stale one."""
+    with StateStoreClient(service.url, namespace=namespace) as c:
+        a = c.create_session(ttl_seconds=30).session_id
+        b = c.create_session(ttl_seconds=30).session_id
+        token = c.campaign(a).fencing_token
+        assert c.counter_increment("c", fencing_token=token) == 1
+        assert c.counter_increment("c", fencing_token=token) == 2
+        assert c.counter_set("c", 10, fencing_token=token) == 10
+        c.resign(a)
+        assert c.campaign(b).fencing_token > token
+        with pytest.raises(Fenced):
+            c.counter_increment("c", fencing_token=token)
+        with pytest.raises(Fenced):
+            c.counter_set("c", 99, fencing_token=token)
+        assert c.counter_get("c") == 10
 
 
 # -- checkpoints -----------------------------------------------------------------------

@@ -4,7 +4,9 @@ Each call builds the SDK's coordinator objects on a store acting as the
 caller's session, so the HTTP rows behave exactly as the Python ones:
 ``POST .../leader`` is ``LeaderElection.campaign(timeout=0)`` (it never
 waits: someone else leading is an immediate 409), and writes carrying
-``X-Fencing-Token`` use a fenced store.
+``X-Fencing-Token`` use a fenced store. Counter writes take no lock, so they
+accept the token without ``X-Session-Id``: it is fenced by the leader key
+whose create revision the token is.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from api.auth import Role
-from api.problems import ApiError, problem
-from api.routes.handles import BINARY_BODY, SMALL_BODY
+from api.problems import problem
+from api.routes.handles import BINARY_BODY
 from api.service import (
     FencingHeader,
     Service,
@@ -26,6 +28,7 @@ from api.service import (
     handle_json,
     path_name,
     path_namespace,
+    state_body,
 )
 from statestore.checkpoints import (
     MAX_ID,
@@ -36,6 +39,7 @@ from statestore.checkpoints import (
 from statestore.counter import MAX_VALUE, CheckpointIDCounter
 from statestore.election import LeaderElection
 from statestore.namespace import clear_namespace
+from statestore.store import StateHandleStore
 
 router = APIRouter(prefix="/v1/namespaces/{ns}", tags=["coordination"])
 
@@ -95,11 +99,15 @@ async def set_counter(
     return body
 
 
-async def _writer(svc: Service, ns: str, request: Request) -> Any:
+async def _writer(svc: Service, ns: str, request: Request) -> StateHandleStore:
     """A store for a write that needs no lock: as the session when one is
-    given (required with a fencing token), else as a lock-less writer."""
-    if request.headers.get("x-session-id") or request.headers.get("x-fencing-token"):
+    given (fenced by its own leader key with a fencing token), else as a
+    lock-less writer, fenced by the leader key a token alone names."""
+    if request.headers.get("x-session-id"):
         return svc.store(ns, await svc.session(request), request)
+    token = request.headers.get("x-fencing-token")
+    if token is not None:
+        return await svc.token_fenced_store(ns, token)
     return svc.store(ns)
 
 
@@ -168,12 +176,8 @@ async def add_checkpoint(
     svc.authorize(request, ns, Role.write)
     session = await svc.session(request)
     store = svc.store(ns, session, request)
-    length = request.headers.get("content-length")
     limit = svc.settings.max_state_bytes
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, "too-large", f"the state is over the limit of {limit} bytes")
-    small = length is not None and length.isdigit() and int(length) <= SMALL_BODY
-    body = await request.body() if small else request.stream()
+    body = await state_body(request, limit)
     cs = CompletedCheckpointStore(store, max_retained=retain)
     added, subsumed = await cs.add_checkpoint_and_subsume(
         checkpoint_id, body, savepoint=savepoint, max_size=limit
@@ -199,8 +203,7 @@ async def list_checkpoints(
         store = svc.store(ns, session, request)
         checkpoints, locks = await CompletedCheckpointStore(store).recover_described()
     else:
-        snap = await svc.store(ns).snapshot()
-        checkpoints, locks = checkpoints_of(snap.handles, snap.pending_removal), snap.locks
+        checkpoints, locks = await _retained(svc, ns)
     docs = [checkpoint_json(c, sorted(locks.get(c.handle.name, []))) for c in checkpoints]
     return JSONResponse({"checkpoints": docs})
 
@@ -210,12 +213,20 @@ async def latest_checkpoint(ns: str, request: Request, svc: Svc) -> JSONResponse
     """The newest retained checkpoint; 404 when there is none."""
     ns = path_namespace(ns)
     svc.authorize(request, ns, Role.read)
-    store = svc.store(ns)
-    latest = await CompletedCheckpointStore(store).get_latest()
-    if latest is None:
+    checkpoints, locks = await _retained(svc, ns)
+    if not checkpoints:
         return problem(404, "not-found", f"namespace {ns!r} has no checkpoint")
-    _, locks = await store.describe(latest.handle.name)
-    return JSONResponse(checkpoint_json(latest, locks))
+    latest = checkpoints[-1]
+    return JSONResponse(checkpoint_json(latest, sorted(locks.get(latest.handle.name, []))))
+
+
+async def _retained(
+    svc: Service, ns: str
+) -> tuple[list[CompletedCheckpoint], dict[str, list[str]]]:
+    """The retained checkpoints (ascending by id) and every handle's lock
+    holders, from ONE snapshot, without locking."""
+    snap = await svc.store(ns).snapshot()
+    return checkpoints_of(snap.handles, snap.pending_removal), snap.locks
 
 
 # -- namespace cleanup ------------------------------------------------------------

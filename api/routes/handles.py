@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.auth import Role
 from api.problems import ApiError, problem
 from api.service import (
+    SMALL_BODY,
     FencingHeader,
     SessionHeader,
     Svc,
@@ -24,11 +25,11 @@ from api.service import (
     parse_metadata,
     path_name,
     path_namespace,
+    state_body,
 )
 
 router = APIRouter(prefix="/v1/namespaces/{ns}/handles", tags=["handles"])
 
-SMALL_BODY = 1 << 20
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
 
@@ -86,11 +87,7 @@ async def put_handle(
         raise ApiError(400, "invalid-argument", "X-Content-SHA256 must be 64 hex digits")
     digest = x_content_sha256.strip().lower() if x_content_sha256 else None
     limit = svc.settings.max_state_bytes
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(
-            413, "too-large", f"the state is {length} bytes, over the limit of {limit} bytes"
-        )
+    body = await state_body(request, limit)
     version = None
     if if_match is not None:
         m = _ETAG.match(if_match)
@@ -99,17 +96,12 @@ async def put_handle(
         version = int(m.group(1))
     session = await svc.session(request)
     store = svc.store(ns, session, request)
-    # A small body with a declared length is read whole: bytes need no
-    # pre-upload existence check, which saves an etcd round trip. Anything
-    # else streams, so memory stays bounded.
-    small = length is not None and length.isdigit() and int(length) <= SMALL_BODY
-    body = await request.body() if small else request.stream()
     if version is None:
         h = await store.add_and_lock(name, body, metadata, expected_sha256=digest, max_size=limit)
         svc.metrics.locks.labels("acquire").inc()
         return JSONResponse(handle_json(h, [session.session_id]), 201, headers=_etag(h.version))
     h = await store.replace(name, version, body, metadata, expected_sha256=digest, max_size=limit)
-    _, locks = await store.describe(name)
+    locks = await store.holders(name)
     return JSONResponse(handle_json(h, locks), 200, headers=_etag(h.version))
 
 
@@ -246,8 +238,6 @@ async def list_handles(
     """Every handle, sorted by name, from one consistent snapshot."""
     ns = path_namespace(ns)
     svc.authorize(request, ns, Role.write if lock else Role.read)
-    if prefix == "":
-        prefix = None
     body: dict[str, Any]
     if lock:
         session = await svc.session(request)
