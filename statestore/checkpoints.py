@@ -29,12 +29,11 @@ deposed leader can neither add nor subsume (``Fenced``).
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 from statestore.blobs import Data
-from statestore.errors import IntegrityError, InvalidArgument, NotFound, StateStoreError
+from statestore.errors import IntegrityError, InvalidArgument
 from statestore.handle import Handle
 from statestore.store import StateHandleStore
 
@@ -182,21 +181,9 @@ class CompletedCheckpointStore:
 
     async def shutdown(self, globally_terminal: bool) -> None:
         """Globally terminal: remove every checkpoint (deferred where others
-        still lock one). Otherwise release our locks and keep them."""
+        still lock one; the first error is raised, see ``remove_all``).
+        Otherwise release our locks and keep them."""
         if not globally_terminal:
             await self._store.release_all()
             return
-        names = [c.handle.name for c in await self.get_all()]
-        sem = asyncio.Semaphore(16)
-
-        async def one(name: str) -> None:
-            async with sem:
-                try:
-                    await self._store.try_remove(name, deferred=True)
-                except NotFound:
-                    pass
-
-        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, StateStoreError)]
-        if errors:
-            raise errors[0]
+        await self._store.remove_all([c.handle.name for c in await self.get_all()])

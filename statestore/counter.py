@@ -63,10 +63,9 @@ class CheckpointIDCounter:
         return int(kv.value.split(b" ", 1)[0]), kv.mod_revision
 
     @staticmethod
-    def _encode(value: int) -> tuple[bytes, bytes]:
-        """(stored bytes, the write id in them)."""
-        wid = uuid.uuid4().hex.encode()
-        return str(value).encode() + b" " + wid, wid
+    def _encode(value: int) -> bytes:
+        """The stored bytes: ``value`` and a fresh write id."""
+        return str(value).encode() + b" " + uuid.uuid4().hex.encode()
 
     async def get(self) -> int:
         """The value the next ``get_and_increment`` returns."""
@@ -80,7 +79,7 @@ class CheckpointIDCounter:
             value, rev = await self._read()
             if value >= MAX_VALUE:
                 raise InvalidArgument(f"counter {self.name!r} is exhausted at {value}")
-            nxt, _ = self._encode(value + 1)
+            nxt = self._encode(value + 1)
 
             def build(lease: int, rev: int = rev, nxt: bytes = nxt) -> Txn:
                 t = Txn()
@@ -136,7 +135,7 @@ class CheckpointIDCounter:
         if not isinstance(value, int) or not 0 <= value <= MAX_VALUE:
             raise InvalidArgument(f"counter value must be an integer 0..{MAX_VALUE}, got {value!r}")
         await self._ready()
-        data, _ = self._encode(value)
+        data = self._encode(value)
         await self._store.fenced_txn(
             lambda lease: Txn().then(Txn.put(self._key, data)), "counter set"
         )

@@ -81,7 +81,15 @@ class LeaderElection:
         return self.token is not None
 
     def _on_session_lost(self, lease_id: int) -> None:
-        if self._token is not None and lease_id == self._lease:
+        # Only says so: ``token`` already reads None (the loss count moved).
+        # Logged for the first loss of the lease we led on, not for a repeat
+        # report of the same loss.
+        session = self._store.session
+        if (
+            self._token is not None
+            and lease_id == self._lease
+            and session.lost_count == self._lost_count + 1
+        ):
             log.error(
                 "leadership of namespace %r lost with lease %x (token %d): this instance "
                 "must stop acting as leader; its fenced writes are refused from now on",
@@ -89,7 +97,6 @@ class LeaderElection:
                 lease_id,
                 self._token,
             )
-            self._token = None
 
     async def _line(self) -> list[KV]:
         kvs, _ = await self._store.etcd.range_all(self._prefix, prefix_end(self._prefix))
@@ -188,7 +195,7 @@ class LeaderElection:
 
     async def resign(self) -> None:
         """Give up leadership (or candidacy): delete our key if it is still ours."""
-        token, self._token = self._token, None
+        token, self._token = self.token, None
         kv = await self._store.etcd.get(self._key)
         if kv is not None and (token is None or kv.create_revision == token):
             await self._withdraw(kv.create_revision)

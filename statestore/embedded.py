@@ -14,7 +14,7 @@ import json
 import socket
 from pathlib import Path
 
-from statestore.etcd_server import EtcdProcess, free_ports
+from statestore.etcd_server import EtcdProcess, free_ports, probe_health
 
 DEFAULT_HOME = Path(".statestore")
 
@@ -37,15 +37,12 @@ def blob_root(home: Path = DEFAULT_HOME) -> str:
 def running_embedded_endpoint(home: Path = DEFAULT_HOME) -> str | None:
     """The endpoint of an embedded member already running under ``home`` (a
     ``statestore serve`` in another terminal), or None."""
-    import httpx
-
     try:
         port = int(json.loads((home / "etcd" / "ports.json").read_text())["client"])
-        url = f"http://127.0.0.1:{port}/health"
-        ok = httpx.get(url, timeout=2.0, trust_env=False).json().get("health")
-    except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return f"127.0.0.1:{port}" if str(ok).lower() == "true" else None
+    healthy = probe_health(f"http://127.0.0.1:{port}", timeout=2.0)
+    return f"127.0.0.1:{port}" if healthy else None
 
 
 def start_embedded_etcd(home: Path = DEFAULT_HOME, timeout: float = 30.0) -> EtcdProcess:

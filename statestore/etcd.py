@@ -288,11 +288,6 @@ class Txn:
         self.failure.extend(ops)
         return self
 
-    @property
-    def size(self) -> int:
-        """The largest branch, as etcd's --max-txn-ops counts it."""
-        return max(len(self.compares), len(self.success), len(self.failure))
-
     def request(self) -> Any:
         return rpc.TxnRequest(compare=self.compares, success=self.success, failure=self.failure)
 
@@ -580,7 +575,7 @@ class EtcdClient:
                 err = map_error(e, what, self._where, write=write)
                 retryable = (
                     type(err) is Unavailable
-                    and "NOSPACE" not in err.message
+                    and "alarm" not in err.details
                     and err.details.get("reason") != "credentials"
                 )
                 if retryable and time.monotonic() + 0.05 < deadline:

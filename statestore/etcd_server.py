@@ -46,6 +46,7 @@ __all__ = [
     "find_etcd_binary",
     "free_port",
     "free_ports",
+    "probe_health",
 ]
 
 #: Where etcd is looked for when it is not on ``PATH``.
@@ -59,6 +60,19 @@ _PROBE_TIMEOUT = 0.5
 # Members started by this interpreter and not yet stopped: killed at exit so
 # that a crashed test run or an interrupted ``statestore serve`` leaks nothing.
 _live: set[EtcdProcess] = set()
+
+
+def probe_health(
+    client_url: str, *, timeout: float = _PROBE_TIMEOUT, verify: ssl.SSLContext | bool = True
+) -> bool:
+    """One ``GET <client_url>/health``: ``True`` iff etcd answers 200 with
+    ``"health": "true"``; ``False`` when it answers otherwise or not at all."""
+    try:
+        # trust_env=False: an HTTP(S)_PROXY of the environment must not be used.
+        r = httpx.get(f"{client_url}/health", timeout=timeout, trust_env=False, verify=verify)
+        return r.status_code == 200 and json.loads(r.text).get("health") == "true"
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
 
 
 @atexit.register
@@ -266,20 +280,26 @@ class EtcdProcess:
             "--client-cert-auth",
         ]  # fmt: skip
 
-    def _http_get(self, path: str) -> httpx.Response:
-        """One probe request to the client URL (with TLS: verified against the
-        CA, presenting :attr:`probe_cert`)."""
-        # trust_env=False: an HTTP(S)_PROXY of the environment must not be used.
+    def _probe_verify(self) -> ssl.SSLContext | bool:
+        """How probes verify the member: with TLS against the CA, presenting
+        :attr:`probe_cert`; without TLS httpx's default (unused for http)."""
         if self.client_tls is None:
-            return httpx.get(f"{self.client_url}{path}", timeout=_PROBE_TIMEOUT, trust_env=False)
+            return True
         if self._probe_ssl is None:  # built once: wait_ready probes every 20 ms
             ctx = ssl.create_default_context(cafile=str(self.client_tls[2]))
             if self.probe_cert is not None:
                 ctx.load_cert_chain(self.probe_cert[0], self.probe_cert[1])
             self._probe_ssl = ctx
-        ctx = self._probe_ssl
+        return self._probe_ssl
+
+    def _http_get(self, path: str) -> httpx.Response:
+        """One probe request to the client URL."""
+        # trust_env=False: an HTTP(S)_PROXY of the environment must not be used.
         return httpx.get(
-            f"{self.client_url}{path}", timeout=_PROBE_TIMEOUT, trust_env=False, verify=ctx
+            f"{self.client_url}{path}",
+            timeout=_PROBE_TIMEOUT,
+            trust_env=False,
+            verify=self._probe_verify(),
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -320,11 +340,7 @@ class EtcdProcess:
         etcd answers false while the member has no leader (no quorum) or an
         alarm such as NOSPACE is raised.
         """
-        try:
-            r = self._http_get("/health")
-            return r.status_code == 200 and json.loads(r.text).get("health") == "true"
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return False
+        return probe_health(self.client_url, verify=self._probe_verify())
 
     def metrics(self) -> dict[str, float]:
         """Unlabelled samples of ``GET /metrics`` (e.g. ``etcd_server_is_leader``).

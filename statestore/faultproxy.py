@@ -66,12 +66,9 @@ class FaultProxy:
         self._listener.settimeout(_POLL)
         self.host = host
         self.port: int = self._listener.getsockname()[1]
-        #: Counters (bytes): forwarded client->server, forwarded and dropped server->client.
-        self.bytes_up = 0
-        self.bytes_down = 0
+        #: Server->client bytes discarded in ``drop_responses`` mode.
         self.bytes_dropped = 0
-        #: Connections accepted in total, and refused (accepted then closed).
-        self.accepted = 0
+        #: Connections refused (accepted then closed) in ``refuse`` mode.
         self.refused = 0
         self._thread = threading.Thread(target=self._accept_loop, name="faultproxy", daemon=True)
         self._thread.start()
@@ -97,11 +94,6 @@ class FaultProxy:
             conns = list(self._conns)
         for c in conns:
             c.shutdown()
-
-    @property
-    def open_connections(self) -> int:
-        with self._lock:
-            return len(self._conns)
 
     def close(self) -> None:
         self._stop.set()
@@ -132,7 +124,6 @@ class FaultProxy:
                 continue
             except OSError:
                 return  # listener closed
-            self.accepted += 1
             if self._mode == "refuse":
                 self.refused += 1
                 with contextlib.suppress(OSError):
@@ -172,12 +163,10 @@ class FaultProxy:
                     try:
                         if src is conn.client:
                             conn.server.sendall(data)
-                            self.bytes_up += len(data)
                         elif self._mode == "drop_responses":
                             self.bytes_dropped += len(data)
                         else:
                             conn.client.sendall(data)
-                            self.bytes_down += len(data)
                     except OSError:
                         return
         finally:

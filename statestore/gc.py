@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 from statestore.blobs import blob_age
 from statestore.errors import StateStoreError
-from statestore.etcd import Txn
+from statestore.etcd import KV, Txn
+from statestore.handle import blob_id_of
 from statestore.keys import decode, prefix_end
 from statestore.store import StateHandleStore
 
@@ -101,7 +102,7 @@ def _blob_id(value: bytes) -> str:
     """The blob a handle record names (as the store reads it: ``blob_id``, or
     the last segment of ``blob_url``). Unreadable -> raise: never guess."""
     rec = json.loads(value)
-    return str(rec.get("blob_id") or str(rec["blob_url"]).rstrip("/").rsplit("/", 1)[-1])
+    return str(rec.get("blob_id") or blob_id_of(str(rec["blob_url"])))
 
 
 async def sweep_orphans(
@@ -149,11 +150,16 @@ async def sweep_orphans(
         report.uploads_aborted += 1
 
 
-async def namespaces(store: StateHandleStore) -> list[str]:
-    """Every namespace with blobs or keys under the store's root."""
+async def namespaces(store: StateHandleStore, root_keys: list[KV] | None = None) -> list[str]:
+    """Every namespace with blobs or keys under the store's root.
+
+    ``root_keys``: a listing of every key under the root the caller already
+    has (the maintenance loop's reconciler resync); read here when None."""
     found = {decode(d) for d in await store.blobs.list_namespaces()}
     root = store.config.root.encode() + b"/"
-    kvs, _ = await store.etcd.range_all(root, prefix_end(root), keys_only=True)
+    kvs = root_keys
+    if kvs is None:
+        kvs, _ = await store.etcd.range_all(root, prefix_end(root), keys_only=True)
     for kv in kvs:
         head = kv.key[len(root) :].split(b"/", 1)[0].decode()
         if head and not head.startswith("_"):
@@ -167,10 +173,12 @@ async def gc_pass(
     orphan_min_age: float,
     dry_run: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    root_keys: list[KV] | None = None,
 ) -> GcReport:
-    """Collect due gc entries and sweep orphans in every namespace."""
+    """Collect due gc entries and sweep orphans in every namespace
+    (``root_keys``: see :func:`namespaces`)."""
     report = GcReport()
-    all_ns = await namespaces(store)
+    all_ns = await namespaces(store, root_keys)
     report.namespaces = len(all_ns)
     for i, ns in enumerate(all_ns):
         if progress is not None:

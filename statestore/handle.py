@@ -32,6 +32,12 @@ class Handle:
     writer: str = ""
     create_revision: int = field(default=0, compare=False)
 
+    @property
+    def blob_ref(self) -> str:
+        """The id of the blob this handle names (its ``gc/`` key): ``blob_id``,
+        or for records without one the last segment of ``blob_url``."""
+        return self.blob_id or blob_id_of(self.blob_url)
+
     def to_json(self) -> dict[str, Any]:
         """The handle as rest-v1.md shows it (without ``locks``)."""
         return {
@@ -42,6 +48,11 @@ class Handle:
             "created_at": self.created_at.isoformat(),
             "metadata": self.metadata,
         }
+
+
+def blob_id_of(url: str) -> str:
+    """The blob id at the end of a blob URL."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def encode_metadata(metadata: Any, limit: int) -> dict[str, Any]:

@@ -87,6 +87,13 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"  # all 0xff: the whole rest of the keyspace
 
 
+def reserved_key(root: str, name: str) -> bytes:
+    """A key of statestore's own beside the namespaces: ``<root>/_<name>``
+    (``validate_namespace`` keeps namespaces off the ``_`` prefix), e.g.
+    ``reserved_key(root, "compactor")`` or ``reserved_key(root, "maintenance/leader/")``."""
+    return f"{root}/_{name}".encode()
+
+
 class Layout:
     """Keys of one namespace under one root (see protocol.md section 2)."""
 
@@ -159,7 +166,3 @@ class Layout:
     @property
     def leader_prefix(self) -> bytes:
         return self.ns_prefix + b"leader/"
-
-    @property
-    def compactor(self) -> bytes:
-        return f"{self.root}/_compactor".encode()

@@ -19,7 +19,8 @@ import uuid
 from statestore.compactor import Compactor
 from statestore.election import LeaderElection
 from statestore.errors import StateStoreError
-from statestore.gc import GcReport, gc_pass
+from statestore.gc import gc_pass
+from statestore.keys import reserved_key
 from statestore.reconciler import RemovalReconciler
 from statestore.session import Session
 from statestore.store import StoreBackend
@@ -33,25 +34,27 @@ class Maintenance:
         backend: StoreBackend,
         *,
         gc_interval: float,
-        compaction_interval: float,
+        compaction_interval: float | None,
         orphan_min_age: float,
-        compact: bool = True,
     ) -> None:
-        """``compact=False``: no compactor here (``statestore drill`` stands in
-        for a missing maintenance replica without compacting the user's etcd)."""
+        """``compaction_interval=None``: no compactor here (``statestore drill``
+        stands in for a missing maintenance replica without compacting the
+        user's etcd)."""
         cfg = backend.cfg
         self._backend = backend
         self._session = Session(backend.client, cfg.lease_ttl)
         self.instance_id = f"maintenance-{uuid.uuid4().hex[:12]}"
         self._store = backend.store(cfg.namespace, self.instance_id, self._session)
-        prefix = f"{cfg.root}/_maintenance/leader/".encode()
+        prefix = reserved_key(cfg.root, "maintenance/leader/")
         self.election = LeaderElection(self._store, prefix=prefix)
         self.reconciler = RemovalReconciler(self._store)
-        self.compactor = Compactor(backend.client, cfg.root, compaction_interval)
-        self._compact = compact
+        self.compactor = (
+            None
+            if compaction_interval is None
+            else Compactor(backend.client, cfg.root, compaction_interval)
+        )
         self.gc_interval = gc_interval
         self.orphan_min_age = orphan_min_age
-        self.last_gc: GcReport | None = None
         self.blobs_reclaimed = 0
         self.orphans_found = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -68,7 +71,7 @@ class Maintenance:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._lead_loop(), name="statestore-maintenance")]
-        if self._compact:
+        if self.compactor is not None:
             self._tasks.append(loop.create_task(self.compactor.run(), name="statestore-compactor"))
 
     async def _start_session(self) -> None:
@@ -110,9 +113,11 @@ class Maintenance:
             try:
                 # A re-list each round: refreshes the pending-removal count (the
                 # watch sees only deletions) and is a safety net for the watch.
-                await self.reconciler.resync()
-                report = await gc_pass(self._store, orphan_min_age=self.orphan_min_age)
-                self.last_gc = report
+                # The GC reuses its listing of the root to find the namespaces.
+                _, root_keys = await self.reconciler.resync()
+                report = await gc_pass(
+                    self._store, orphan_min_age=self.orphan_min_age, root_keys=root_keys
+                )
                 self.blobs_reclaimed += report.deleted + report.orphans_deleted
                 self.orphans_found += report.orphans_found
             except StateStoreError as e:
@@ -121,7 +126,8 @@ class Maintenance:
 
     async def stop(self) -> None:
         self._stopping.set()
-        self.compactor.stop()
+        if self.compactor is not None:
+            self.compactor.stop()
         self.reconciler.stop()
         for t in self._tasks:
             t.cancel()

@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 
 from statestore.errors import StateStoreError
-from statestore.etcd import Compacted, Txn
+from statestore.etcd import KV, Compacted, Txn
 from statestore.keys import decode, prefix_end
 from statestore.store import StateHandleStore
 
@@ -49,14 +49,17 @@ class RemovalReconciler:
         self.stats = ReconcilerStats()
         self._stop = asyncio.Event()
 
-    def _parse(self, key: bytes, marker: bytes) -> tuple[str, str] | None:
-        """(namespace, name) from ``<root>/<ns>/<marker>/<name>[/...]``."""
+    def _parse(self, key: bytes, kind: bytes) -> tuple[bytes, bytes, list[bytes]] | None:
+        """``<root>/<ns>/<kind>/<name>[/<rest>...]`` as (ns, name, rest), all
+        still encoded; None for a key of another kind or shape."""
         parts = key[len(self._root) :].split(b"/")
-        if len(parts) >= 3 and parts[1] == marker:
-            return decode(parts[0].decode()), decode(parts[2].decode())
+        if len(parts) >= 3 and parts[1] == kind:
+            return parts[0], parts[2], parts[3:]
         return None
 
-    async def _complete(self, ns: str, name: str) -> bool:
+    async def _complete(self, ns_segment: bytes, name_segment: bytes) -> bool:
+        """``complete_removal`` of an (encoded) namespace and name."""
+        ns, name = decode(ns_segment.decode()), decode(name_segment.decode())
         view = self._store.for_namespace(ns)
         try:
             done = await view.complete_removal(name)
@@ -68,8 +71,9 @@ class RemovalReconciler:
             log.info("completed deferred removal of %r in namespace %r", name, ns)
         return done
 
-    async def resync(self) -> int:
-        """Try every pending removal; returns the revision the list was read at."""
+    async def resync(self) -> tuple[int, list[KV]]:
+        """Try every pending removal; returns the revision the list was read
+        at and the list (every key under the root, keys only)."""
         self.stats.resyncs += 1
         kvs, rev = await self._store.etcd.range_all(
             self._root, prefix_end(self._root), keys_only=True
@@ -77,10 +81,10 @@ class RemovalReconciler:
         pending = 0
         for kv in kvs:
             found = self._parse(kv.key, b"removals")
-            if found is not None and not await self._complete(*found):
+            if found is not None and not await self._complete(found[0], found[1]):
                 pending += 1
         self.stats.pending = pending
-        return rev
+        return rev, kvs
 
     async def _on_deleted(self, keys: list[bytes]) -> None:
         """Complete the removals whose marker exists among the handles whose
@@ -89,9 +93,10 @@ class RemovalReconciler:
         txn of gets per batch; only actual pending removals cost more."""
         markers: dict[bytes, tuple[bytes, bytes]] = {}
         for key in keys:
-            parts = key[len(self._root) :].split(b"/")
-            if len(parts) == 5 and parts[1] == b"handles" and parts[3] == b"locks":
-                markers[self._root + parts[0] + b"/removals/" + parts[2]] = (parts[0], parts[2])
+            lock = self._parse(key, b"handles")  # a lock key's rest: [b"locks", holder]
+            if lock is not None and len(lock[2]) == 2 and lock[2][0] == b"locks":
+                ns, name, _ = lock
+                markers[self._root + ns + b"/removals/" + name] = (ns, name)
         batch = max(1, self._store.backend.max_ops)
         found: list[tuple[bytes, bytes]] = []
         items = list(markers.items())
@@ -103,7 +108,7 @@ class RemovalReconciler:
             )
             found += [segs for (_, segs), kvs in zip(part, res.results, strict=True) if kvs]
         for ns, name in found:
-            if await self._complete(decode(ns.decode()), decode(name.decode())):
+            if await self._complete(ns, name):
                 self.stats.pending = max(0, self.stats.pending - 1)
 
     async def run(self) -> None:
@@ -111,7 +116,7 @@ class RemovalReconciler:
         backoff = 0.2
         while not self._stop.is_set():
             try:
-                rev = await self.resync()
+                rev, _ = await self.resync()
                 backoff = 0.2
                 async for _, events in self._store.etcd.watch(
                     self._root, prefix_end(self._root), start_revision=rev + 1, deletes_only=True

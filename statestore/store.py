@@ -19,7 +19,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -389,6 +389,17 @@ class StateHandleStore:
         their own: with fencing on they raise :class:`Fenced` like the store."""
         return await self._txn(build, what, fenced=True)
 
+    @staticmethod
+    async def _until_definite(send: Callable[[], Awaitable[TxnResult]], what: str) -> TxnResult:
+        """``send()`` again after each ambiguous answer (only for txns that are
+        safe to repeat), up to ``_MAX_ROUNDS`` times; then ``Unavailable``."""
+        for _ in range(_MAX_ROUNDS):
+            try:
+                return await send()
+            except Ambiguous:
+                continue
+        raise Unavailable(f"{what}: etcd gave no definite answer; retry")
+
     async def _lease_was_renewed(self, lease: int, lost: int, what: str) -> bool:
         """After etcd said "lease not found" for ``lease``: True when our own
         ``release_all`` swapped it (retry on the new one); otherwise the lease
@@ -694,7 +705,7 @@ class StateHandleStore:
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
             blob_id, url, record = st.blob_id, st.url, st.record
             upload_key = self._keys.upload(blob_id)
-            gc_key = self._keys.gc(old.blob_id or blob_id_of(old.blob_url))
+            gc_key = self._keys.gc(old.blob_ref)
 
             def build(lease: int) -> Txn:
                 return (
@@ -821,20 +832,29 @@ class StateHandleStore:
         pending = {hp + kv.key[len(rp) :] for kv in removals}
         return kvs, pending, rev
 
+    def _partition(
+        self, kvs: list[KV], *, with_locks: bool = True
+    ) -> tuple[list[KV], dict[str, list[str]]]:
+        """Split a listing under ``handles/`` into the handle records and, with
+        ``with_locks``, each name's lock holders (else an empty dict)."""
+        records: list[KV] = []
+        locks: dict[str, list[str]] = {}
+        for kv in kvs:
+            if self._keys.is_handle_key(kv.key):
+                records.append(kv)
+            elif with_locks:
+                name, holder = self._keys.parse_handles_key(kv.key)
+                locks.setdefault(name, []).append(holder or "")
+        return records, locks
+
     async def snapshot(self, prefix: str | None = None) -> Snapshot:
         """Every handle (with its lock holders) at ONE etcd revision."""
         start = self._keys.handles_prefix
         if prefix:
             start = self._keys.handle(validate_name(prefix))
         kvs, pending, rev = await self._read_all(start)
-        handles: list[Handle] = []
-        locks: dict[str, list[str]] = {}
-        for kv in kvs:
-            if self._keys.is_handle_key(kv.key):
-                handles.append(parse_record(kv.value, kv.mod_revision, kv.create_revision))
-            else:
-                name, holder = self._keys.parse_handles_key(kv.key)
-                locks.setdefault(name, []).append(holder or "")
+        records, locks = self._partition(kvs)
+        handles = [parse_record(kv.value, kv.mod_revision, kv.create_revision) for kv in records]
         handles.sort(key=lambda h: h.name)
         names = {self._keys.parse_handles_key(k)[0] for k in pending}
         return Snapshot(rev, handles, locks, names)
@@ -843,12 +863,8 @@ class StateHandleStore:
         """Every handle name, sorted."""
         start = self._keys.handles_prefix
         kvs, _ = await self._s.client.range_all(start, prefix_end(start), keys_only=True)
-        names = []
-        for kv in kvs:
-            name, holder = self._keys.parse_handles_key(kv.key)
-            if holder is None:
-                names.append(name)
-        return sorted(names)
+        keys = self._keys
+        return sorted(keys.parse_handles_key(kv.key)[0] for kv in kvs if keys.is_handle_key(kv.key))
 
     # -- locking -----------------------------------------------------------------
 
@@ -883,23 +899,20 @@ class StateHandleStore:
                 .orelse(Txn.get(hkey), Txn.get(rkey))
             )
 
-        for _ in range(_MAX_ROUNDS):
-            try:
-                res = await self._txn(build, "get_and_lock", fenced=True)
-            except Ambiguous:
-                continue
-            if res.succeeded:
-                kv = res.results[1][0]
-                holders = sorted(k.key[len(lp) :].decode() for k in res.results[2])
-                return parse_record(kv.value, kv.mod_revision, kv.create_revision), holders
-            if res.results[0]:
-                raise NotFound(
-                    f"cannot lock handle {name!r}: its removal is pending (it goes as soon as "
-                    "its last lock is released)",
-                    pending_removal=True,
-                )
-            raise NotFound(f"cannot lock handle {name!r}: it does not exist")
-        raise Unavailable(f"get_and_lock({name!r}): etcd gave no definite answer; retry")
+        res = await self._until_definite(
+            lambda: self._txn(build, "get_and_lock", fenced=True), f"get_and_lock({name!r})"
+        )
+        if res.succeeded:
+            kv = res.results[1][0]
+            holders = sorted(k.key[len(lp) :].decode() for k in res.results[2])
+            return parse_record(kv.value, kv.mod_revision, kv.create_revision), holders
+        if res.results[0]:
+            raise NotFound(
+                f"cannot lock handle {name!r}: its removal is pending (it goes as soon as "
+                "its last lock is released)",
+                pending_removal=True,
+            )
+        raise NotFound(f"cannot lock handle {name!r}: it does not exist")
 
     async def get_all_and_lock(self) -> list[Handle]:
         """Lock and return every handle (sorted by name), from ONE snapshot.
@@ -911,7 +924,7 @@ class StateHandleStore:
         are not returned (they are logically deleted). If etcd refuses a txn
         as too large, the batch size is halved and remembered.
         """
-        return (await self.lock_all())[0]
+        return (await self._lock_all(None, None, with_holders=False))[0]
 
     async def lock_all(
         self, prefix: str | None = None, select: Callable[[Handle], bool] | None = None
@@ -919,19 +932,26 @@ class StateHandleStore:
         """``get_all_and_lock`` of the handles whose names start with ``prefix``
         (and for which ``select`` is true); also returns every handle's lock
         holders (ours included) and the snapshot revision, for listings."""
+        return await self._lock_all(prefix, select, with_holders=True)
+
+    async def _lock_all(
+        self,
+        prefix: str | None,
+        select: Callable[[Handle], bool] | None,
+        *,
+        with_holders: bool,
+    ) -> tuple[list[Handle], dict[str, list[str]], int]:
+        """:meth:`lock_all`; the holders are collected only ``with_holders``
+        (else an empty dict)."""
         start = self._keys.handles_prefix
         if prefix:
             start = self._keys.handle(validate_name(prefix))
         kvs, pending, rev = await self._read_all(start)
-        holders: dict[str, list[str]] = {}
-        for kv in kvs:
-            if not self._keys.is_handle_key(kv.key):
-                name, holder = self._keys.parse_handles_key(kv.key)
-                holders.setdefault(name, []).append(holder or "")
+        records, holders = self._partition(kvs, with_locks=with_holders)
         wanted = [
             (kv.key, parse_record(kv.value, kv.mod_revision, kv.create_revision))
-            for kv in kvs
-            if self._keys.is_handle_key(kv.key) and kv.key not in pending
+            for kv in records
+            if kv.key not in pending
         ]
         if select is not None:
             wanted = [(k, h) for k, h in wanted if select(h)]
@@ -946,12 +966,13 @@ class StateHandleStore:
         await _gather([run(wanted[i : i + n]) for i in range(0, len(wanted), n)])
         handles = [h for _, h in out]
         handles.sort(key=lambda h: h.name)
-        me = self._s.instance_id
-        for h in handles:
-            names = holders.setdefault(h.name, [])
-            if me not in names:
-                names.append(me)
-                names.sort()
+        if with_holders:
+            me = self._s.instance_id
+            for h in handles:
+                names = holders.setdefault(h.name, [])
+                if me not in names:
+                    names.append(me)
+                    names.sort()
         return handles, holders, rev
 
     def _batch_size(self) -> int:
@@ -959,7 +980,7 @@ class StateHandleStore:
         return max(1, self._s.max_ops - (2 if self._fence is not None else 0))
 
     async def _lock_batch(self, batch: list[_Keyed]) -> list[_Keyed]:
-        suffix = b"/locks/" + self._s.instance_id.encode()
+        me = self._s.instance_id
         value = self._lock_value()
         for _ in range(_MAX_ROUNDS * 4):
             if not batch:
@@ -976,7 +997,7 @@ class StateHandleStore:
                 t = Txn()
                 for key, h in current:
                     t.compare("mod", key, "==", h.version)
-                    t.then(Txn.put(key + suffix, value, lease))
+                    t.then(Txn.put(Layout.lock_of(key, me), value, lease))
                 return t
 
             try:
@@ -1023,14 +1044,9 @@ class StateHandleStore:
         lock_key = self._keys.lock(name, self._s.instance_id)
         rkey = self._keys.removal(name)
         t = Txn().then(Txn.delete(lock_key), Txn.get(rkey))
-        for _ in range(_MAX_ROUNDS):
-            try:
-                res = await self._s.client.txn(t, what="release")
-                break
-            except Ambiguous:
-                continue
-        else:
-            raise Unavailable(f"release({name!r}): etcd gave no definite answer; retry")
+        res = await self._until_definite(
+            lambda: self._s.client.txn(t, what="release"), f"release({name!r})"
+        )
         if res.results[1]:
             await self.complete_removal(name)
 
@@ -1050,7 +1066,7 @@ class StateHandleStore:
         kvs, _ = await self._s.client.range_all(
             self._keys.handles_prefix, prefix_end(self._keys.handles_prefix), keys_only=True
         )
-        suffix = b"/locks/" + self._s.instance_id.encode()
+        suffix = Layout.lock_of(b"", self._s.instance_id)  # how every lock key of ours ends
         mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
         for i in range(0, len(mine), self._s.max_ops):
             t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
@@ -1082,8 +1098,14 @@ class StateHandleStore:
         lp = self._keys.lock_prefix(name)
         own = self._keys.lock(name, self._s.instance_id)
         rkey = self._keys.removal(name)
+        # The handle as the last txn's else branch returned it: a retry after
+        # a lost race decides on that instead of reading it again.
+        seen: list[KV] | None = None
         for _ in range(_MAX_ROUNDS):
-            kv = await self._s.client.get(hkey)
+            if seen is None:
+                kv = await self._s.client.get(hkey)
+            else:
+                kv, seen = (seen[0] if seen else None), None
             if kv is None:
                 # Nothing to remove; still, a fenced caller must prove leadership
                 # (a deposed leader learns it is deposed, not "removed").
@@ -1094,7 +1116,7 @@ class StateHandleStore:
                 )
                 return Removal(True, [])
             h = parse_record(kv.value, kv.mod_revision, kv.create_revision)
-            gc_key = self._keys.gc(h.blob_id or blob_id_of(h.blob_url))
+            gc_key = self._keys.gc(h.blob_ref)
             gc_value = self._gc_record(h, "removed")
 
             def build(
@@ -1135,9 +1157,11 @@ class StateHandleStore:
                 first = 0
             current, lock_kvs = res.results[first], res.results[first + 1]
             if not current or current[0].mod_revision != kv.mod_revision:
+                seen = current
                 continue  # replaced or removed meanwhile: decide again
             holders = sorted(k.key[len(lp) :].decode() for k in lock_kvs if k.key != own)
             if not holders:
+                seen = current
                 continue  # they let go meanwhile: try again
             if not deferred:
                 return Removal(False, holders)
@@ -1159,14 +1183,10 @@ class StateHandleStore:
                 .orelse(Txn.get(hkey))
             )
 
-        for _ in range(_MAX_ROUNDS):
-            try:
-                res = await self._txn(build, "deferred removal", fenced=True)
-                break
-            except Ambiguous:
-                continue
-        else:
-            raise Unavailable(f"deferred removal of {name!r}: no definite answer; retry")
+        res = await self._until_definite(
+            lambda: self._txn(build, "deferred removal", fenced=True),
+            f"deferred removal of {name!r}",
+        )
         if not res.succeeded:
             return Removal(True, [])
         # The holders may have let go between our two txns: finish now if so.
@@ -1188,7 +1208,7 @@ class StateHandleStore:
                 await self._s.client.delete(rkey)
                 return True
             h = parse_record(kv.value, kv.mod_revision, kv.create_revision)
-            gc_key = self._keys.gc(h.blob_id or blob_id_of(h.blob_url))
+            gc_key = self._keys.gc(h.blob_ref)
             t = (
                 Txn()
                 .compare("create", rkey, ">", 0)
@@ -1221,7 +1241,13 @@ class StateHandleStore:
         marked for deferred removal (invariant 2 holds: nothing locked by
         someone else is ever removed).
         """
-        names = await self.get_all_names()
+        await self.remove_all(await self.get_all_names())
+
+    async def remove_all(self, names: Iterable[str]) -> None:
+        """``try_remove(name, deferred=True)`` of every name, 16 at a time:
+        handles nobody else locks go at once, the others are marked for
+        deferred removal. The first error cancels the removals still running
+        and is raised (those not yet done stay; calling again is safe)."""
         sem = asyncio.Semaphore(16)
 
         async def one(n: str) -> None:
@@ -1229,10 +1255,6 @@ class StateHandleStore:
                 await self.try_remove(n, deferred=True)
 
         await _gather([one(n) for n in names])
-
-
-def blob_id_of(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 async def _gather(coros: list[Awaitable[None]]) -> None:

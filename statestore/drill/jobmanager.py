@@ -116,9 +116,12 @@ class SdkJobManager:
         if self._store is not None:
             await self._store.close()
 
-    def _checkpoints(self, retain: int = 1) -> CompletedCheckpointStore:
+    def _fenced_store(self) -> StateHandleStore:
         assert self._election is not None
-        return CompletedCheckpointStore(self.store.with_fencing(self._election), retain)
+        return self.store.with_fencing(self._election)
+
+    def _checkpoints(self, retain: int = 1) -> CompletedCheckpointStore:
+        return CompletedCheckpointStore(self._fenced_store(), retain)
 
     async def _fenced(self, call: Callable[[], Awaitable[T]]) -> T:
         """A fenced call, retried once after ``SessionExpired``: the store has
@@ -155,7 +158,7 @@ class SdkJobManager:
         return await self.store.read(name)
 
     async def remove(self, name: str) -> bool:
-        return await self._fenced(lambda: self._checkpoints().store.release_and_try_remove(name))
+        return await self._fenced(lambda: self._fenced_store().release_and_try_remove(name))
 
     async def add(self, name: str, size: int) -> dict[str, Any]:
         h = await self.store.add_and_lock(name, state_bytes(self.namespace, name, size))

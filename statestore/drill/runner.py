@@ -148,9 +148,8 @@ class Drill:
         self._maintenance = Maintenance(  # on the admin store's connections
             self._admin.backend,
             gc_interval=self.target.gc_interval,
-            compaction_interval=self.target.compaction_interval,
+            compaction_interval=None,  # the drill does not compact the user's etcd
             orphan_min_age=self._admin.config.orphan_min_age_seconds,
-            compact=False,
         )
         await self._maintenance.start()
 

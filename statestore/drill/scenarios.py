@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from statestore.checkpoints import checkpoint_name
 from statestore.drill.child import CallFailed
-from statestore.drill.jobmanager import JobManager, state_bytes
+from statestore.drill.jobmanager import JobManager, sha256_of, state_bytes
 from statestore.drill.report import ScenarioResult
 from statestore.errors import StateStoreError
 
@@ -79,7 +79,7 @@ async def jm_failover(drill: Drill, result: ScenarioResult) -> None:
     for cid in range(1, n + 1):
         info = await a.call("add_checkpoint", timeout, checkpoint_id=cid, size=size, retain=n)
         acked[info["name"]] = size
-        if info["sha256"] != hashlib.sha256(state_bytes(ns, info["name"], size)).hexdigest():
+        if info["sha256"] != sha256_of(ns, info["name"], size):
             result.violation(f"checkpoint {cid}: A was acknowledged a different sha256")
         drill.step(f"A wrote checkpoint {cid}/{n}")
     # Checkpoint N+1 is in flight when A dies: it may or may not have been

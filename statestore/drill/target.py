@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 
 from statestore.blobs import BlobStore
 from statestore.config import StoreConfig
-from statestore.drill.jobmanager import JobManager, RestJobManager, SdkJobManager
+from statestore.drill.jobmanager import JobManager
+from statestore.drill.worker import job_manager_from_spec
 from statestore.etcd_server import EtcdCluster
 from statestore.faultproxy import FaultProxy
 
@@ -118,7 +119,6 @@ class Target:
     cluster: EtcdCluster | None = None
     #: Settings of the maintenance the drill runs when no service does (SDK).
     gc_interval: float = 5.0
-    compaction_interval: float = 300.0
 
     def config_for(self, namespace: str, **update: Any) -> StoreConfig:
         assert self.cfg is not None
@@ -127,15 +127,16 @@ class Target:
     def job_manager(
         self, namespace: str, label: str, storage_options: dict[str, Any] | None = None
     ) -> JobManager:
+        """A job manager in the drill process, built from the same spec as
+        one in a worker process."""
+        return job_manager_from_spec(self.worker_spec(namespace, label, storage_options))
+
+    def worker_spec(
+        self, namespace: str, label: str, storage_options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         if self.mode == "sdk":
             update = {} if storage_options is None else {"storage_options": storage_options}
-            return SdkJobManager(self.config_for(namespace, **update), label)
-        assert self.url is not None
-        return RestJobManager(self.url, self.token, namespace, self.ttl, label)
-
-    def worker_spec(self, namespace: str, label: str) -> dict[str, Any]:
-        if self.mode == "sdk":
-            cfg = self.config_for(namespace)
+            cfg = self.config_for(namespace, **update)
             return {"mode": "sdk", "label": label, "config": cfg.model_dump(mode="json")}
         return {
             "mode": "rest",
@@ -228,7 +229,6 @@ def open_target(
             cfg=cfg,
             cluster=started if isinstance(started, EtcdCluster) else None,
             gc_interval=min(settings.gc_interval_seconds, 5.0),
-            compaction_interval=settings.compaction_interval_seconds,
         )
     finally:
         if started is not None:
