@@ -102,6 +102,8 @@ def _blob_id(value: bytes) -> str:
     """The blob a handle record names (as the store reads it: ``blob_id``, or
     the last segment of ``blob_url``). Unreadable -> raise: never guess."""
     rec = json.loads(value)
+    if not isinstance(rec, dict):  # valid JSON, but no record (an array, null, ...)
+        raise ValueError(f"a handle record must be a JSON object, not {type(rec).__name__}")
     return str(rec.get("blob_id") or blob_id_of(str(rec["blob_url"])))
 
 

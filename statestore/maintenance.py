@@ -122,6 +122,8 @@ class Maintenance:
                 self.orphans_found += report.orphans_found
             except StateStoreError as e:
                 log.warning("blob GC pass failed (retrying next interval): %s", e)
+            except Exception:  # a bug must not end the GC for good: log it, go on
+                log.exception("blob GC pass crashed (retrying next interval)")
             await asyncio.sleep(self.gc_interval)
 
     async def stop(self) -> None:

@@ -521,19 +521,8 @@ def test_reserved_namespace_refused_over_rest(service: ServiceProcess, etcd: Etc
     [
         pytest.param(b"{not json", id="not-json"),
         pytest.param(b'{"name": "broken"}', id="no-blob-url"),
-        pytest.param(
-            b"[]",
-            id="json-array",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AttributeError,
-                reason="BUG: gc._blob_id calls rec.get() on whatever json.loads returned; a "
-                "JSON array/string/null record raises AttributeError, which sweep_orphans "
-                "and gc_pass do not catch (only ValueError/KeyError/TypeError, then "
-                "StateStoreError): the whole GC pass aborts, no later namespace is swept, "
-                "and the service's _gc_loop task dies (it catches only StateStoreError)",
-            ),
-        ),
+        pytest.param(b"[]", id="json-array"),
+        pytest.param(b"null", id="json-null"),
     ],
 )
 async def test_unreadable_handle_record_stops_the_orphan_sweep_of_its_namespace_only(
