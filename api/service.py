@@ -19,7 +19,7 @@ from statestore.handle import Handle
 from statestore.keys import prefix_end, validate_name, validate_namespace
 from statestore.maintenance import Maintenance
 from statestore.sessions import SessionInfo, SessionRegistry
-from statestore.store import FixedLease, StateHandleStore, StoreBackend, TokenFence
+from statestore.store import SMALL_DATA, FixedLease, StateHandleStore, StoreBackend, TokenFence
 
 #: Identity used for calls that take no lock (reads); never owns a lock key.
 READER = "reader"
@@ -122,10 +122,9 @@ def path_namespace(raw: str) -> str:
 
 
 #: State bodies up to this size (with a declared length) are read whole, larger
-#: or unsized ones stream. The same 1 MiB as ``StateHandleStore._precheck_wanted``
-#: (statestore/store.py, ``1 << 20``): bytes up to it skip the store's pre-upload
-#: existence check, which saves an etcd round trip; keep the two equal.
-SMALL_BODY = 1 << 20
+#: or unsized ones stream: bytes up to it skip the store's pre-upload existence
+#: read, which saves an etcd round trip.
+SMALL_BODY = SMALL_DATA
 
 
 async def state_body(request: Request, limit: int) -> bytes | AsyncIterator[bytes]:

@@ -245,7 +245,7 @@ class BlobStore:
         f = self._open_write(path)
         try:
             for chunk in chunks:
-                chunk = _as_bytes(chunk)
+                chunk = as_bytes(chunk)
                 size += len(chunk)
                 check(size)
                 h.update(chunk)
@@ -275,13 +275,13 @@ class BlobStore:
         async def chunks() -> AsyncIterator[bytes]:
             if hasattr(data, "__aiter__"):
                 async for c in data:
-                    yield _as_bytes(c)
+                    yield as_bytes(c)
             else:
                 while True:
                     c = await data.read(self.chunk_size)
                     if not c:
                         return
-                    yield _as_bytes(c)
+                    yield as_bytes(c)
 
         h, size = hashlib.sha256(), 0
         f = await self._run("open", self._open_write, path)
@@ -473,7 +473,8 @@ class BlobStore:
         await self._run("answer", probe)
 
 
-def _as_bytes(chunk: Any) -> bytes:
+def as_bytes(chunk: Any) -> bytes:
+    """A state chunk as bytes (also for the REST client's uploads)."""
     if isinstance(chunk, bytes):
         return chunk
     if isinstance(chunk, bytearray | memoryview):

@@ -57,6 +57,7 @@ from urllib.parse import quote
 
 import httpx
 
+from statestore.blobs import as_bytes
 from statestore.checkpoints import MAX_ID
 from statestore.errors import (
     AlreadyExists,
@@ -415,14 +416,6 @@ def _checked_int(value: Any, what: str) -> int:
     return value
 
 
-def _chunk(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value)
-    raise InvalidArgument(f"state chunks must be bytes, got {type(value).__name__}")
-
-
 class _Upload:
     """A state body: bytes as they are, anything else streamed in chunks.
 
@@ -483,11 +476,11 @@ class _Upload:
     def _sync_chunks(self) -> Iterator[bytes]:
         if self._kind == "file":
             read = self._data.read
-            while chunk := _chunk(read(CHUNK_SIZE)):
+            while chunk := as_bytes(read(CHUNK_SIZE)):
                 yield self._feed(chunk)
             return
         for item in self._data:
-            if chunk := _chunk(item):  # an empty chunk would end a chunked body early
+            if chunk := as_bytes(item):  # an empty chunk would end a chunked body early
                 yield self._feed(chunk)
 
     def async_content(self) -> bytes | AsyncIterator[bytes]:
@@ -505,16 +498,16 @@ class _Upload:
                     got = await asyncio.to_thread(data.read, CHUNK_SIZE)
                 else:
                     got = await data.read(CHUNK_SIZE)
-                if not (chunk := _chunk(got)):
+                if not (chunk := as_bytes(got)):
                     return
                 yield self._feed(chunk)
         elif self._kind == "async-iterable":
             async for item in data:
-                if chunk := _chunk(item):
+                if chunk := as_bytes(item):
                     yield self._feed(chunk)
         else:
             for item in data:
-                if chunk := _chunk(item):
+                if chunk := as_bytes(item):
                     yield self._feed(chunk)
 
     def check(self, handle: H) -> H:

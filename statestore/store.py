@@ -59,6 +59,11 @@ _Keyed = tuple[bytes, Handle]
 _MAX_ROUNDS = 8
 
 
+#: Bytes up to this size go straight to the commit txn (no pre-upload
+#: existence read); the REST service reads bodies of up to this size whole.
+SMALL_DATA = 1 << 20
+
+
 class Fence(Protocol):
     """What fencing needs from a leader election: the election key
     ``<ns>/leader/<instance-id>`` and its create revision (the token), or
@@ -462,7 +467,7 @@ class StateHandleStore:
     def _precheck_wanted(self, data: Data) -> bool:
         # Streamed or big state: a cheap read first avoids uploading it all
         # only to find the name taken. Small bytes go straight to the txn.
-        return not isinstance(data, bytes | bytearray | memoryview) or len(data) > 1 << 20
+        return not isinstance(data, bytes | bytearray | memoryview) or len(data) > SMALL_DATA
 
     # -- add ---------------------------------------------------------------------
 
@@ -687,6 +692,9 @@ class StateHandleStore:
         ``PossibleInconsistentState`` (new blob kept for the GC).
         """
         name = validate_name(name)
+        # Bad metadata is refused before etcd is called (protocol.md s6).
+        limit = self._cfg.max_metadata_bytes
+        new_meta = None if metadata is None else encode_metadata(metadata, limit)
         self._fence_token()
         hkey = self._keys.handle(name)
         rkey = self._keys.removal(name)
@@ -696,11 +704,7 @@ class StateHandleStore:
         old = parse_record(kv.value, kv.mod_revision, kv.create_revision)
         if kv.mod_revision != expected_version:
             raise self._conflict(name, expected_version, kv.mod_revision)
-        meta = (
-            old.metadata
-            if metadata is None
-            else encode_metadata(metadata, self._cfg.max_metadata_bytes)
-        )
+        meta = old.metadata if new_meta is None else new_meta
         rid = request_id or uuid.uuid4().hex
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
             blob_id, url, record = st.blob_id, st.url, st.record

@@ -65,8 +65,9 @@ async def metrics(svc: Svc) -> Response:
         svc.metrics.pending_removals.set(m.reconciler.stats.pending)
         svc.metrics.blobs_reclaimed.set(m.blobs_reclaimed)
         svc.metrics.orphans_found.set(m.orphans_found)
-        svc.metrics.compactions.set(m.compactor.state.compactions)
-        svc.metrics.last_compaction.set(m.compactor.state.last_compacted)
+        if m.compactor is not None:
+            svc.metrics.compactions.set(m.compactor.state.compactions)
+            svc.metrics.last_compaction.set(m.compactor.state.last_compacted)
         svc.metrics.maintenance_leader.set(1 if m.leading else 0)
         svc.metrics.lease_lost.set(m.lease_losses)
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
