@@ -3,7 +3,7 @@
 Layers, outside in: request context (request id, log line, metrics) ->
 segment-safe paths (names with ``/``) -> FastAPI routing -> handlers, which
 act through one shared :class:`~statestore.store.StoreBackend`; each session
-is its own store identity on its own lease (``api.service``).
+is its own store identity on its own lease (``statestore_api.service``).
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import statestore
-from api import problems
-from api.auth import Authorizer
-from api.observability import Metrics, RequestContext, configure_logging
-from api.paths import EncodedSegments
-from api.routes import coordination, handles, ops, sessions
-from api.service import Service
-from api.settings import ServiceSettings
-from statestore.maintenance import Maintenance
-from statestore.sessions import SessionRegistry
+from statestore.maintenance.replica import Maintenance
 from statestore.store import StoreBackend
+from statestore_api import problems
+from statestore_api.auth import Authorizer
+from statestore_api.observability import Metrics, RequestContext, configure_logging
+from statestore_api.paths import EncodedSegments
+from statestore_api.routes import coordination, handles, ops, sessions
+from statestore_api.service import Service
+from statestore_api.session_registry import SessionRegistry
+from statestore_api.settings import ServiceSettings
 
 log = logging.getLogger("statestore.api")
 

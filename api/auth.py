@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from api.problems import ApiError
 from statestore.errors import InvalidArgument
+from statestore_api.problems import ApiError
 
 
 class Role(IntEnum):

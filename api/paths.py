@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.problems import problem
+from statestore_api.problems import problem
 
 
 def segment_safe_path(raw_path: bytes) -> str:

@@ -4,7 +4,7 @@ No handler lets a traceback or a framework-shaped error reach a client:
 ``StateStoreError`` maps by its ``kind``, FastAPI's validation errors become
 400 ``invalid-argument``, HTTP errors (404 route, 405 method) get a type word,
 and anything unexpected becomes a logged 503 ``unavailable`` naming the
-request id (answered by ``api.observability.RequestContext``, so the
+request id (answered by ``statestore_api.observability.RequestContext``, so the
 connection stays usable), never a 500 with a stack.
 """
 

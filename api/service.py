@@ -10,16 +10,16 @@ from urllib.parse import unquote
 
 from fastapi import Depends, Header, Request
 
-from api.auth import Authorizer, Role
-from api.observability import Metrics
-from api.problems import ApiError
-from api.settings import ServiceSettings
 from statestore.errors import SessionExpired
 from statestore.handle import Handle
 from statestore.keys import prefix_end, validate_name, validate_namespace
-from statestore.maintenance import Maintenance
-from statestore.sessions import SessionInfo, SessionRegistry
+from statestore.maintenance.replica import Maintenance
 from statestore.store import SMALL_DATA, FixedLease, StateHandleStore, StoreBackend, TokenFence
+from statestore_api.auth import Authorizer, Role
+from statestore_api.observability import Metrics
+from statestore_api.problems import ApiError
+from statestore_api.session_registry import SessionInfo, SessionRegistry
+from statestore_api.settings import ServiceSettings
 
 #: Identity used for calls that take no lock (reads); never owns a lock key.
 READER = "reader"
@@ -113,7 +113,7 @@ async def service(request: Request) -> Service:
 
 
 def path_name(raw: str) -> str:
-    """A handle name from its path segment (see ``api.paths``)."""
+    """A handle name from its path segment (see ``statestore_api.paths``)."""
     return validate_name(unquote(raw, errors="strict"))
 
 

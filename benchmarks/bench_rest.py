@@ -68,8 +68,8 @@ from harness import (
 )
 
 from statestore import StateHandleStore, StoreConfig
-from statestore.etcd_server import free_port
 from statestore.keys import Layout, encode
+from statestore.local.etcd_process import free_port
 
 ROOT = "/statestore/v1"
 STATE = os.urandom(1024)  # 1 KiB of state per handle

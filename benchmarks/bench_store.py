@@ -59,8 +59,8 @@ from harness import (
 )
 
 from statestore import StateHandleStore, StoreConfig
-from statestore.etcd_server import find_etcd_binary
 from statestore.keys import Layout
+from statestore.local.etcd_process import find_etcd_binary
 
 ROOT = "/statestore/v1"
 STATE = os.urandom(1024)  # 1 KiB of state per handle

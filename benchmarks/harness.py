@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from statestore.etcd_server import EtcdProcess
+from statestore.local.etcd_process import EtcdProcess
 
 # ---------------------------------------------------------------------------
 # timing

@@ -56,7 +56,7 @@ def demo(
     ),
 ) -> None:
     """Start the embedded default and show add, lock, guarded remove and recovery."""
-    from statestore.embedded import blob_root, start_embedded_etcd
+    from statestore.local.embedded import blob_root, start_embedded_etcd
 
     with console.status("starting the embedded etcd under ./.statestore/etcd ..."):
         try:
@@ -113,10 +113,10 @@ def serve(
     """
     import uvicorn
 
-    from api.auth import Authorizer
-    from api.settings import ServiceSettings
     from statestore.config import load_config
-    from statestore.embedded import blob_root, start_embedded_etcd
+    from statestore.local.embedded import blob_root, start_embedded_etcd
+    from statestore_api.auth import Authorizer
+    from statestore_api.settings import ServiceSettings
 
     try:
         settings = load_config(cls=ServiceSettings)
@@ -146,7 +146,7 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(
-            "api.app:create_app_from_env",
+            "statestore_api.app:create_app_from_env",
             factory=True,
             host=host or settings.host,
             port=port if port is not None else settings.port,
@@ -174,7 +174,7 @@ def gc(
     from rich.progress import Progress
 
     from statestore.config import load_config
-    from statestore.gc import gc_pass
+    from statestore.maintenance.gc import gc_pass
     from statestore.store import StateHandleStore
 
     async def run() -> Any:

@@ -21,7 +21,7 @@ from service import ServiceProcess
 
 from statestore import StateHandleStore
 from statestore.config import StoreConfig
-from statestore.etcd_server import EtcdCluster, EtcdProcess
+from statestore.local.etcd_process import EtcdCluster, EtcdProcess
 
 # Short enough that expiry tests stay quick, long enough for a loaded CI box.
 DEFAULT_TEST_LEASE_TTL = 5

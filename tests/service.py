@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from statestore.etcd_server import free_port
+from statestore.local.etcd_process import free_port
 
 
 class ServiceProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import wait_until
 
-from statestore.embedded import start_embedded_etcd
+from statestore.local.embedded import start_embedded_etcd
 
 CLI = [sys.executable, "-m", "statestore.cli"]
 
@@ -109,7 +109,7 @@ def test_serve_stops_its_embedded_etcd_on_signal(tmp_path: Path, sig: signal.Sig
 
     import httpx
 
-    from statestore.etcd_server import free_port
+    from statestore.local.etcd_process import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from statestore.compactor import Compactor
 from statestore.errors import InvalidArgument
 from statestore.etcd import Compacted, EtcdClient
-from statestore.etcd_server import EtcdProcess
+from statestore.local.etcd_process import EtcdProcess
+from statestore.maintenance.compactor import Compactor
 
 INTERVAL = 1.0
 

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from api.observability import Metrics
-from api.settings import ServiceSettings
 from statestore.config import load_config
+from statestore_api.observability import Metrics
+from statestore_api.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -232,7 +232,7 @@ def test_every_statestore_variable_is_a_setting() -> None:
     used = used_setting_names()
     assert len(used) >= 10
     unknown = {n: sorted(w) for n, w in used.items() if n[len(PREFIX) :].lower() not in fields}
-    assert not unknown, f"not fields of api.settings.ServiceSettings: {unknown}"
+    assert not unknown, f"not fields of statestore_api.settings.ServiceSettings: {unknown}"
 
 
 def test_compose_environment_loads_as_settings(monkeypatch: pytest.MonkeyPatch) -> None:

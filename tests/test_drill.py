@@ -29,8 +29,8 @@ from service import ServiceProcess
 from statestore.drill.report import DrillReport, ScenarioResult
 from statestore.drill.scenarios import SCENARIOS
 from statestore.etcd import EtcdClient
-from statestore.etcd_server import free_port
 from statestore.keys import prefix_end
+from statestore.local.etcd_process import free_port
 
 CLI = [sys.executable, "-m", "statestore.cli"]
 ALL_SCENARIOS = [

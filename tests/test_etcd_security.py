@@ -34,7 +34,7 @@ from statestore import StateHandleStore, StoreConfig
 from statestore.config import load_config
 from statestore.errors import InvalidArgument, Unavailable
 from statestore.etcd import EtcdClient
-from statestore.etcd_server import EtcdProcess, free_port
+from statestore.local.etcd_process import EtcdProcess, free_port
 
 ETCD_PREFIX = "/statestore/"
 TOKEN_TTL = 2  # etcd --auth-token-ttl of the auth member, seconds

@@ -1,4 +1,4 @@
-"""The etcd launcher (statestore.etcd_server) and the shared fixtures themselves."""
+"""The etcd launcher (statestore.local.etcd_process) and the shared fixtures themselves."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import httpx
 import pytest
 from helpers import wait_until
 
-from statestore import etcd_server
 from statestore.config import StoreConfig
 from statestore.errors import Unavailable
-from statestore.etcd_server import EtcdCluster, EtcdProcess, find_etcd_binary, free_ports
+from statestore.local import etcd_process as etcd_server
+from statestore.local.etcd_process import EtcdCluster, EtcdProcess, find_etcd_binary, free_ports
 
 
 def test_single_member_answers_health(etcd: EtcdProcess) -> None:

@@ -1,7 +1,7 @@
 """etcd failures: unreachable, paused, killed, full (NOSPACE), and lost answers.
 
 Real etcd members (``etcd_factory``) are paused, killed and filled; lost
-answers are made by a real TCP proxy (statestore/faultproxy.py) between the store
+answers are made by a real TCP proxy (statestore/local/faultproxy.py) between the store
 and etcd that forwards requests but drops responses. Every outcome is checked
 by reading etcd directly, not through the store under test.
 """
@@ -25,9 +25,9 @@ from statestore.errors import (
     Unavailable,
 )
 from statestore.etcd import EtcdClient
-from statestore.etcd_server import EtcdProcess, free_port
-from statestore.faultproxy import FaultProxy
 from statestore.keys import encode, prefix_end
+from statestore.local.etcd_process import EtcdProcess, free_port
+from statestore.local.faultproxy import FaultProxy
 
 
 @pytest.fixture

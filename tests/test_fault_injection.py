@@ -45,10 +45,10 @@ from statestore.errors import (
     PossibleInconsistentState,
     Unavailable,
 )
-from statestore.etcd_server import EtcdCluster, EtcdProcess
-from statestore.faultproxy import FaultProxy
 from statestore.handle import Handle, parse_record
 from statestore.keys import encode, prefix_end
+from statestore.local.etcd_process import EtcdCluster, EtcdProcess
+from statestore.local.faultproxy import FaultProxy
 
 #: Deadline of one etcd request in these tests (StoreConfig.etcd_timeout).
 ETCD_TIMEOUT = 2.0

@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 from statestore import StateHandleStore, StoreConfig
 from statestore.blobs import new_blob_id
 from statestore.errors import AlreadyExists, NotFound, StateStoreError
-from statestore.gc import collect_due, gc_pass
 from statestore.keys import encode, prefix_end
-from statestore.reconciler import RemovalReconciler
+from statestore.maintenance.gc import collect_due, gc_pass
+from statestore.maintenance.reconciler import RemovalReconciler
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = 64 * 1024  # the smallest streaming chunk: partial blobs reach the disk early

@@ -37,9 +37,9 @@ from statestore.errors import (
     Unavailable,
 )
 from statestore.etcd import Ambiguous, EtcdClient, Txn, TxnResult
-from statestore.etcd_server import EtcdProcess
-from statestore.gc import GcReport, gc_pass, sweep_orphans
 from statestore.keys import encode, prefix_end
+from statestore.local.etcd_process import EtcdProcess
+from statestore.maintenance.gc import GcReport, gc_pass, sweep_orphans
 
 # -- helpers -------------------------------------------------------------------------
 

@@ -22,8 +22,8 @@ from typing import Any
 from helpers import OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig
-from statestore.etcd_server import EtcdProcess
 from statestore.keys import prefix_end
+from statestore.local.etcd_process import EtcdProcess
 
 REPO = Path(__file__).resolve().parent.parent
 

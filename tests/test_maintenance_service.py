@@ -28,8 +28,8 @@ from rest import client, hpath, new_session, sess
 from service import ServiceProcess
 
 from statestore.etcd import EtcdClient
-from statestore.etcd_server import EtcdProcess
 from statestore.keys import Layout, encode, prefix_end
+from statestore.local.etcd_process import EtcdProcess
 
 SESSION_TTL = 2  # the blocking session: never kept alive
 SERVICE_LEASE_TTL = 3  # the service's own lease (maintenance election)

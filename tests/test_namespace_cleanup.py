@@ -23,7 +23,7 @@ from statestore import StateHandleStore, StoreConfig
 from statestore.counter import CheckpointIDCounter
 from statestore.election import LeaderElection
 from statestore.keys import prefix_end
-from statestore.namespace import clear_namespace
+from statestore.maintenance.cleanup import clear_namespace
 
 REPO = Path(__file__).resolve().parent.parent
 

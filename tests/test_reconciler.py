@@ -24,9 +24,9 @@ from helpers import OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.etcd import Compacted
-from statestore.etcd_server import EtcdProcess
 from statestore.keys import prefix_end
-from statestore.reconciler import RemovalReconciler
+from statestore.local.etcd_process import EtcdProcess
+from statestore.maintenance.reconciler import RemovalReconciler
 
 HOLDER_TTL = 2
 

@@ -23,7 +23,7 @@ import pytest
 from rest import assert_problem, hpath, lpath
 from service import ServiceProcess
 
-from statestore.etcd_server import EtcdProcess, free_port
+from statestore.local.etcd_process import EtcdProcess, free_port
 
 READER, WRITER, ADMIN = "reader-token-1", "writer-token-1", "admin-token-1"
 TOKENS = {

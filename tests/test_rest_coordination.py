@@ -25,9 +25,9 @@ from service import ServiceProcess
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.errors import Fenced
-from statestore.etcd_server import EtcdProcess
 from statestore.http import StateStoreClient
 from statestore.keys import encode, prefix_end
+from statestore.local.etcd_process import EtcdProcess
 
 MAX_I64 = 2**63 - 1
 

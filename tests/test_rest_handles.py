@@ -26,8 +26,8 @@ from service import ServiceProcess
 from statestore import StateHandleStore, StoreConfig
 from statestore.config import DEFAULT_ROOT
 from statestore.etcd import EtcdClient
-from statestore.etcd_server import EtcdProcess
 from statestore.keys import encode, prefix_end
+from statestore.local.etcd_process import EtcdProcess
 
 # -- helpers ---------------------------------------------------------------------
 

@@ -27,8 +27,8 @@ from helpers import async_wait_until
 from service import ServiceProcess
 
 from statestore import StateHandleStore, StoreConfig
-from statestore.etcd_server import EtcdProcess
 from statestore.keys import prefix_end
+from statestore.local.etcd_process import EtcdProcess
 
 MiB = 1024 * 1024
 CHUNK = MiB

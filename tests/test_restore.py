@@ -29,8 +29,8 @@ from helpers import async_wait_until
 from statestore import StateHandleStore
 from statestore.config import StoreConfig
 from statestore.errors import NotFound
-from statestore.etcd_server import EtcdProcess, free_port
-from statestore.gc import gc_pass
+from statestore.local.etcd_process import EtcdProcess, free_port
+from statestore.maintenance.gc import gc_pass
 
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 BEFORE, AFTER, REPLACED, REMOVED = 50, 10, 5, 5

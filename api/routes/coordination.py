@@ -17,10 +17,20 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api.auth import Role
-from api.problems import problem
-from api.routes.handles import BINARY_BODY
-from api.service import (
+from statestore.checkpoints import (
+    MAX_ID,
+    CompletedCheckpoint,
+    CompletedCheckpointStore,
+    checkpoints_of,
+)
+from statestore.counter import MAX_VALUE, CheckpointIDCounter
+from statestore.election import LeaderElection
+from statestore.maintenance.cleanup import clear_namespace
+from statestore.store import StateHandleStore
+from statestore_api.auth import Role
+from statestore_api.problems import problem
+from statestore_api.routes.handles import BINARY_BODY
+from statestore_api.service import (
     FencingHeader,
     Service,
     SessionHeader,
@@ -30,16 +40,6 @@ from api.service import (
     path_namespace,
     state_body,
 )
-from statestore.checkpoints import (
-    MAX_ID,
-    CompletedCheckpoint,
-    CompletedCheckpointStore,
-    checkpoints_of,
-)
-from statestore.counter import MAX_VALUE, CheckpointIDCounter
-from statestore.election import LeaderElection
-from statestore.namespace import clear_namespace
-from statestore.store import StateHandleStore
 
 router = APIRouter(prefix="/v1/namespaces/{ns}", tags=["coordination"])
 

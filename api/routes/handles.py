@@ -14,9 +14,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.auth import Role
-from api.problems import ApiError, problem
-from api.service import (
+from statestore_api.auth import Role
+from statestore_api.problems import ApiError, problem
+from statestore_api.service import (
     SMALL_BODY,
     FencingHeader,
     SessionHeader,

@@ -8,10 +8,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.problems import problem
-from api.service import Svc
 from statestore.errors import StateStoreError, Unavailable
 from statestore.keys import prefix_end
+from statestore_api.problems import problem
+from statestore_api.service import Svc
 
 router = APIRouter(tags=["operations"])
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from api.auth import Role
-from api.service import Svc
 from statestore.keys import decode
-from statestore.sessions import MAX_TTL, MIN_TTL
+from statestore_api.auth import Role
+from statestore_api.service import Svc
+from statestore_api.session_registry import MAX_TTL, MIN_TTL
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 

@@ -119,7 +119,7 @@ class Drill:
             except (Forbidden, Unauthorized) as e:
                 raise CannotVerify(f"namespace cleanup refused ({e.kind}): {e}") from None
             return [] if done else [f"namespace {namespace} cleanup pending"]
-        from statestore.gc import GcReport, sweep_orphans
+        from statestore.maintenance.gc import GcReport, sweep_orphans
 
         view = self._admin.for_namespace(namespace)
         # The drill owns the namespace and its writers are dead: no age needed.
@@ -141,7 +141,7 @@ class Drill:
             assert self.target.url is not None
             self._admin = AsyncStateStoreClient(self.target.url, token=self.target.token)
             return
-        from statestore.maintenance import Maintenance
+        from statestore.maintenance.replica import Maintenance
         from statestore.store import StateHandleStore
 
         self._admin = await StateHandleStore.open(self.target.config_for(f"drill-{self.run_id}"))
@@ -194,7 +194,7 @@ class Drill:
     async def _clear(self, namespace: str) -> bool:
         if self.target.mode == "rest":
             return not await self.reclaim(namespace)
-        from statestore.namespace import clear_namespace
+        from statestore.maintenance.cleanup import clear_namespace
 
         return await clear_namespace(self._admin.for_namespace(namespace))
 

@@ -26,8 +26,8 @@ from statestore.blobs import BlobStore
 from statestore.config import StoreConfig
 from statestore.drill.jobmanager import JobManager
 from statestore.drill.worker import job_manager_from_spec
-from statestore.etcd_server import EtcdCluster
-from statestore.faultproxy import FaultProxy
+from statestore.local.etcd_process import EtcdCluster
+from statestore.local.faultproxy import FaultProxy
 
 
 class BlobOutage(Protocol):
@@ -190,9 +190,9 @@ def open_target(
     if url is not None:
         yield Target("rest", f"REST service at {url}", lease_ttl or 10, url=url, token=token)
         return
-    from api.settings import ServiceSettings
     from statestore.config import load_config
-    from statestore.embedded import blob_root, running_embedded_endpoint, start_embedded_etcd
+    from statestore.local.embedded import blob_root, running_embedded_endpoint, start_embedded_etcd
+    from statestore_api.settings import ServiceSettings
 
     settings = load_config(cls=ServiceSettings)
     given = settings.model_fields_set

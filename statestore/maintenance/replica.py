@@ -1,7 +1,7 @@
 """Background maintenance of a service replica.
 
 - **Compactor**: on every replica (its CAS makes that about one compaction
-  per interval in total; see ``statestore.compactor``).
+  per interval in total; see ``statestore.maintenance.compactor``).
 - **Reconciler and blob GC**: on one replica at a time, chosen by a
   maintenance election on ``<root>/_maintenance/leader/`` with the replica's
   own lease. When that replica dies its lease expires, its key goes, and the
@@ -16,12 +16,12 @@ import contextlib
 import logging
 import uuid
 
-from statestore.compactor import Compactor
 from statestore.election import LeaderElection
 from statestore.errors import StateStoreError
-from statestore.gc import gc_pass
 from statestore.keys import reserved_key
-from statestore.reconciler import RemovalReconciler
+from statestore.maintenance.compactor import Compactor
+from statestore.maintenance.gc import gc_pass
+from statestore.maintenance.reconciler import RemovalReconciler
 from statestore.session import Session
 from statestore.store import StoreBackend
 

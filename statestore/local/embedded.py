@@ -14,7 +14,7 @@ import json
 import socket
 from pathlib import Path
 
-from statestore.etcd_server import EtcdProcess, free_ports, probe_health
+from statestore.local.etcd_process import EtcdProcess, free_ports, probe_health
 
 DEFAULT_HOME = Path(".statestore")
 

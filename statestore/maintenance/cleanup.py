@@ -18,8 +18,8 @@ callers repeat it (REST: 202 while pending, 204 when done).
 
 from __future__ import annotations
 
-from statestore.gc import GcReport, collect_due, sweep_orphans
 from statestore.keys import prefix_end
+from statestore.maintenance.gc import GcReport, collect_due, sweep_orphans
 from statestore.store import StateHandleStore
 
 
