@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint bench setup etcd clean
+.PHONY: run test lint bench setup tools clean
 
 run: setup
 	$(BIN)/statestore serve
@@ -22,13 +22,21 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_store.py
 
-setup: etcd $(VENV)/.installed
+setup: tools $(VENV)/.installed
 
-etcd:
-	@command -v etcd >/dev/null 2>&1 || { \
-	  echo "etcd not found: installing Debian package etcd-server"; \
+# Every command the service or the tests run, with the Debian package that
+# ships it. Debian's etcd-server has no etcdctl: that is etcd-client.
+TOOLS = etcd:etcd-server etcdctl:etcd-client
+
+tools:
+	@missing=""; for t in $(TOOLS); do \
+	  command -v "$${t%%:*}" >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq etcd-server; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,26 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["async_wait_until", "wait_until"]
+__all__ = ["async_wait_until", "require_tool", "wait_until"]
+
+
+def require_tool(name: str) -> str:
+    """The path of command ``name``; a missing tool FAILS the test, never skips it.
+
+    A skip would let CI pass on a machine the README's commands did not set up
+    (etcdctl was once used by tests but never installed): ``make test``
+    installs every tool the suite runs, so a missing one is a setup bug.
+    """
+    path = shutil.which(name)
+    if path is None:
+        import pytest
+
+        pytest.fail(
+            f"{name!r} is not on PATH: the README's `make test` installs it "
+            "(Makefile target `tools`); install it the same way, do not skip",
+            pytrace=False,
+        )
+    return path
 
 
 def _failure(

@@ -409,7 +409,10 @@ async def test_recover_10k_checkpoints(
     make_config: Callable[..., StoreConfig], open_store: OpenStore
 ) -> None:
     n, chunk = 10_000, 500
-    cfg = make_config()
+    # Not a lease-expiry test: 500 concurrent adds can starve the keepalive
+    # task on a loaded 2-core machine for longer than the 5 s test default,
+    # which once lost the lease mid-run. A long TTL takes timing out of it.
+    cfg = make_config(lease_ttl=60)
     writer = await open_store(cfg)
     started = time.perf_counter()
     for lo in range(1, n + 1, chunk):

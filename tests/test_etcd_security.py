@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from helpers import require_tool
 from service import ServiceProcess
 
 from statestore import StateHandleStore, StoreConfig
@@ -179,7 +180,7 @@ def etcdctl(member: EtcdProcess, pki: Pki, *args: str, user: str | None = None) 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
     env["ETCDCTL_API"] = "3"
     cmd = [
-        "etcdctl",
+        require_tool("etcdctl"),
         "--endpoints", member.client_url,
         "--cacert", str(pki.ca),
         "--cert", str(pki.client.cert),

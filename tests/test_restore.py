@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import async_wait_until
+from helpers import async_wait_until, require_tool
 
 from statestore import StateHandleStore
 from statestore.config import StoreConfig
@@ -32,12 +32,7 @@ from statestore.errors import NotFound
 from statestore.local.etcd_process import EtcdProcess, free_port
 from statestore.maintenance.gc import gc_pass
 
-ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 BEFORE, AFTER, REPLACED, REMOVED = 50, 10, 5, 5
-
-pytestmark = pytest.mark.skipif(
-    not os.access(ETCDCTL, os.X_OK), reason="etcdctl (etcd 3.4+) is not installed"
-)
 
 
 def etcdctl(*args: str) -> str:
@@ -45,7 +40,12 @@ def etcdctl(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
     env["ETCDCTL_API"] = "3"
     proc = subprocess.run(
-        [ETCDCTL, *args], env=env, capture_output=True, text=True, timeout=30, check=False
+        [require_tool("etcdctl"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert proc.returncode == 0, f"etcdctl {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}"
     return proc.stdout
