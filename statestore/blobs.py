@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import os
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
 
+from statestore.data import as_bytes, data_kind
 from statestore.errors import (
     IntegrityError,
     InvalidArgument,
@@ -205,7 +205,8 @@ class BlobStore:
                 )
             return info
 
-        if isinstance(data, bytes | bytearray | memoryview):
+        kind = data_kind(data)  # refuses str and non-data before anything is written
+        if kind == "bytes":
             buf = bytes(data)
             check(len(buf))
 
@@ -223,20 +224,11 @@ class BlobStore:
 
             return await self._run("write", write_all)
 
-        if isinstance(data, str):
-            raise InvalidArgument("state must be bytes, not str; encode it first")
-
-        read = getattr(data, "read", None)
-        if read is not None and not inspect.iscoroutinefunction(read):
+        if kind == "file":
             return await self._run("write", self._write_sync_file, path, data, check, verify)
-        if isinstance(data, Iterable) and not hasattr(data, "__aiter__") and read is None:
+        if kind == "iterable":
             return await self._run("write", self._write_sync_iter, path, data, check, verify)
-        if read is not None or isinstance(data, AsyncIterable):
-            return await self._write_async(path, data, check, verify)
-        raise InvalidArgument(
-            f"state must be bytes, a binary file object or an (async) iterable of bytes, "
-            f"not {type(data).__name__}"
-        )
+        return await self._write_async(path, data, check, verify)
 
     def _write_sync_iter(
         self, path: str, chunks: Iterable[Any], check: Callable[[int], None], verify: Any
@@ -471,12 +463,3 @@ class BlobStore:
             self.fs.exists(self.root)
 
         await self._run("answer", probe)
-
-
-def as_bytes(chunk: Any) -> bytes:
-    """A state chunk as bytes (also for the REST client's uploads)."""
-    if isinstance(chunk, bytes):
-        return chunk
-    if isinstance(chunk, bytearray | memoryview):
-        return bytes(chunk)
-    raise InvalidArgument(f"state chunks must be bytes, got {type(chunk).__name__}")

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from statestore.blobs import Data
+from statestore.data import MAX_INT64
 from statestore.errors import IntegrityError, InvalidArgument
 from statestore.handle import Handle
 from statestore.store import StateHandleStore
 
-MAX_ID = 2**63 - 1
+MAX_ID = MAX_INT64
 _WIDTH = 20
 
 

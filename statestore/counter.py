@@ -22,6 +22,7 @@ import asyncio
 import uuid
 
 from statestore.config import StoreConfig
+from statestore.data import MAX_INT64
 from statestore.errors import (
     InvalidArgument,
     PossibleInconsistentState,
@@ -32,7 +33,7 @@ from statestore.etcd import Ambiguous, Txn
 from statestore.keys import validate_name
 from statestore.store import StateHandleStore
 
-MAX_VALUE = 2**63 - 1  # signed 64-bit, as Flink's long and JSON integers everywhere
+MAX_VALUE = MAX_INT64
 _ROUNDS = 1000
 
 

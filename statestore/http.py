@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import hashlib
-import inspect
 import json
 import logging
 import threading
@@ -57,8 +56,7 @@ from urllib.parse import quote
 
 import httpx
 
-from statestore.blobs import as_bytes
-from statestore.checkpoints import MAX_ID
+from statestore.data import MAX_INT64, DataKind, as_bytes, data_kind
 from statestore.errors import (
     AlreadyExists,
     Fenced,
@@ -428,23 +426,10 @@ class _Upload:
         self._sha = hashlib.sha256()
         self.size = 0
         self.raw: bytes | None = None
-        if isinstance(data, bytes | bytearray | memoryview):
-            self.raw = bytes(data)
+        self._kind: DataKind = data_kind(data)  # the SDK's forms and refusals
+        if self._kind == "bytes":
+            self.raw = bytes(self._data)
             self._feed(self.raw)
-            self._kind = "bytes"
-        elif isinstance(data, str):
-            raise InvalidArgument("state must be bytes, not str; encode it first")
-        elif (read := getattr(data, "read", None)) is not None:
-            self._kind = "async-file" if inspect.iscoroutinefunction(read) else "file"
-        elif hasattr(data, "__aiter__"):
-            self._kind = "async-iterable"
-        elif isinstance(data, Iterable):
-            self._kind = "iterable"
-        else:
-            raise InvalidArgument(
-                "state must be bytes, a binary file object or an (async) iterable of bytes, "
-                f"not {type(data).__name__}"
-            )
 
     @property
     def sha256(self) -> str:
@@ -858,8 +843,8 @@ class _Api:
         ns: str | None,
     ) -> _Call[tuple[RestCheckpoint, list[int]]]:
         cid = _checked_int(checkpoint_id, "checkpoint_id")
-        if not 0 <= cid <= MAX_ID:
-            raise InvalidArgument(f"checkpoint_id must be an integer 0..{MAX_ID}, got {cid}")
+        if not 0 <= cid <= MAX_INT64:
+            raise InvalidArgument(f"checkpoint_id must be an integer 0..{MAX_INT64}, got {cid}")
         params = {"retain": str(_checked_int(retain, "retain"))}
         if savepoint:
             params["savepoint"] = "true"
