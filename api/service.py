@@ -10,11 +10,13 @@ from urllib.parse import unquote
 
 from fastapi import Depends, Header, Request
 
+from statestore.data import MAX_INT64
+from statestore.election import fence_for_token, instance_fence
 from statestore.errors import SessionExpired
 from statestore.handle import Handle
-from statestore.keys import prefix_end, validate_name, validate_namespace
+from statestore.keys import validate_name, validate_namespace
 from statestore.maintenance.replica import Maintenance
-from statestore.store import SMALL_DATA, FixedLease, StateHandleStore, StoreBackend, TokenFence
+from statestore.store import SMALL_DATA, FixedLease, StateHandleStore, StoreBackend
 from statestore_api.auth import Authorizer, Role
 from statestore_api.observability import Metrics
 from statestore_api.problems import ApiError
@@ -69,26 +71,16 @@ class Service:
                 raise ApiError(
                     400, "invalid-argument", "X-Fencing-Token needs the leader's X-Session-Id"
                 )
-            leader_key = store.keys.leader_prefix + session.session_id.encode()
-            store = store.with_fencing(TokenFence(leader_key, fencing_token(raw)))
+            store = store.with_fencing(instance_fence(store, fencing_token(raw)))
         return store
 
     async def token_fenced_store(self, namespace: str, raw_token: str) -> StateHandleStore:
         """A lock-less writer fenced by a token sent without ``X-Session-Id``
-        (counter writes): the token is the create revision of the leader key it
-        names, so that key is looked up (one range of the leader prefix) and the
-        writes compare it exactly as a session's own key. No such key -> every
-        write raises ``Fenced`` before any txn, so nothing changes."""
+        (counter writes), by the leader key the token was issued for (see
+        :func:`statestore.election.fence_for_token`: no such key -> every
+        write raises ``Fenced`` before any txn, so nothing changes)."""
         store = self.backend.store(namespace, READER, FixedLease(0))
-        token = fencing_token(raw_token)
-        lp = store.keys.leader_prefix
-        leader_key = None
-        if token is not None:
-            kvs, _ = await store.etcd.range_all(lp, prefix_end(lp), keys_only=True)
-            leader_key = next((kv.key for kv in kvs if kv.create_revision == token), None)
-        if leader_key is None:
-            return store.with_fencing(TokenFence(lp, None))
-        return store.with_fencing(TokenFence(leader_key, token))
+        return store.with_fencing(await fence_for_token(store, fencing_token(raw_token)))
 
 
 def fencing_token(raw: str) -> int | None:
@@ -104,7 +96,7 @@ def fencing_token(raw: str) -> int | None:
             f"X-Fencing-Token must be an integer (the token returned by "
             f"POST .../leader), got {raw!r}",
         ) from None
-    return value if 1 <= value < 2**63 else None
+    return value if 1 <= value <= MAX_INT64 else None
 
 
 async def service(request: Request) -> Service:

@@ -18,6 +18,13 @@ key under the prefix`` (so no older key, i.e. no other leader, exists). A
 deposed or paused leader's writes therefore fail inside etcd, whatever the
 deposed process believes; it gets :class:`~statestore.errors.Fenced`.
 
+A token can also be presented without the election object that won it (the
+REST API's ``X-Fencing-Token``): :func:`instance_fence` fences the writes of
+the instance that owns the leader key, :func:`fence_for_token` those of a
+caller with no key of its own, by finding the key the token was issued for.
+Either way a token that is not the current leadership fails the compare (or,
+when no key has it, raises ``Fenced`` before any txn), so nothing changes.
+
 Failure cases:
 
 - campaign times out: the candidate's key is deleted and ``NotLeader`` is
@@ -38,9 +45,49 @@ import time
 from statestore.errors import NotLeader, SessionExpired, StateStoreError, Unavailable
 from statestore.etcd import KV, Txn
 from statestore.keys import prefix_end
-from statestore.store import StateHandleStore
+from statestore.store import StateHandleStore, TokenFence
 
 log = logging.getLogger(__name__)
+
+
+def _candidate_key(prefix: bytes, store: StateHandleStore) -> bytes:
+    """The election key of ``store``'s instance: ``<prefix><instance-id>``."""
+    return prefix + store.instance_id.encode()
+
+
+def instance_fence(store: StateHandleStore, token: int | None) -> TokenFence:
+    """The fence of writes by ``store``'s own instance presenting ``token``
+    (REST: ``X-Fencing-Token`` with the leader's ``X-Session-Id``).
+
+    Its writes compare that its own key ``<ns>/leader/<instance-id>`` has
+    create revision ``token`` and that no key under the prefix is older, as
+    if it had won ``token`` with a :class:`LeaderElection` here. A token of
+    ``None`` (a value that can be no etcd revision) fences every write with
+    ``Fenced`` before any txn."""
+    return TokenFence(_candidate_key(store.keys.leader_prefix, store), token)
+
+
+async def fence_for_token(store: StateHandleStore, token: int | None) -> TokenFence:
+    """The fence of writes presenting ``token`` alone, by a caller with no
+    leader key of its own (REST: counter writes with ``X-Fencing-Token`` and
+    no ``X-Session-Id``).
+
+    A token is the create revision of the leader key it was issued for, so
+    that key is looked up (one keys-only range of ``<ns>/leader/``) and the
+    writes compare it exactly as its owner's own writes would: they succeed
+    while that key leads and fail with ``Fenced`` once it does not. When no
+    key has that create revision (the leadership is over, or the value was
+    never a token), or ``token`` is ``None``, the fence holds no token and
+    every write raises ``Fenced`` before any txn: nothing changes.
+
+    Raises ``Unavailable`` when etcd does not answer the range."""
+    prefix = store.keys.leader_prefix
+    if token is not None:
+        kvs, _ = await store.etcd.range_all(prefix, prefix_end(prefix), keys_only=True)
+        for kv in kvs:
+            if kv.create_revision == token:
+                return TokenFence(kv.key, token)
+    return TokenFence(prefix, None)
 
 
 class LeaderElection:
@@ -51,7 +98,7 @@ class LeaderElection:
         namespace's ``leader/`` (the service's maintenance election)."""
         self._store = store
         self._prefix = prefix if prefix is not None else store.keys.leader_prefix
-        self._key = self._prefix + store.instance_id.encode()
+        self._key = _candidate_key(self._prefix, store)
         self._token: int | None = None
         self._lease = 0
         self._lost_count = 0

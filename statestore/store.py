@@ -78,7 +78,8 @@ class Fence(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class TokenFence:
-    """A fence from a token the caller presents (``X-Fencing-Token``)."""
+    """A fence from a token the caller presents (``X-Fencing-Token``); built by
+    :func:`statestore.election.instance_fence` or ``fence_for_token``."""
 
     leader_key: bytes
     token: int | None

@@ -28,7 +28,7 @@ from helpers import OpenStore, async_wait_until
 from statestore import StateHandleStore, StoreConfig
 from statestore.checkpoints import CompletedCheckpointStore, checkpoint_name
 from statestore.counter import CheckpointIDCounter
-from statestore.election import LeaderElection
+from statestore.election import LeaderElection, fence_for_token, instance_fence
 from statestore.errors import Fenced, NotLeader
 from statestore.keys import prefix_end
 from statestore.store import TokenFence
@@ -535,3 +535,69 @@ async def test_release_all_keeps_leadership(
     assert election.is_leader and election.token == token
     await cps.add_checkpoint_and_subsume(2, b"two")
     assert await raw_handle_names(store) == [checkpoint_name(1), checkpoint_name(2)]
+
+
+async def test_tokens_presented_without_the_election_object(
+    make_config: Callable[..., StoreConfig], open_store: OpenStore
+) -> None:
+    """A token alone (the REST API's ``X-Fencing-Token``) proves leadership
+    only while the key it was issued for leads. ``instance_fence`` binds it to
+    the presenting instance's own key; ``fence_for_token`` finds the key by
+    the token (a caller with no key of its own). A token no key has fences
+    every write before any txn: the etcd revision does not move."""
+    a = await open_store(make_config())
+    b = await open_store(make_config())
+    reader = await open_store(make_config())
+    ea, eb = LeaderElection(a), LeaderElection(b)
+    token_a = await ea.campaign(timeout=5)
+
+    assert instance_fence(a, token_a) == TokenFence(ea.leader_key, token_a)
+    assert await fence_for_token(reader, token_a) == TokenFence(ea.leader_key, token_a)
+    await CheckpointIDCounter(
+        reader.with_fencing(await fence_for_token(reader, token_a))
+    ).set_count(5)
+    await a.with_fencing(instance_fence(a, token_a)).add_and_lock("by-a", b"x")
+    # B presenting A's token as its own: B has no key with that revision.
+    with pytest.raises(Fenced):
+        await b.with_fencing(instance_fence(b, token_a)).add_and_lock("by-b", b"x")
+
+    async def revision() -> int:
+        return (await reader.etcd.status()).revision
+
+    for never in (None, token_a + 10_000):
+        fence = await fence_for_token(reader, never)
+        assert fence.token is None
+        before = await revision()
+        with pytest.raises(Fenced):
+            await CheckpointIDCounter(reader.with_fencing(fence)).set_count(9)
+        with pytest.raises(Fenced):
+            await reader.with_fencing(fence).add_and_lock("never", b"x")
+        assert await revision() == before, "a fence without a token still sent a txn"
+
+    # A waiting candidate's key is found by its token, but does not lead.
+    task_b = asyncio.create_task(eb.campaign())
+    try:
+
+        async def b_key() -> Any:
+            return await b.etcd.get(eb.leader_key)
+
+        kv = await async_wait_until(b_key, timeout=10, message="B's candidate key never appeared")
+        waiting = await fence_for_token(reader, kv.create_revision)
+        assert waiting == TokenFence(eb.leader_key, kv.create_revision)
+        with pytest.raises(Fenced):
+            await CheckpointIDCounter(reader.with_fencing(waiting)).set_count(7)
+
+        # Leadership passes to B: A's token names no key any more.
+        await ea.resign()
+        token_b = await asyncio.wait_for(task_b, 10)
+    finally:
+        task_b.cancel()
+        with contextlib.suppress(BaseException):
+            await task_b
+    assert token_b == kv.create_revision
+    assert (await fence_for_token(reader, token_a)).token is None
+    await CheckpointIDCounter(
+        reader.with_fencing(await fence_for_token(reader, token_b))
+    ).set_count(7)
+    assert await CheckpointIDCounter(reader).get() == 7
+    assert await raw_handle_names(a) == ["by-a"]
