@@ -8,8 +8,9 @@ from problem bodies, URL encoding of tricky names, header building, streaming
 of file/iterator bodies, hash checks, the session keepalive helpers, and both
 faces (``StateStoreClient`` and ``AsyncStateStoreClient``) behaving alike.
 
-They do NOT show that the client works with the real server: integration
-tests against ``statestore serve`` are to be added separately.
+They do NOT show that the client works with the real server: that is
+test_http_client_integration.py and test_http_client_faces.py (both faces
+through the same cases against ``statestore serve``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
+from faces import FACES, rest_client
 from helpers import async_wait_until, wait_until
 
-from statestore.checkpoints import MAX_ID
+from statestore.data import MAX_INT64
 from statestore.errors import (
     AlreadyExists,
     Fenced,
@@ -474,42 +476,7 @@ class FakeServer:
         return httpx.Response(202 if pending else 204)
 
 
-# -- running both faces with the same test --------------------------------------------------
-
-
-class _AsyncAsSync:
-    """Drives an ``AsyncStateStoreClient`` from sync test code on a private loop,
-    so that one test body checks both faces."""
-
-    def __init__(self, client: AsyncStateStoreClient) -> None:
-        self._client = client
-        self._loop = asyncio.new_event_loop()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            result = attr(*args, **kwargs)
-            if asyncio.iscoroutine(result):
-                return self._loop.run_until_complete(result)
-            if isinstance(result, AsyncIterator):
-                return self._iterate(result)
-            return result
-
-        return call
-
-    def _iterate(self, agen: AsyncIterator[bytes]) -> Iterator[bytes]:
-        while True:
-            try:
-                yield self._loop.run_until_complete(agen.__anext__())  # type: ignore[arg-type]
-            except StopAsyncIteration:
-                return
-
-    def close(self) -> None:
-        self._loop.run_until_complete(self._client.aclose())
-        self._loop.close()
+# -- running both faces with the same test (see faces.py) ----------------------------------
 
 
 @pytest.fixture
@@ -521,7 +488,7 @@ MakeClient = Callable[..., Any]
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=FACES)
 def make_client(request: pytest.FixtureRequest, server: FakeServer) -> Iterator[MakeClient]:
     """Factory of a client of either face on ``server`` (closed at teardown)."""
     made: list[Any] = []
@@ -529,12 +496,7 @@ def make_client(request: pytest.FixtureRequest, server: FakeServer) -> Iterator[
     def make(handler: Handler | None = None, **kwargs: Any) -> Any:
         handler = handler or server
         kwargs.setdefault("namespace", NS)
-        if request.param == "sync":
-            client: Any = StateStoreClient(BASE, transport=httpx.MockTransport(handler), **kwargs)
-        else:
-            client = _AsyncAsSync(
-                AsyncStateStoreClient(BASE, transport=httpx.MockTransport(handler), **kwargs)
-            )
+        client = rest_client(request.param, BASE, transport=httpx.MockTransport(handler), **kwargs)
         made.append(client)
         return client
 
@@ -1164,8 +1126,8 @@ def test_checkpoints(client: Any, sid: str, server: FakeServer) -> None:
     with pytest.raises(InvalidArgument):
         client.add_checkpoint(2**64, b"x", sid)
     sent = len(server.requests)
-    with pytest.raises(InvalidArgument):  # the server's bound (MAX_ID = 2**63 - 1)
-        client.add_checkpoint(MAX_ID + 1, b"x", sid)
+    with pytest.raises(InvalidArgument):  # the server's bound (2**63 - 1)
+        client.add_checkpoint(MAX_INT64 + 1, b"x", sid)
     assert len(server.requests) == sent  # refused before sending
 
 
