@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from statestore.http import AsyncStateStoreClient, StateStoreClient
@@ -116,6 +117,24 @@ def rest_client(face: str, base_url: str, **kwargs: Any) -> Any:
     if face == "sync":
         return StateStoreClient(base_url, **kwargs)
     return AsyncAsSync(AsyncStateStoreClient(base_url, **kwargs))
+
+
+@contextmanager
+def rest_clients(face: str, base_url: str, **defaults: Any) -> Iterator[Callable[..., Any]]:
+    """``make(**kwargs)``: REST clients of ``face`` on ``base_url`` (``kwargs``
+    over ``defaults``); every client made is closed on leaving the block."""
+    made: list[Any] = []
+
+    def make(**kwargs: Any) -> Any:
+        client = rest_client(face, base_url, **{**defaults, **kwargs})
+        made.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in made:
+            client.close()
 
 
 class SyncAsAsync:

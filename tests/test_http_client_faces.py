@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import pytest
-from faces import FACES, mirror_differences, public_members, rest_client
+from faces import FACES, mirror_differences, public_members, rest_clients
 from helpers import wait_until
 from service import ServiceProcess
 
@@ -44,36 +44,20 @@ from statestore.http import (
     StateStoreClient,
 )
 
-MakeClient = Callable[..., Any]
-
 
 @pytest.fixture(params=FACES)
-def make_client(
+def client(
     request: pytest.FixtureRequest, service: ServiceProcess, namespace: str
-) -> Iterator[MakeClient]:
-    """Factory of a client of this test's face on the shared service, on this
-    test's namespace unless told otherwise (closed at teardown)."""
-    made: list[Any] = []
-
-    def make(**kwargs: Any) -> Any:
-        kwargs.setdefault("namespace", namespace)
-        client = rest_client(request.param, service.url, **kwargs)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
-@pytest.fixture
-def client(make_client: MakeClient) -> Any:
-    return make_client()
+) -> Iterator[Any]:
+    """A client of this test's face on the shared service, on this test's
+    namespace (closed at teardown)."""
+    with rest_clients(request.param, service.url, namespace=namespace) as make:
+        yield make()
 
 
 @pytest.fixture
 def sid(client: Any) -> str:
-    """A session of this test (ends with the test's namespace: nothing else uses it)."""
+    """The session of this test's job manager."""
     return str(client.create_session(ttl_seconds=30, owner="faces").session_id)
 
 

@@ -31,7 +31,7 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
-from faces import FACES, rest_client
+from faces import FACES, rest_clients
 from helpers import async_wait_until, wait_until
 
 from statestore.data import MAX_INT64
@@ -490,19 +490,14 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 @pytest.fixture(params=FACES)
 def make_client(request: pytest.FixtureRequest, server: FakeServer) -> Iterator[MakeClient]:
-    """Factory of a client of either face on ``server`` (closed at teardown)."""
-    made: list[Any] = []
+    """Factory of a client of either face on ``server`` or another handler
+    (closed at teardown)."""
+    with rest_clients(request.param, BASE, namespace=NS) as make:
 
-    def make(handler: Handler | None = None, **kwargs: Any) -> Any:
-        handler = handler or server
-        kwargs.setdefault("namespace", NS)
-        client = rest_client(request.param, BASE, transport=httpx.MockTransport(handler), **kwargs)
-        made.append(client)
-        return client
+        def on(handler: Handler | None = None, **kwargs: Any) -> Any:
+            return make(transport=httpx.MockTransport(handler or server), **kwargs)
 
-    yield make
-    for client in made:
-        client.close()
+        yield on
 
 
 @pytest.fixture
