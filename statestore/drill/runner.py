@@ -4,15 +4,11 @@ processes, the maintenance stand-in, cleanup and the report.
 Every scenario works in its own scratch namespace ``drill-<run>-<scenario>``
 and every job manager process is killed when the drill ends, however it
 ends. Cleanup removes the namespaces with the same code as the REST
-namespace cleanup (``clear_namespace``): it waits for blobs queued for
-deletion to pass their grace period, then reports ``done``; if that takes
-longer than the cleanup deadline the durable ``gc/`` entries are left to the
-service's GC and the report says so.
-
-In SDK mode the drill joins the maintenance election as a replica without a
-compactor: if a ``statestore serve`` replica already runs maintenance, that
-replica's reconciler completes the deferred removals; otherwise the drill's
-does, and the report names which.
+namespace cleanup, through the drill's :class:`~statestore.drill.admin.Admin`
+(which also stands in for missing maintenance): it waits for blobs queued
+for deletion to pass their grace period, then reports ``done``; if that
+takes longer than the cleanup deadline the durable ``gc/`` entries are left
+to the service's GC and the report says so.
 """
 
 from __future__ import annotations
@@ -26,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from statestore.drill.admin import Admin, CannotVerify
 from statestore.drill.child import Child
 from statestore.drill.jobmanager import JobManager
 from statestore.drill.report import DrillReport, ScenarioResult
@@ -39,10 +36,6 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[str, str], None]
 
 
-class CannotVerify(Exception):
-    """The drill lacks the access a check needs (e.g. a non-admin token)."""
-
-
 @dataclass
 class DrillOptions:
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
@@ -53,7 +46,8 @@ class DrillOptions:
 
 
 class Drill:
-    """What scenarios use: the target, scratch namespaces, job managers."""
+    """What scenarios use: the target, scratch namespaces, job managers and
+    the admin (after :meth:`start`)."""
 
     def __init__(self, target: Target, opts: DrillOptions, on_step: StepCallback) -> None:
         self.target = target
@@ -69,10 +63,15 @@ class Drill:
         self.call_timeout = 30.0 + 2 * ttl
         self.takeover_timeout = 3 * ttl + 15.0
         self.reconcile_timeout = 15.0 + ttl
-        self._admin: Any = None
-        self._maintenance: Any = None
+        self._admin: Admin | None = None
 
     # -- for scenarios -----------------------------------------------------------
+
+    @property
+    def admin(self) -> Admin:
+        if self._admin is None:
+            raise RuntimeError("drill not started")
+        return self._admin
 
     def step(self, message: str) -> None:
         self._on_step(self.scenario, message)
@@ -98,60 +97,11 @@ class Drill:
         finally:
             await jm.close()
 
-    @property
-    def maintenance_note(self) -> str:
-        if self.target.mode == "rest":
-            return "the service's maintenance"
-        if self._maintenance is not None and self._maintenance.leading:
-            return "this drill's reconciler (no service replica was leading maintenance)"
-        return "a service replica's reconciler"
-
-    async def reclaim(self, namespace: str) -> list[str]:
-        """Sweep the scratch namespace's orphans; return what is left that no
-        handle references: blobs and multipart uploads (SDK), or "pending"
-        (REST, where the namespace cleanup answers 204 only once no key and
-        no blob is left)."""
-        if self.target.mode == "rest":
-            from statestore.http import Forbidden, Unauthorized
-
-            try:
-                done = await self._admin.delete_namespace(namespace)
-            except (Forbidden, Unauthorized) as e:
-                raise CannotVerify(f"namespace cleanup refused ({e.kind}): {e}") from None
-            return [] if done else [f"namespace {namespace} cleanup pending"]
-        from statestore.maintenance.gc import GcReport, sweep_orphans
-
-        view = self._admin.for_namespace(namespace)
-        # The drill owns the namespace and its writers are dead: no age needed.
-        await sweep_orphans(view, 0.0, GcReport())
-        snap = await view.snapshot()
-        referenced = {h.blob_url for h in snap.handles}
-        left = [b.url for b in await view.blobs.list_namespace(namespace)]
-        left += [
-            f"multipart upload {u[1]}" for u in await view.blobs.stale_multipart_uploads(namespace)
-        ]
-        return [u for u in left if u not in referenced]
-
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.target.mode == "rest":
-            from statestore.http import AsyncStateStoreClient
-
-            assert self.target.url is not None
-            self._admin = AsyncStateStoreClient(self.target.url, token=self.target.token)
-            return
-        from statestore.maintenance.replica import Maintenance
-        from statestore.store import StateHandleStore
-
-        self._admin = await StateHandleStore.open(self.target.config_for(f"drill-{self.run_id}"))
-        self._maintenance = Maintenance(  # on the admin store's connections
-            self._admin.backend,
-            gc_interval=self.target.gc_interval,
-            compaction_interval=None,  # the drill does not compact the user's etcd
-            orphan_min_age=self._admin.config.orphan_min_age_seconds,
-        )
-        await self._maintenance.start()
+        self._admin = self.target.admin(f"drill-{self.run_id}")
+        await self._admin.open()
 
     async def kill_children(self) -> None:
         await asyncio.gather(*(c.kill() for c in self.children), return_exceptions=True)
@@ -161,7 +111,7 @@ class Drill:
         """Remove every scratch namespace; "done" or what was left."""
         if self._admin is None:
             return "not run"
-        grace = self.target.cfg.gc_grace_seconds if self.target.cfg is not None else 20.0
+        grace = self._admin.blob_grace_seconds
         timeout = self.opts.cleanup_timeout or grace + self.target.ttl + 15.0
         deadline = time.monotonic() + timeout
         pending = list(self.namespaces)
@@ -169,7 +119,7 @@ class Drill:
             still = []
             for ns in pending:
                 try:
-                    done = await self._clear(ns)
+                    done = await self._admin.clear(ns)
                 except CannotVerify as e:
                     return f"not done: {e}"
                 except StateStoreError as e:
@@ -191,24 +141,11 @@ class Drill:
             await asyncio.sleep(1.0)
         return "done"
 
-    async def _clear(self, namespace: str) -> bool:
-        if self.target.mode == "rest":
-            return not await self.reclaim(namespace)
-        from statestore.maintenance.cleanup import clear_namespace
-
-        return await clear_namespace(self._admin.for_namespace(namespace))
-
     async def close(self) -> None:
         await self.kill_children()
-        if self._maintenance is not None:
-            with contextlib.suppress(StateStoreError):
-                await self._maintenance.stop()
         if self._admin is not None:
             with contextlib.suppress(StateStoreError):
-                if self.target.mode == "rest":
-                    await self._admin.aclose()
-                else:
-                    await self._admin.close()
+                await self._admin.close()
 
 
 def _quiet_cut_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -229,7 +229,9 @@ async def lease_expiry(drill: Drill, result: ScenarioResult) -> None:
             )
             return
         result.recovery_seconds = result.timing("removals_completed_seconds", done - killed)
-    result.details.update(handles=len(names), lease_ttl=ttl, maintenance=drill.maintenance_note)
+    result.details.update(
+        handles=len(names), lease_ttl=ttl, maintenance=drill.admin.maintenance_note
+    )
 
 
 # -- 4. crash-mid-upload -----------------------------------------------------------------
@@ -270,7 +272,7 @@ async def crash_mid_upload(drill: Drill, result: ScenarioResult) -> None:
 
         async def reclaimed() -> bool:
             nonlocal remaining
-            remaining = await drill.reclaim(ns)
+            remaining = await drill.admin.reclaim(ns)
             return not remaining
 
         at = await _poll(reclaimed, drill.reconcile_timeout + drill.target.ttl, interval=0.25)
@@ -347,7 +349,7 @@ async def blob_store_outage(drill: Drill, result: ScenarioResult) -> None:
             for name in failed:
                 if (await jm.inspect(name))["version"] is not None:
                     result.violation(f"failed write {name} became visible after the outage")
-            leftovers = await drill.reclaim(ns)
+            leftovers = await drill.admin.reclaim(ns)
             if leftovers:
                 result.violation(f"blobs of failed writes left behind: {leftovers[:5]}")
     finally:

@@ -2,8 +2,8 @@
 
 - :class:`Target` is either the SDK on a ``StoreConfig`` (the configured
   etcd + blob store, the embedded default, or ``--local-cluster``'s own
-  members) or a running REST service (``--url``). It builds job managers in
-  the drill process and specs for job manager processes.
+  members) or a running REST service (``--url``). It builds job managers
+  and the admin in the drill process, and specs for job manager processes.
 - A blob store outage can be injected only where the drill controls the
   path to the store: a TCP proxy in front of an ``endpoint_url`` (S3-style
   stores such as a local moto or MinIO), or, for ``file://`` roots, the
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from statestore.blobs import BlobStore
 from statestore.config import StoreConfig
+from statestore.drill.admin import Admin, RestAdmin, SdkAdmin
 from statestore.drill.jobmanager import JobManager
 from statestore.drill.worker import job_manager_from_spec
 from statestore.local.etcd_process import EtcdCluster
@@ -130,6 +131,14 @@ class Target:
         """A job manager in the drill process, built from the same spec as
         one in a worker process."""
         return job_manager_from_spec(self.worker_spec(namespace, label, storage_options))
+
+    def admin(self, namespace: str) -> Admin:
+        """The drill's admin (not opened); over the SDK its own store works in
+        ``namespace``."""
+        if self.mode == "sdk":
+            return SdkAdmin(self.config_for(namespace), self.gc_interval)
+        assert self.url is not None
+        return RestAdmin(self.url, self.token)
 
     def worker_spec(
         self, namespace: str, label: str, storage_options: dict[str, Any] | None = None
