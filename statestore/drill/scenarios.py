@@ -1,4 +1,4 @@
-"""The drill's scenarios. Each takes the :class:`~statestore.drill.runner.Drill`
+"""The drill's scenarios. Each takes the :class:`~statestore.drill.context.Drill`
 and a fresh :class:`ScenarioResult`, injects one failure into a real
 deployment, and records violations of protocol.md's invariants, never
 assumptions: every check reads the store back.
@@ -13,16 +13,14 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from statestore.checkpoints import checkpoint_name
 from statestore.drill.child import CallFailed
+from statestore.drill.context import Drill, Scenario
 from statestore.drill.jobmanager import JobManager, sha256_of, state_bytes
 from statestore.drill.report import ScenarioResult
 from statestore.errors import StateStoreError
-
-if TYPE_CHECKING:
-    from statestore.drill.runner import Drill
 
 #: How often state is polled while waiting for the deployment to react.
 POLL = 0.05
@@ -448,7 +446,7 @@ async def etcd_member_loss(drill: Drill, result: ScenarioResult) -> None:
     )
 
 
-SCENARIOS: dict[str, Callable[[Drill, ScenarioResult], Awaitable[None]]] = {
+SCENARIOS: dict[str, Scenario] = {
     "jm-failover": jm_failover,
     "zombie-leader": zombie_leader,
     "lease-expiry": lease_expiry,
