@@ -21,6 +21,7 @@ from rich.console import Console
 
 import statestore
 from statestore.drill.scenarios import SCENARIOS
+from statestore.drill.target import DeploymentSettings
 from statestore.errors import StateStoreError
 
 app = typer.Typer(
@@ -300,6 +301,7 @@ def drill(
             with open_target(
                 url=url,
                 token=token,
+                settings=None if url is not None else _deployment_settings(),
                 local_cluster=local_cluster,
                 lease_ttl=lease_ttl,
                 home=home,
@@ -317,6 +319,16 @@ def drill(
         console.print(f"report written to {report}")
     if not result.passed:
         raise typer.Exit(1)
+
+
+def _deployment_settings() -> DeploymentSettings:
+    """The STATESTORE_* deployment as ``serve`` reads it: with the service's
+    settings class, which only this module may import."""
+    from statestore.config import load_config
+    from statestore_api.settings import ServiceSettings
+
+    settings = load_config(cls=ServiceSettings)
+    return DeploymentSettings(settings, settings.gc_interval_seconds)
 
 
 # -- admin commands for people, over the REST API ------------------------------

@@ -18,10 +18,11 @@ from statestore.drill.context import DrillOptions
 from statestore.drill.report import DrillReport, ScenarioResult
 from statestore.drill.runner import run_drill
 from statestore.drill.scenarios import SCENARIOS
-from statestore.drill.target import Target, open_target
+from statestore.drill.target import DeploymentSettings, Target, open_target
 
 __all__ = [
     "SCENARIOS",
+    "DeploymentSettings",
     "DrillOptions",
     "DrillReport",
     "ScenarioResult",

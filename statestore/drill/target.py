@@ -4,6 +4,10 @@
   etcd + blob store, the embedded default, or ``--local-cluster``'s own
   members) or a running REST service (``--url``). It builds job managers
   and the admin in the drill process, and specs for job manager processes.
+- The deployment's settings come from the caller as
+  :class:`DeploymentSettings`: the CLI reads them with the service's
+  settings class, as ``statestore serve`` does, so that this package never
+  imports the service.
 - A blob store outage can be injected only where the drill controls the
   path to the store: a TCP proxy in front of an ``endpoint_url`` (S3-style
   stores such as a local moto or MinIO), or, for ``file://`` roots, the
@@ -107,6 +111,19 @@ class LocalDirOutage:
         self.stop()
 
 
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """The ``STATESTORE_*`` settings of the deployment to drill, as
+    ``statestore serve`` reads them."""
+
+    #: The store's settings; ``model_fields_set`` says which were configured
+    #: rather than defaulted.
+    store: StoreConfig
+    #: The service's blob GC period; the drill's maintenance stand-in runs at
+    #: most this often.
+    gc_interval_seconds: float
+
+
 @dataclass
 class Target:
     """``mode`` is ``"sdk"`` (``cfg`` set) or ``"rest"`` (``url`` set)."""
@@ -181,6 +198,7 @@ def open_target(
     *,
     url: str | None = None,
     token: str | None = None,
+    settings: DeploymentSettings | None = None,
     local_cluster: int | None = None,
     lease_ttl: int | None = None,
     home: Path = Path(".statestore"),
@@ -189,23 +207,22 @@ def open_target(
     """The deployment to drill, with whatever the drill starts for it
     (embedded etcd, local cluster) stopped again on exit.
 
-    - ``url``: a running REST service.
+    - ``url``: a running REST service (``settings`` are not needed).
     - ``local_cluster``: the drill's own etcd members in a temp dir; blobs
       where STATESTORE_BLOB_ROOT says, else in the same temp dir.
-    - otherwise the STATESTORE_* settings as ``serve`` reads them; with no
-      etcd endpoint configured, the embedded default under ``home`` (the
-      member a running ``statestore serve`` started, or a new one).
+    - otherwise the deployment ``settings`` describe; with no etcd endpoint
+      configured, the embedded default under ``home`` (the member a running
+      ``statestore serve`` started, or a new one).
     """
     if url is not None:
         yield Target("rest", f"REST service at {url}", lease_ttl or 10, url=url, token=token)
         return
-    from statestore.config import load_config
+    if settings is None:
+        raise ValueError("open_target needs the deployment's settings or a url")
     from statestore.local.embedded import blob_root, running_embedded_endpoint, start_embedded_etcd
-    from statestore_api.settings import ServiceSettings
 
-    settings = load_config(cls=ServiceSettings)
-    given = settings.model_fields_set
-    values = settings.model_dump(include=set(StoreConfig.model_fields))
+    given = settings.store.model_fields_set
+    values = settings.store.model_dump(include=set(StoreConfig.model_fields))
     started: Any = None
     temp: Path | None = None
     try:
@@ -229,7 +246,7 @@ def open_target(
                 values["blob_root"] = blob_root(home)
             what = f"embedded default (etcd {endpoint})"
         else:
-            what = f"etcd {','.join(settings.etcd_endpoints)}"
+            what = f"etcd {','.join(settings.store.etcd_endpoints)}"
         cfg = StoreConfig(**values)
         yield Target(
             "sdk",
