@@ -51,7 +51,7 @@ class DrillOptions:
 
 class Drill:
     """What scenarios use: the target, scratch namespaces, job managers and
-    the admin (after :meth:`start`)."""
+    the admin (opened by :meth:`start`)."""
 
     def __init__(self, target: Target, opts: DrillOptions, on_step: StepCallback) -> None:
         self.target = target
@@ -67,15 +67,10 @@ class Drill:
         self.call_timeout = 30.0 + 2 * ttl
         self.takeover_timeout = 3 * ttl + 15.0
         self.reconcile_timeout = 15.0 + ttl
-        self._admin: Admin | None = None
+        self.admin: Admin = target.admin(f"drill-{self.run_id}")
+        self._started = False
 
     # -- for scenarios -----------------------------------------------------------
-
-    @property
-    def admin(self) -> Admin:
-        if self._admin is None:
-            raise RuntimeError("drill not started")
-        return self._admin
 
     def step(self, message: str) -> None:
         self._on_step(self.scenario, message)
@@ -104,8 +99,8 @@ class Drill:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        self._admin = self.target.admin(f"drill-{self.run_id}")
-        await self._admin.open()
+        await self.admin.open()
+        self._started = True
 
     async def kill_children(self) -> None:
         await asyncio.gather(*(c.kill() for c in self.children), return_exceptions=True)
@@ -113,9 +108,9 @@ class Drill:
 
     async def cleanup(self) -> str:
         """Remove every scratch namespace; "done" or what was left."""
-        if self._admin is None:
+        if not self._started:
             return "not run"
-        grace = self._admin.blob_grace_seconds
+        grace = self.admin.blob_grace_seconds
         timeout = self.opts.cleanup_timeout or grace + self.target.ttl + 15.0
         deadline = time.monotonic() + timeout
         pending = list(self.namespaces)
@@ -123,7 +118,7 @@ class Drill:
             still = []
             for ns in pending:
                 try:
-                    done = await self._admin.clear(ns)
+                    done = await self.admin.clear(ns)
                 except CannotVerify as e:
                     return f"not done: {e}"
                 except StateStoreError as e:
@@ -147,9 +142,8 @@ class Drill:
 
     async def close(self) -> None:
         await self.kill_children()
-        if self._admin is not None:
-            with contextlib.suppress(StateStoreError):
-                await self._admin.close()
+        with contextlib.suppress(StateStoreError):
+            await self.admin.close()
 
 
 #: A scenario: injects one failure through the drill and records what it saw.
