@@ -4,6 +4,16 @@ A blob lives at ``<blob_root>/<namespace>/<blob-id>``; the id is fresh and
 random, never derived from a handle name, so a blob is never overwritten and
 no name can reach another namespace's blobs.
 
+Containment: every path this module lists, reads, writes or deletes passes
+one choke point, :meth:`BlobStore._contained`, inside the blocking call that
+uses it. It refuses (raises :class:`~statestore.errors.OutsideBlobRoot`, and
+logs) any path that is not exactly ``<blob_root>/<ns>`` (listing) or
+``<blob_root>/<ns>/<blob-id>`` (a blob) with plain components, and on a
+local file system any path whose resolution (symlinks, ``..``) leaves the
+resolved root. Namespace validation already refuses ``.`` and ``..``; this is
+the defence behind it, against whatever names a URL: a corrupt or hostile
+record or gc entry in etcd, a symlink planted in the blob directory.
+
 All fsspec calls are blocking (s3fs runs its own IO loop behind its sync
 API), so they run on this module's thread pool, never on the event loop.
 Streamed data is buffered up to ``chunk_size`` between hops, so memory stays
@@ -25,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import logging
 import os
 import time
 import uuid
@@ -38,13 +49,21 @@ import fsspec
 from statestore.errors import (
     IntegrityError,
     InvalidArgument,
+    OutsideBlobRoot,
     StateStoreError,
     TooLarge,
     Unavailable,
 )
-from statestore.keys import encode
+from statestore.keys import DOT_SEGMENTS, encode
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Components below the root of what the store touches: ``<ns>`` when listing
+#: a namespace, ``<ns>/<blob-id>`` for a blob.
+_NS_DEPTH = 1
+_BLOB_DEPTH = 2
 
 #: What ``add_and_lock``/``replace`` accept as state.
 Data = bytes | bytearray | memoryview | Any  # file objects and (async) iterables of bytes
@@ -126,6 +145,32 @@ class BlobStore:
     def path_of(self, url: str) -> str:
         return str(self.fs._strip_protocol(url))
 
+    def _contained(self, path: str, depth: int) -> str:
+        """The containment choke point (see the module docstring): ``path``
+        when it lies ``depth`` plain components under the root, else raise
+        OutsideBlobRoot. Runs inside the blocking call: on a local file system
+        it resolves the path (``os.path.realpath`` stats each component)."""
+        head = self.root + "/"
+        parts = path[len(head) :].split("/") if path.startswith(head) else []
+        if len(parts) != depth or any(p == "" or p in DOT_SEGMENTS for p in parts):
+            shape = "<blob_root>/<namespace>" + ("/<blob-id>" if depth == _BLOB_DEPTH else "")
+            raise self._refused(path, f"it is not of the form {shape}")
+        if self._local:
+            real_root = os.path.realpath(self.root or "/")
+            real = os.path.realpath(path)
+            if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+                raise self._refused(path, f"it resolves to {real} through a symlink")
+        return path
+
+    def _refused(self, path: str, why: str) -> OutsideBlobRoot:
+        url = self.url_of(path)
+        log.error("refused to touch %s, outside the blob root %s: %s", url, self.root_url, why)
+        return OutsideBlobRoot(
+            f"the blob path {url} is outside the blob root {self.root_url} ({why}); "
+            "statestore never lists, reads, writes or deletes there. A record or gc "
+            "entry in etcd, or a symlink in the blob directory, names it: inspect it"
+        )
+
     # -- plumbing ----------------------------------------------------------------
 
     async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
@@ -153,6 +198,7 @@ class BlobStore:
         return result
 
     def _open_write(self, path: str) -> Any:
+        self._contained(path, _BLOB_DEPTH)
         if self._local:
             parent = path.rsplit("/", 1)[0]
             if parent not in self._made_dirs:
@@ -317,7 +363,7 @@ class BlobStore:
         """Yield the blob's chunks; raise IntegrityError at the end on mismatch."""
         path = self.path_of(url)
         try:
-            f = await self._run("open", self.fs.open, path, "rb")
+            f = await self._run("open", self._open_read, path)
         except FileNotFoundError:
             raise self._missing(url) from None
         h, seen = hashlib.sha256(), 0
@@ -343,7 +389,7 @@ class BlobStore:
         path = self.path_of(url)
 
         def read_all() -> bytes:
-            with self.fs.open(path, "rb") as f:
+            with self._open_read(path) as f:
                 return bytes(f.read(size + 1))
 
         try:
@@ -352,6 +398,9 @@ class BlobStore:
             raise self._missing(url) from None
         self._verify(url, size, sha256, len(data), hashlib.sha256(data).hexdigest())
         return data
+
+    def _open_read(self, path: str) -> Any:
+        return self.fs.open(self._contained(path, _BLOB_DEPTH), "rb")
 
     @staticmethod
     def _missing(url: str) -> IntegrityError:
@@ -376,14 +425,17 @@ class BlobStore:
 
         def rm() -> None:
             try:
-                self.fs.rm_file(path)
+                self.fs.rm_file(self._contained(path, _BLOB_DEPTH))
             except FileNotFoundError:
                 pass
 
         await self._run("delete", rm)
 
     async def exists(self, url: str) -> bool:
-        return bool(await self._run("exists", self.fs.exists, self.path_of(url)))
+        path = self.path_of(url)
+        return bool(
+            await self._run("exists", lambda: self.fs.exists(self._contained(path, _BLOB_DEPTH)))
+        )
 
     async def list_namespace(self, namespace: str) -> list[BlobEntry]:
         """Every blob under the namespace's directory (for the GC)."""
@@ -391,7 +443,7 @@ class BlobStore:
 
         def ls() -> list[BlobEntry]:
             try:
-                infos = self.fs.ls(d, detail=True)
+                infos = self.fs.ls(self._contained(d, _NS_DEPTH), detail=True)
             except FileNotFoundError:
                 return []
             out = []
@@ -415,7 +467,9 @@ class BlobStore:
         return await self._run("list", ls)
 
     async def list_namespaces(self) -> list[str]:
-        """Encoded names of the namespace directories under the root."""
+        """Encoded names of the namespace directories under the root; names
+        that can be no namespace's (reserved ``_...`` such as ``_probe``, dot
+        segments) are left out."""
 
         lister = getattr(self.fs, "list_multipart_uploads", None)
 
@@ -436,7 +490,7 @@ class BlobStore:
                     key = str(u.get("Key", ""))
                     if key.startswith(head) and "/" in key[len(head) :]:
                         found.add(key[len(head) :].split("/", 1)[0])
-            return sorted(found)
+            return sorted(d for d in found if d and d[0] != "_" and d not in DOT_SEGMENTS)
 
         return await self._run("list", ls)
 
@@ -446,9 +500,11 @@ class BlobStore:
         lister = getattr(self.fs, "list_multipart_uploads", None)
         if lister is None:
             return []
-        bucket, _, prefix = self.ns_dir(namespace).partition("/")
+        ns_dir = self.ns_dir(namespace)
+        bucket, _, prefix = ns_dir.partition("/")
 
         def ls() -> list[tuple[str, str, str, float]]:
+            self._contained(ns_dir, _NS_DEPTH)
             out = []
             for u in lister(bucket):
                 key = str(u.get("Key", ""))
@@ -462,7 +518,12 @@ class BlobStore:
 
     async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
         bucket = self.root.split("/", 1)[0]
-        await self._run("abort upload", self.fs.abort_mpu, bucket, key, upload_id)
+
+        def abort() -> None:
+            self._contained(f"{bucket}/{key}", _BLOB_DEPTH)
+            self.fs.abort_mpu(bucket, key, upload_id)
+
+        await self._run("abort upload", abort)
 
     async def ping(self) -> None:
         """Raise Unavailable unless the blob store answers."""

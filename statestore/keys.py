@@ -19,6 +19,8 @@ from urllib.parse import quote, unquote
 from statestore.errors import InvalidArgument
 
 MAX_NAME_BYTES = 512
+#: Path segments that do not name a child: a namespace encoded to one would climb.
+DOT_SEGMENTS = frozenset({".", ".."})
 # Characters left readable in etcd keys; '/' and '%' are always escaped.
 _SAFE = " !$&'()*+,-.:;=@[]^_`{|}~"
 
@@ -58,12 +60,23 @@ def validate_namespace(ns: object) -> str:
     """Return ``ns`` if it is a valid namespace, else raise InvalidArgument.
 
     A leading ``_`` is reserved: ``<root>/_sessions/`` and ``<root>/_compactor``
-    live beside the namespaces and must not share a prefix with one."""
+    live beside the namespaces and must not share a prefix with one (and
+    ``<blob_root>/_probe/`` beside the namespaces' blob directories).
+
+    The encoded namespace is one path component of every blob path,
+    ``<blob_root>/<encoded ns>/<blob-id>``: ``.`` and ``..`` (the only
+    encoded forms that are dot segments, since ``/`` is always escaped) would
+    make that path climb out of the blob root, so they are refused."""
     ns = _validate("namespace", ns, max_bytes=253)
     if ns.startswith("_"):
         raise InvalidArgument(
             f"namespace {ns!r} starts with '_', which is reserved for statestore's own keys; "
             "choose a name that starts with another character"
+        )
+    if encode(ns) in DOT_SEGMENTS:
+        raise InvalidArgument(
+            f"namespace {ns!r} is a relative path segment: its blob directory would be "
+            "the blob root itself or the directory above it; choose another name"
         )
     return ns
 
