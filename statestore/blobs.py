@@ -54,7 +54,7 @@ from statestore.errors import (
     TooLarge,
     Unavailable,
 )
-from statestore.keys import DOT_SEGMENTS, encode
+from statestore.keys import DOT_SEGMENTS, MAX_ENCODED_NAMESPACE_BYTES, encode
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,12 @@ _BLOB_DEPTH = 2
 Data = bytes | bytearray | memoryview | Any  # file objects and (async) iterables of bytes
 
 _S3_MIN_PART = 5 * 1024 * 1024
+#: ``new_blob_id()``: 13 digits, '-', 32 hex digits.
+_BLOB_ID_LEN = 46
+#: Longest path of one blob: PATH_MAX on Linux; the object key limit of S3,
+#: GCS and Azure (1024 bytes, the bucket not counted) elsewhere.
+_MAX_LOCAL_PATH = 4095
+_MAX_OBJECT_KEY = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +129,28 @@ class BlobStore:
         self._local = "file" in protocols or "local" in protocols
         # memory:// never blocks: a thread hop would cost 20x the write itself.
         self._inline = "memory" in protocols
+        self._check_path_limit()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="blob")
         self._made_dirs: set[str] = set()
         #: Called with (operation, seconds) after each operation, for metrics.
         self.observer: Callable[[str, float], None] | None = None
+
+    def _check_path_limit(self) -> None:
+        """Refuse a root under which the longest namespace's blobs could not be
+        written (keys.MAX_ENCODED_NAMESPACE_BYTES keeps each component within
+        the file system's limit; this is the whole path's)."""
+        if self._inline:
+            return
+        base, limit = (self.root, _MAX_LOCAL_PATH)
+        if not self._local:
+            base, limit = (self.root.partition("/")[2], _MAX_OBJECT_KEY)
+        longest = len(base.encode()) + 1 + MAX_ENCODED_NAMESPACE_BYTES + 1 + _BLOB_ID_LEN
+        if longest > limit:
+            raise InvalidArgument(
+                f"blob_root {self.root_url!r} is too long: the blob paths of the longest "
+                f"namespace ({MAX_ENCODED_NAMESPACE_BYTES} bytes encoded) would be {longest} "
+                f"bytes, over the blob store's limit of {limit}; use a shorter blob_root"
+            )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

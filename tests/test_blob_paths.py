@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import boto3
 import fsspec
@@ -258,3 +259,72 @@ async def test_s3_gc_entry_naming_a_key_outside_the_root_prefix_is_never_deleted
     assert report.deleted == 0, report
     assert await store.read("chk") == b"state"
     assert h.blob_url.startswith(f"s3://{bucket}/ckpt/{encode(namespace)}/")
+
+
+# -- 2. the encoded namespace fits one path component --------------------------------
+
+#: Longest accepted namespaces: 255 bytes once percent-encoded ('#' -> '%23',
+#: 'é' -> '%C3%A9'), one path component on common file systems.
+LONGEST_NAMESPACES = {"hash": "#" * 85, "e-acute": "é" * 42 + "abc", "ascii": "n" * 253}
+ONE_TOO_LONG = {"hash": "#" * 86, "e-acute": "é" * 42 + "abcd", "e-acute-126": "é" * 126}
+
+
+@pytest.mark.parametrize("ns", LONGEST_NAMESPACES.values(), ids=LONGEST_NAMESPACES.keys())
+def test_longest_encoded_namespace_works_end_to_end(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path, ns: str
+) -> None:
+    blobs = tmp_path / "blobs"
+    svc = service_factory(root=unique_root(), blob_root=f"file://{blobs}")
+    with client(svc.url) as api:
+        sid = new_session(api)
+        r = api.put(hpath(ns, "chk"), content=b"state", headers=sess(sid))
+        assert r.status_code == 201, r.text
+        r = api.put(
+            hpath(ns, "chk"),
+            content=b"newer",
+            headers=sess(sid, **{"If-Match": f'"{r.json()["version"]}"'}),
+        )
+        assert r.status_code == 200, r.text
+        assert api.get(hpath(ns, "chk", "/state")).content == b"newer"
+        assert [p.name for p in blobs.iterdir()] == [encode(ns)]
+        assert len(encode(ns).encode()) <= 255
+        assert api.delete(hpath(ns, "chk"), headers=sess(sid)).status_code == 204
+        assert api.delete(f"/v1/namespaces/{quote(ns, safe='')}").status_code in (202, 204)
+
+
+@pytest.mark.parametrize("ns", ONE_TOO_LONG.values(), ids=ONE_TOO_LONG.keys())
+async def test_namespace_one_byte_too_long_encoded_is_refused_with_the_limit(
+    service: ServiceProcess,
+    make_config: Callable[..., StoreConfig],
+    ns: str,
+) -> None:
+    with client(service.url) as api:
+        sid = new_session(api)
+        r = api.put(hpath(ns, "chk"), content=b"state", headers=sess(sid))
+        body = assert_problem(r, 400, "invalid-argument")
+        assert "255" in body["detail"], body
+        assert_problem(api.get(hpath(ns, "chk")), 400, "invalid-argument")
+    with pytest.raises(InvalidArgument, match="255"):
+        StateHandleStore(make_config(namespace=ns))
+
+
+async def test_s3_root_prefix_leaving_no_room_for_the_longest_namespace_is_refused(
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+    s3_bucket: tuple[str, dict[str, Any]],
+) -> None:
+    """S3 keys hold at most 1024 bytes: a blob root prefix is accepted only when
+    the longest namespace's blob keys still fit (and they really do)."""
+    bucket, options = s3_bucket
+    room = 1024 - 1 - 255 - 1 - len(new_blob_id())
+    fits = "/".join(["p" * 200, "q" * 200, "r" * 200, "s" * (room - 603)])
+    assert len(fits) == room
+    ns = "#" * 85
+    store = await open_store(
+        make_config(blob_root=f"s3://{bucket}/{fits}", storage_options=options, namespace=ns)
+    )
+    h = await store.add_and_lock("chk", b"state")
+    assert len(h.blob_url.removeprefix(f"s3://{bucket}/").encode()) == 1024
+    assert await store.read("chk") == b"state"
+    with pytest.raises(InvalidArgument, match="1024"):
+        StateHandleStore(make_config(blob_root=f"s3://{bucket}/{fits}x", storage_options=options))
