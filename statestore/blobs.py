@@ -222,13 +222,30 @@ class BlobStore:
         return result
 
     def _open_write(self, path: str) -> Any:
+        """Open a new blob for writing. On a local file system its namespace
+        directory is made on first use; ``_made_dirs`` only saves a makedirs
+        per write, it is no promise: when the directory was removed outside
+        statestore since (an operator's cleanup, a restore), the open finds
+        no parent and the directory is made again, once."""
         self._contained(path, _BLOB_DEPTH)
-        if self._local:
-            parent = path.rsplit("/", 1)[0]
-            if parent not in self._made_dirs:
-                self.fs.makedirs(parent, exist_ok=True)
-                self._made_dirs.add(parent)
-        return self.fs.open(path, "wb", block_size=max(self.chunk_size, _S3_MIN_PART))
+        block_size = max(self.chunk_size, _S3_MIN_PART)
+        if not self._local:
+            return self.fs.open(path, "wb", block_size=block_size)
+        parent = path.rsplit("/", 1)[0]
+        if parent not in self._made_dirs:
+            self.fs.makedirs(parent, exist_ok=True)
+            self._made_dirs.add(parent)
+        try:
+            return self.fs.open(path, "wb", block_size=block_size)
+        except FileNotFoundError:
+            self.fs.makedirs(parent, exist_ok=True)
+        try:
+            return self.fs.open(path, "wb", block_size=block_size)
+        except FileNotFoundError as e:  # removed again at once: not the caller's fault
+            raise Unavailable(
+                f"blob store {self.root_url} failed to write: {e}; its directory {parent} "
+                "keeps disappearing, check what removes it"
+            ) from None
 
     def _finish(self, f: Any) -> None:
         if self._local:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -328,3 +329,27 @@ async def test_s3_root_prefix_leaving_no_room_for_the_longest_namespace_is_refus
     assert await store.read("chk") == b"state"
     with pytest.raises(InvalidArgument, match="1024"):
         StateHandleStore(make_config(blob_root=f"s3://{bucket}/{fits}x", storage_options=options))
+
+
+# -- 4. a namespace directory removed behind the service's back ----------------------
+
+
+def test_put_recreates_a_namespace_directory_removed_outside_the_service(
+    service: ServiceProcess, namespace: str
+) -> None:
+    """The service remembered which directories it had made: once an operator
+    removed a namespace's blob directory, every later PUT to it failed (503)
+    until a restart. Whole bodies and streamed ones both recover at once."""
+    ns_dir = service.log_file.parent / "blobs" / encode(namespace)
+    with client(service.url) as api:
+        sid = new_session(api)
+        for i in range(3):
+            r = api.put(hpath(namespace, f"a{i}"), content=b"whole", headers=sess(sid))
+            assert r.status_code == 201, r.text
+            assert ns_dir.is_dir()
+            shutil.rmtree(ns_dir)
+            streamed = (chunk for chunk in (b"str", b"eamed"))  # no length: streams
+            r = api.put(hpath(namespace, f"s{i}"), content=streamed, headers=sess(sid))
+            assert r.status_code == 201, r.text
+            assert api.get(hpath(namespace, f"s{i}", "/state")).content == b"streamed"
+            shutil.rmtree(ns_dir)
