@@ -64,6 +64,8 @@ T = TypeVar("T")
 #: a namespace, ``<ns>/<blob-id>`` for a blob.
 _NS_DEPTH = 1
 _BLOB_DEPTH = 2
+#: Beside the namespace directories, for readiness probes (see ``ping``).
+PROBE_DIR = "_probe"
 
 #: What ``add_and_lock``/``replace`` accept as state.
 Data = bytes | bytearray | memoryview | Any  # file objects and (async) iterables of bytes
@@ -462,15 +464,13 @@ class BlobStore:
     # -- delete, list, ping ------------------------------------------------------
 
     async def delete(self, url: str) -> None:
-        path = self.path_of(url)
+        await self._run("delete", self._remove, self.path_of(url))
 
-        def rm() -> None:
-            try:
-                self.fs.rm_file(self._contained(path, _BLOB_DEPTH))
-            except FileNotFoundError:
-                pass
-
-        await self._run("delete", rm)
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm_file(self._contained(path, _BLOB_DEPTH))
+        except FileNotFoundError:
+            pass
 
     async def exists(self, url: str) -> bool:
         path = self.path_of(url)
@@ -567,12 +567,32 @@ class BlobStore:
         await self._run("abort upload", abort)
 
     async def ping(self) -> None:
-        """Raise Unavailable unless the blob store answers."""
+        """Raise Unavailable unless the blob store takes a write under the root.
+
+        Answering is not enough (a read-only or full file system, a root
+        replaced by a file, a deleted bucket all answer ``exists``): a small
+        probe object ``<blob_root>/_probe/<fresh blob id>`` is written (and
+        fsynced on file://) and deleted. ``_probe`` can be no namespace's
+        directory (``keys.validate_namespace`` refuses a leading ``_``) and
+        :meth:`list_namespaces` skips it, so the GC never sweeps it; a probe
+        cut off by the caller's deadline leaves at most its one object there.
+        The caller bounds the time (``/readyz``: 2 s)."""
+        path = f"{self.root}/{PROBE_DIR}/{new_blob_id()}"
 
         def probe() -> None:
-            self.fs.exists(self.root)
+            try:
+                f = self._open_write(path)
+                try:
+                    f.write(b"statestore readiness probe\n")
+                    self._finish(f)
+                except BaseException:
+                    self._discard(f, path)
+                    raise
+            except FileNotFoundError as e:  # s3fs: the bucket is gone
+                raise OSError(f"cannot write under the root: {e}") from None
+            self._remove(path)
 
-        await self._run("answer", probe)
+        await self._run("probe", probe)
 
 
 def as_bytes(chunk: Any) -> bytes:

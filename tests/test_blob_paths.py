@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import boto3
 import fsspec
+import httpx
 import pytest
 from helpers import OpenStore, wait_until
 from rest import assert_problem, client, hpath, new_session, sess
@@ -353,3 +354,72 @@ def test_put_recreates_a_namespace_directory_removed_outside_the_service(
             assert r.status_code == 201, r.text
             assert api.get(hpath(namespace, f"s{i}", "/state")).content == b"streamed"
             shutil.rmtree(ns_dir)
+
+
+# -- 5. readiness proves the blob root takes writes ----------------------------------
+
+
+def readyz(api: httpx.Client) -> httpx.Response:
+    return api.get("/readyz")
+
+
+def test_readyz_is_503_while_the_blob_root_cannot_be_written(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """``/readyz`` only asked whether the blob root exists. Tests run as root,
+    which chmod does not stop, so the root directory is moved aside and a
+    regular file put in its place: it still "exists", but nothing can be
+    written under it, for root too."""
+    blobs = tmp_path / "blobs"
+    aside = tmp_path / "blobs-aside"
+    blobs.mkdir()
+    svc = service_factory(root=unique_root(), blob_root=f"file://{blobs}")
+    with client(svc.url) as api:
+        r = readyz(api)
+        assert r.status_code == 200, r.text
+        assert list(blobs.glob("_probe/*")) == [], "the probe object was left behind"
+        blobs.rename(aside)
+        blobs.write_bytes(b"not a directory")
+        r = readyz(api)
+        body = assert_problem(r, 503, "unavailable")
+        assert body["checks"]["etcd"] == "ok" and body["checks"]["blobs"] != "ok", body
+        blobs.unlink()
+        aside.rename(blobs)
+        r = readyz(api)
+        assert r.status_code == 200, r.text
+
+
+def test_readyz_on_s3_is_503_while_the_bucket_is_gone(
+    service_factory: Callable[..., ServiceProcess],
+    s3_server: dict[str, str],
+    s3_bucket: tuple[str, dict[str, Any]],
+) -> None:
+    bucket, options = s3_bucket
+    s3 = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1")
+    svc = service_factory(
+        root=unique_root(),
+        blob_root=f"s3://{bucket}/ckpt",
+        storage_options=json.dumps(options),
+        maintenance="false",
+    )
+    with client(svc.url) as api:
+        assert readyz(api).status_code == 200
+        assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0, "probe left behind"
+        s3.delete_bucket(Bucket=bucket)
+        body = assert_problem(readyz(api), 503, "unavailable")
+        assert body["checks"]["blobs"] != "ok", body
+        s3.create_bucket(Bucket=bucket)
+        assert readyz(api).status_code == 200
+
+
+async def test_a_left_over_readiness_probe_is_no_namespace_to_the_gc(
+    make_config: Callable[..., StoreConfig], open_store: OpenStore, tmp_path: Path
+) -> None:
+    """A probe cut off by its deadline may leave ``<blob_root>/_probe/<id>``:
+    the GC neither takes ``_probe`` for a namespace nor reports it."""
+    store = await open_store(make_config(root=unique_root()))
+    await store.blobs.ping()
+    left_over = old_file(tmp_path / "blobs" / "_probe" / old_blob_id())
+    report = await gc_pass(store, orphan_min_age=0)
+    assert report.errors == [] and report.namespaces == 0, report
+    assert left_over.exists()
