@@ -13,7 +13,7 @@ from fastapi import Depends, Header, Request
 from statestore.data import MAX_INT64
 from statestore.election import fence_for_token, instance_fence
 from statestore.errors import SessionExpired
-from statestore.handle import Handle
+from statestore.handle import Handle, metadata_too_deep
 from statestore.keys import validate_name, validate_namespace
 from statestore.maintenance.replica import Maintenance
 from statestore.store import SMALL_DATA, FixedLease, StateHandleStore, StoreBackend
@@ -150,6 +150,8 @@ def parse_metadata(header: str | None) -> dict[str, Any] | None:
         raise ApiError(
             400, "invalid-argument", f"X-Handle-Metadata is not valid JSON: {e}"
         ) from None
+    except RecursionError:  # the parser recursed past Python's limit (~1,000 levels)
+        raise metadata_too_deep() from None
     if not isinstance(value, dict):
         raise ApiError(400, "invalid-argument", "X-Handle-Metadata must be a JSON object")
     return value

@@ -4,6 +4,16 @@ A blob lives at ``<blob_root>/<namespace>/<blob-id>``; the id is fresh and
 random, never derived from a handle name, so a blob is never overwritten and
 no name can reach another namespace's blobs.
 
+Containment: every path this module lists, reads, writes or deletes passes
+one choke point, :meth:`BlobStore._contained`, inside the blocking call that
+uses it. It refuses (raises :class:`~statestore.errors.OutsideBlobRoot`, and
+logs) any path that is not exactly ``<blob_root>/<ns>`` (listing) or
+``<blob_root>/<ns>/<blob-id>`` (a blob) with plain components, and on a
+local file system any path whose resolution (symlinks, ``..``) leaves the
+resolved root. Namespace validation already refuses ``.`` and ``..``; this is
+the defence behind it, against whatever names a URL: a corrupt or hostile
+record or gc entry in etcd, a symlink planted in the blob directory.
+
 All fsspec calls are blocking (s3fs runs its own IO loop behind its sync
 API), so they run on this module's thread pool, never on the event loop.
 Streamed data is buffered up to ``chunk_size`` between hops, so memory stays
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -38,18 +49,34 @@ from statestore.data import as_bytes, data_kind
 from statestore.errors import (
     IntegrityError,
     InvalidArgument,
+    OutsideBlobRoot,
     StateStoreError,
     TooLarge,
     Unavailable,
 )
-from statestore.keys import encode
+from statestore.keys import DOT_SEGMENTS, MAX_ENCODED_NAMESPACE_BYTES, encode
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Components below the root of what the store touches: ``<ns>`` when listing
+#: a namespace, ``<ns>/<blob-id>`` for a blob.
+_NS_DEPTH = 1
+_BLOB_DEPTH = 2
+#: Beside the namespace directories, for readiness probes (see ``ping``).
+PROBE_DIR = "_probe"
 
 #: What ``add_and_lock``/``replace`` accept as state.
 Data = bytes | bytearray | memoryview | Any  # file objects and (async) iterables of bytes
 
 _S3_MIN_PART = 5 * 1024 * 1024
+#: ``new_blob_id()``: 13 digits, '-', 32 hex digits.
+_BLOB_ID_LEN = 46
+#: Longest path of one blob: PATH_MAX on Linux; the object key limit of S3,
+#: GCS and Azure (1024 bytes, the bucket not counted) elsewhere.
+_MAX_LOCAL_PATH = 4095
+_MAX_OBJECT_KEY = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +131,28 @@ class BlobStore:
         self._local = "file" in protocols or "local" in protocols
         # memory:// never blocks: a thread hop would cost 20x the write itself.
         self._inline = "memory" in protocols
+        self._check_path_limit()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="blob")
         self._made_dirs: set[str] = set()
         #: Called with (operation, seconds) after each operation, for metrics.
         self.observer: Callable[[str, float], None] | None = None
+
+    def _check_path_limit(self) -> None:
+        """Refuse a root under which the longest namespace's blobs could not be
+        written (keys.MAX_ENCODED_NAMESPACE_BYTES keeps each component within
+        the file system's limit; this is the whole path's)."""
+        if self._inline:
+            return
+        base, limit = (self.root, _MAX_LOCAL_PATH)
+        if not self._local:
+            base, limit = (self.root.partition("/")[2], _MAX_OBJECT_KEY)
+        longest = len(base.encode()) + 1 + MAX_ENCODED_NAMESPACE_BYTES + 1 + _BLOB_ID_LEN
+        if longest > limit:
+            raise InvalidArgument(
+                f"blob_root {self.root_url!r} is too long: the blob paths of the longest "
+                f"namespace ({MAX_ENCODED_NAMESPACE_BYTES} bytes encoded) would be {longest} "
+                f"bytes, over the blob store's limit of {limit}; use a shorter blob_root"
+            )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -125,6 +170,32 @@ class BlobStore:
 
     def path_of(self, url: str) -> str:
         return str(self.fs._strip_protocol(url))
+
+    def _contained(self, path: str, depth: int) -> str:
+        """The containment choke point (see the module docstring): ``path``
+        when it lies ``depth`` plain components under the root, else raise
+        OutsideBlobRoot. Runs inside the blocking call: on a local file system
+        it resolves the path (``os.path.realpath`` stats each component)."""
+        head = self.root + "/"
+        parts = path[len(head) :].split("/") if path.startswith(head) else []
+        if len(parts) != depth or any(p == "" or p in DOT_SEGMENTS for p in parts):
+            shape = "<blob_root>/<namespace>" + ("/<blob-id>" if depth == _BLOB_DEPTH else "")
+            raise self._refused(path, f"it is not of the form {shape}")
+        if self._local:
+            real_root = os.path.realpath(self.root or "/")
+            real = os.path.realpath(path)
+            if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+                raise self._refused(path, f"it resolves to {real} through a symlink")
+        return path
+
+    def _refused(self, path: str, why: str) -> OutsideBlobRoot:
+        url = self.url_of(path)
+        log.error("refused to touch %s, outside the blob root %s: %s", url, self.root_url, why)
+        return OutsideBlobRoot(
+            f"the blob path {url} is outside the blob root {self.root_url} ({why}); "
+            "statestore never lists, reads, writes or deletes there. A record or gc "
+            "entry in etcd, or a symlink in the blob directory, names it: inspect it"
+        )
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -153,12 +224,30 @@ class BlobStore:
         return result
 
     def _open_write(self, path: str) -> Any:
-        if self._local:
-            parent = path.rsplit("/", 1)[0]
-            if parent not in self._made_dirs:
-                self.fs.makedirs(parent, exist_ok=True)
-                self._made_dirs.add(parent)
-        return self.fs.open(path, "wb", block_size=max(self.chunk_size, _S3_MIN_PART))
+        """Open a new blob for writing. On a local file system its namespace
+        directory is made on first use; ``_made_dirs`` only saves a makedirs
+        per write, it is no promise: when the directory was removed outside
+        statestore since (an operator's cleanup, a restore), the open finds
+        no parent and the directory is made again, once."""
+        self._contained(path, _BLOB_DEPTH)
+        block_size = max(self.chunk_size, _S3_MIN_PART)
+        if not self._local:
+            return self.fs.open(path, "wb", block_size=block_size)
+        parent = path.rsplit("/", 1)[0]
+        if parent not in self._made_dirs:
+            self.fs.makedirs(parent, exist_ok=True)
+            self._made_dirs.add(parent)
+        try:
+            return self.fs.open(path, "wb", block_size=block_size)
+        except FileNotFoundError:
+            self.fs.makedirs(parent, exist_ok=True)
+        try:
+            return self.fs.open(path, "wb", block_size=block_size)
+        except FileNotFoundError as e:  # removed again at once: not the caller's fault
+            raise Unavailable(
+                f"blob store {self.root_url} failed to write: {e}; its directory {parent} "
+                "keeps disappearing, check what removes it"
+            ) from None
 
     def _finish(self, f: Any) -> None:
         if self._local:
@@ -309,7 +398,7 @@ class BlobStore:
         """Yield the blob's chunks; raise IntegrityError at the end on mismatch."""
         path = self.path_of(url)
         try:
-            f = await self._run("open", self.fs.open, path, "rb")
+            f = await self._run("open", self._open_read, path)
         except FileNotFoundError:
             raise self._missing(url) from None
         h, seen = hashlib.sha256(), 0
@@ -335,7 +424,7 @@ class BlobStore:
         path = self.path_of(url)
 
         def read_all() -> bytes:
-            with self.fs.open(path, "rb") as f:
+            with self._open_read(path) as f:
                 return bytes(f.read(size + 1))
 
         try:
@@ -344,6 +433,9 @@ class BlobStore:
             raise self._missing(url) from None
         self._verify(url, size, sha256, len(data), hashlib.sha256(data).hexdigest())
         return data
+
+    def _open_read(self, path: str) -> Any:
+        return self.fs.open(self._contained(path, _BLOB_DEPTH), "rb")
 
     @staticmethod
     def _missing(url: str) -> IntegrityError:
@@ -364,18 +456,19 @@ class BlobStore:
     # -- delete, list, ping ------------------------------------------------------
 
     async def delete(self, url: str) -> None:
-        path = self.path_of(url)
+        await self._run("delete", self._remove, self.path_of(url))
 
-        def rm() -> None:
-            try:
-                self.fs.rm_file(path)
-            except FileNotFoundError:
-                pass
-
-        await self._run("delete", rm)
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm_file(self._contained(path, _BLOB_DEPTH))
+        except FileNotFoundError:
+            pass
 
     async def exists(self, url: str) -> bool:
-        return bool(await self._run("exists", self.fs.exists, self.path_of(url)))
+        path = self.path_of(url)
+        return bool(
+            await self._run("exists", lambda: self.fs.exists(self._contained(path, _BLOB_DEPTH)))
+        )
 
     async def list_namespace(self, namespace: str) -> list[BlobEntry]:
         """Every blob under the namespace's directory (for the GC)."""
@@ -383,7 +476,7 @@ class BlobStore:
 
         def ls() -> list[BlobEntry]:
             try:
-                infos = self.fs.ls(d, detail=True)
+                infos = self.fs.ls(self._contained(d, _NS_DEPTH), detail=True)
             except FileNotFoundError:
                 return []
             out = []
@@ -407,7 +500,9 @@ class BlobStore:
         return await self._run("list", ls)
 
     async def list_namespaces(self) -> list[str]:
-        """Encoded names of the namespace directories under the root."""
+        """Encoded names of the namespace directories under the root; names
+        that can be no namespace's (reserved ``_...`` such as ``_probe``, dot
+        segments) are left out."""
 
         lister = getattr(self.fs, "list_multipart_uploads", None)
 
@@ -428,7 +523,7 @@ class BlobStore:
                     key = str(u.get("Key", ""))
                     if key.startswith(head) and "/" in key[len(head) :]:
                         found.add(key[len(head) :].split("/", 1)[0])
-            return sorted(found)
+            return sorted(d for d in found if d and d[0] != "_" and d not in DOT_SEGMENTS)
 
         return await self._run("list", ls)
 
@@ -438,9 +533,11 @@ class BlobStore:
         lister = getattr(self.fs, "list_multipart_uploads", None)
         if lister is None:
             return []
-        bucket, _, prefix = self.ns_dir(namespace).partition("/")
+        ns_dir = self.ns_dir(namespace)
+        bucket, _, prefix = ns_dir.partition("/")
 
         def ls() -> list[tuple[str, str, str, float]]:
+            self._contained(ns_dir, _NS_DEPTH)
             out = []
             for u in lister(bucket):
                 key = str(u.get("Key", ""))
@@ -454,12 +551,37 @@ class BlobStore:
 
     async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
         bucket = self.root.split("/", 1)[0]
-        await self._run("abort upload", self.fs.abort_mpu, bucket, key, upload_id)
+
+        def abort() -> None:
+            self._contained(f"{bucket}/{key}", _BLOB_DEPTH)
+            self.fs.abort_mpu(bucket, key, upload_id)
+
+        await self._run("abort upload", abort)
 
     async def ping(self) -> None:
-        """Raise Unavailable unless the blob store answers."""
+        """Raise Unavailable unless the blob store takes a write under the root.
+
+        Answering is not enough (a read-only or full file system, a root
+        replaced by a file, a deleted bucket all answer ``exists``): a small
+        probe object ``<blob_root>/_probe/<fresh blob id>`` is written (and
+        fsynced on file://) and deleted. ``_probe`` can be no namespace's
+        directory (``keys.validate_namespace`` refuses a leading ``_``) and
+        :meth:`list_namespaces` skips it, so the GC never sweeps it; a probe
+        cut off by the caller's deadline leaves at most its one object there.
+        The caller bounds the time (``/readyz``: 2 s)."""
+        path = f"{self.root}/{PROBE_DIR}/{new_blob_id()}"
 
         def probe() -> None:
-            self.fs.exists(self.root)
+            try:
+                f = self._open_write(path)
+                try:
+                    f.write(b"statestore readiness probe\n")
+                    self._finish(f)
+                except BaseException:
+                    self._discard(f, path)
+                    raise
+            except FileNotFoundError as e:  # s3fs: the bucket is gone
+                raise OSError(f"cannot write under the root: {e}") from None
+            self._remove(path)
 
-        await self._run("answer", probe)
+        await self._run("probe", probe)

@@ -418,10 +418,15 @@ def put_(
     """Add a handle from a file (streamed). The lock is released when the command ends."""
     import json
 
+    from statestore.handle import metadata_too_deep
+
     try:
         meta = json.loads(metadata) if metadata else None
     except ValueError as e:
         err_console.print(f"[red]error:[/red] --metadata is not JSON: {e}")
+        raise typer.Exit(2) from None
+    except RecursionError:
+        err_console.print(f"[red]error:[/red] --metadata: {metadata_too_deep()}")
         raise typer.Exit(2) from None
     try:
         with _client(url, token, namespace) as c, c.session(ttl_seconds=30, owner="cli") as s:

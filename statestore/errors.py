@@ -88,6 +88,15 @@ class IntegrityError(StateStoreError):
     http_status = 400
 
 
+class OutsideBlobRoot(IntegrityError):
+    """A blob path that does not lie strictly under the blob root (a record or
+    gc entry naming a URL elsewhere, a path climbing with ``..``, a symlink
+    in the blob directory pointing out of it): refused before the blob store
+    is touched. Not the caller's fault: 502 over HTTP."""
+
+    http_status = 502
+
+
 class TooLarge(InvalidArgument):
     """State or metadata over a configured size limit."""
 
@@ -120,6 +129,7 @@ __all__ = [
     "Locked",
     "NotFound",
     "NotLeader",
+    "OutsideBlobRoot",
     "PossibleInconsistentState",
     "SessionExpired",
     "StateStoreError",

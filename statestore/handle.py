@@ -10,6 +10,11 @@ from typing import Any
 from statestore.errors import IntegrityError, InvalidArgument, TooLarge
 
 RECORD_FORMAT = 1
+#: Deepest nesting of objects and lists in user metadata (``{"k": 1}`` is 1).
+#: JSON parsers and encoders recurse once per level and Python's raise
+#: RecursionError near 1,000; far below that, no checkpoint metadata needs
+#: more than a few levels.
+MAX_METADATA_DEPTH = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +60,38 @@ def blob_id_of(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
+def metadata_too_deep() -> InvalidArgument:
+    """The error for metadata nested deeper than MAX_METADATA_DEPTH (also for a
+    JSON text too deep to parse: catch ``RecursionError`` from ``json.loads``)."""
+    return InvalidArgument(
+        f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels of objects and lists; "
+        "flatten it"
+    )
+
+
+def _check_depth(metadata: dict[str, Any]) -> None:
+    """Raise unless ``metadata`` nests at most MAX_METADATA_DEPTH containers.
+    Iterative, so any depth (or a cycle) is refused without recursing."""
+    pending: list[tuple[Any, int]] = [(metadata, 1)]
+    while pending:
+        container, depth = pending.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise metadata_too_deep()
+        values = container.values() if isinstance(container, dict) else container
+        pending.extend((v, depth + 1) for v in values if isinstance(v, dict | list | tuple))
+
+
 def encode_metadata(metadata: Any, limit: int) -> dict[str, Any]:
-    """Validate user metadata: a JSON object of at most ``limit`` bytes."""
+    """Validate user metadata: a JSON object of at most ``limit`` bytes,
+    nested at most MAX_METADATA_DEPTH levels (checked first: encoding and
+    comparing recurse per level)."""
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
         raise InvalidArgument(
             f"metadata must be a JSON object (a dict), got {type(metadata).__name__}"
         )
+    _check_depth(metadata)
     try:
         raw = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:

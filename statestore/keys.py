@@ -19,6 +19,14 @@ from urllib.parse import quote, unquote
 from statestore.errors import InvalidArgument
 
 MAX_NAME_BYTES = 512
+MAX_NAMESPACE_BYTES = 253
+#: The encoded namespace is one path component of every blob path, and file
+#: systems (ext4, xfs, btrfs, zfs, tmpfs) refuse components over 255 bytes.
+#: Handle names never reach a path (blob ids are random), only etcd keys,
+#: which have no such limit: names keep their 512 bytes before encoding.
+MAX_ENCODED_NAMESPACE_BYTES = 255
+#: Path segments that do not name a child: a namespace encoded to one would climb.
+DOT_SEGMENTS = frozenset({".", ".."})
 # Characters left readable in etcd keys; '/' and '%' are always escaped.
 _SAFE = " !$&'()*+,-.:;=@[]^_`{|}~"
 
@@ -58,12 +66,35 @@ def validate_namespace(ns: object) -> str:
     """Return ``ns`` if it is a valid namespace, else raise InvalidArgument.
 
     A leading ``_`` is reserved: ``<root>/_sessions/`` and ``<root>/_compactor``
-    live beside the namespaces and must not share a prefix with one."""
-    ns = _validate("namespace", ns, max_bytes=253)
+    live beside the namespaces and must not share a prefix with one (and
+    ``<blob_root>/_probe/`` beside the namespaces' blob directories).
+
+    The encoded namespace is one path component of every blob path,
+    ``<blob_root>/<encoded ns>/<blob-id>``: ``.`` and ``..`` (the only
+    encoded forms that are dot segments, since ``/`` is always escaped) would
+    make that path climb out of the blob root, so they are refused; and it
+    must fit one path component (``MAX_ENCODED_NAMESPACE_BYTES``): the
+    percent-encoding triples every byte of a character :func:`encode` does
+    not leave readable (``#`` is 3 bytes encoded, ``é`` 6)."""
+    ns = _validate("namespace", ns, max_bytes=MAX_NAMESPACE_BYTES)
     if ns.startswith("_"):
         raise InvalidArgument(
             f"namespace {ns!r} starts with '_', which is reserved for statestore's own keys; "
             "choose a name that starts with another character"
+        )
+    encoded = encode(ns)
+    if len(encoded) > MAX_ENCODED_NAMESPACE_BYTES:  # percent-encoding is ASCII
+        raise InvalidArgument(
+            f"namespace {ns!r} is {len(encoded)} bytes once percent-encoded for blob paths "
+            f"(each UTF-8 byte of a character other than an ASCII letter, digit, space or one "
+            f"of {_SAFE.strip()} takes 3), over the limit "
+            f"of {MAX_ENCODED_NAMESPACE_BYTES} (one path component); use a shorter namespace "
+            "or fewer such characters"
+        )
+    if encoded in DOT_SEGMENTS:
+        raise InvalidArgument(
+            f"namespace {ns!r} is a relative path segment: its blob directory would be "
+            "the blob root itself or the directory above it; choose another name"
         )
     return ns
 

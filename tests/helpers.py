@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["async_wait_until", "require_tool", "wait_until"]
+__all__ = ["async_wait_until", "nested_metadata", "require_tool", "wait_until"]
 
 
 def require_tool(name: str) -> str:
@@ -133,6 +133,15 @@ class Gate:
         self.started.set()
         await self.release.wait()
         yield self.data
+
+
+def nested_metadata(depth: int) -> dict[str, Any]:
+    """Handle metadata ``depth`` containers deep: an object holding objects and
+    lists alternately, down to a number (``{"k": 1}`` is depth 1)."""
+    value: Any = 1
+    for level in range(depth - 1):
+        value = [value] if level % 2 else {"k": value}
+    return {"k": value}
 
 
 def make_bucket(endpoint_url: str, prefix: str = "test") -> tuple[str, dict[str, Any]]:

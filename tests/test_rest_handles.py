@@ -19,13 +19,14 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from helpers import wait_until
+from helpers import nested_metadata, wait_until
 from rest import HANDLE_FIELDS, assert_problem, enc, hpath, lpath, new_session, sess
 from service import ServiceProcess
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.config import DEFAULT_ROOT
 from statestore.etcd import EtcdClient
+from statestore.handle import MAX_METADATA_DEPTH
 from statestore.keys import encode, prefix_end
 from statestore.local.etcd_process import EtcdProcess
 
@@ -133,7 +134,15 @@ def test_metadata_round_trips_including_escaped_non_ascii(
     assert [h["metadata"] for h in listed] == [meta]
 
 
-@pytest.mark.parametrize("header", ["{not json", "[1, 2]", '"a string"', "42", "null"])
+#: Metadata nested deeper than the limit; 3,000 levels once made json.loads
+#: raise RecursionError, answered as an unexpected 503.
+TOO_DEEP = [
+    json.dumps(nested_metadata(MAX_METADATA_DEPTH + 1)),
+    '{"a":' + "[" * 3000 + "]" * 3000 + "}",
+]
+
+
+@pytest.mark.parametrize("header", ["{not json", "[1, 2]", '"a string"', "42", "null", *TOO_DEEP])
 def test_metadata_that_is_not_a_json_object_is_400(
     api: httpx.Client,
     service: ServiceProcess,
@@ -145,9 +154,21 @@ def test_metadata_that_is_not_a_json_object_is_400(
     r = api.put(
         hpath(namespace, "m"), content=b"x", headers=sess(sid, **{"X-Handle-Metadata": header})
     )
-    assert_problem(r, 400, "invalid-argument")
+    body = assert_problem(r, 400, "invalid-argument")
     assert_problem(api.get(hpath(namespace, "m")), 404, "not-found")
     assert_nothing_stored(api, service, etcd, namespace)
+    if header in TOO_DEEP:
+        assert f"{MAX_METADATA_DEPTH} levels" in body["detail"], body
+        assert "RecursionError" not in service.log_tail(200)
+
+
+def test_metadata_nested_to_the_limit_round_trips(
+    api: httpx.Client, sid: str, namespace: str
+) -> None:
+    meta = nested_metadata(MAX_METADATA_DEPTH)
+    doc = put(api, namespace, "m", b"x", sid, **{"X-Handle-Metadata": json.dumps(meta)})
+    assert doc["metadata"] == meta
+    assert api.get(hpath(namespace, "m")).json()["metadata"] == meta
 
 
 def test_matching_content_sha256_is_accepted(api: httpx.Client, sid: str, namespace: str) -> None:

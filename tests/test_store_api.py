@@ -19,7 +19,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from helpers import async_wait_until, wait_until
+from helpers import async_wait_until, nested_metadata, wait_until
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +35,7 @@ from statestore.errors import (
     TooLarge,
     VersionConflict,
 )
+from statestore.handle import MAX_METADATA_DEPTH
 from statestore.keys import prefix_end
 
 KiB = 1024
@@ -498,6 +499,20 @@ async def test_metadata_over_limit_is_too_large(
             await s.replace("m", h.version, b"y", metadata={"k": "v" * 93})
         assert await s.get("m") == h
         assert await raw_keys(s, s.keys.gc_prefix) == []
+
+
+async def test_metadata_nesting_is_bounded(store: StateHandleStore, tmp_path: Path) -> None:
+    """Deeper than MAX_METADATA_DEPTH: InvalidArgument naming the limit, before
+    any recursion (json.dumps of 3,000 levels raises RecursionError)."""
+    for depth in (MAX_METADATA_DEPTH + 1, 3000):
+        with pytest.raises(InvalidArgument, match=f"{MAX_METADATA_DEPTH} levels"):
+            await store.add_and_lock("m", b"x", metadata=nested_metadata(depth))
+        await assert_nothing_stored(store, tmp_path, "m")
+    h = await store.add_and_lock("m", b"x", metadata=nested_metadata(MAX_METADATA_DEPTH))
+    assert (await store.get("m")).metadata == nested_metadata(MAX_METADATA_DEPTH)
+    with pytest.raises(InvalidArgument, match=f"{MAX_METADATA_DEPTH} levels"):
+        await store.replace("m", h.version, b"y", metadata=nested_metadata(MAX_METADATA_DEPTH + 1))
+    assert await store.get("m") == h
 
 
 # --------------------------------------------------------------------------------------

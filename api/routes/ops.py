@@ -24,7 +24,9 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"content": {"application/problem+json": {}}}})
 async def readyz(svc: Svc) -> JSONResponse:
-    """200 only when etcd answers without alarms and the blob store answers (each within 2 s)."""
+    """200 only when etcd answers without alarms and the blob store takes a write
+    (a probe object under ``<blob_root>/_probe/``, written and deleted), each
+    within 2 s."""
     checks: dict[str, str] = {}
 
     async def etcd() -> None:

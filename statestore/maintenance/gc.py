@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from statestore.blobs import blob_age
-from statestore.errors import StateStoreError
+from statestore.errors import OutsideBlobRoot, StateStoreError
 from statestore.etcd import KV, Txn
 from statestore.handle import blob_id_of
 from statestore.keys import decode, prefix_end
@@ -76,6 +76,11 @@ async def collect_due(
             continue
         try:
             await store.blobs.delete(url)
+        except OutsideBlobRoot:
+            # Corrupt or hostile: never deleted, and the entry stays as evidence
+            # (the blob store logged it; cleanup of the namespace stays pending).
+            result.pending += 1
+            continue
         except StateStoreError as e:
             log.warning("could not delete blob %s yet (%s); will retry", url, e)
             result.pending += 1
@@ -140,7 +145,11 @@ async def sweep_orphans(
         report.orphans_found += 1
         report.orphans.append(b.url)
         if not dry_run:
-            await store.blobs.delete(b.url)
+            try:
+                await store.blobs.delete(b.url)
+            except OutsideBlobRoot as e:  # a symlink in the namespace's directory
+                report.errors.append(f"{ns}: {e}")
+                continue
             report.orphans_deleted += 1
             log.info("deleted orphaned blob %s (%.0fs old, no handle, entry or intent)", b.url, age)
     for key, upload_id, blob_id, initiated in uploads:
