@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from statestore.errors import InvalidArgument, SessionExpired
 from statestore.etcd import EtcdClient
-from statestore.keys import decode, prefix_end
+from statestore.keys import RootLayout, is_lock_key, prefix_end
 
 MIN_TTL = 2
 MAX_TTL = 3600
@@ -44,10 +44,7 @@ class SessionInfo:
 class SessionRegistry:
     def __init__(self, client: EtcdClient, root: str) -> None:
         self._client = client
-        self._prefix = f"{root}/_sessions/".encode()
-
-    def _key(self, sid: str) -> bytes:
-        return self._prefix + sid.encode()
+        self._keys = RootLayout(root)
 
     @staticmethod
     def lease_of(sid: str) -> int:
@@ -72,7 +69,9 @@ class SessionRegistry:
         info = SessionInfo(sid, lease_id, granted, owner, time.time())
         record = {"owner": owner, "ttl_seconds": granted, "created_at": info.created_at}
         try:
-            await self._client.put(self._key(sid), json.dumps(record).encode(), lease=lease_id)
+            await self._client.put(
+                self._keys.session(sid), json.dumps(record).encode(), lease=lease_id
+            )
         except BaseException:
             await self._client.lease_revoke(lease_id)
             raise
@@ -81,7 +80,7 @@ class SessionRegistry:
     async def lookup(self, sid: str) -> SessionInfo:
         """The live session ``sid``, or ``SessionExpired`` (unknown or expired)."""
         lease_id = self.lease_of(sid)
-        kv = await self._client.get(self._key(sid))
+        kv = await self._client.get(self._keys.session(sid))
         if kv is None or kv.lease != lease_id:
             raise SessionExpired(
                 f"session {sid!r} is unknown or has expired (its lease is gone, and every lock "
@@ -109,13 +108,14 @@ class SessionRegistry:
             return []
         _, keys = await self._client.lease_keys(info.lease_id)
         await self._client.lease_revoke(info.lease_id)
-        return [k for k in keys if b"/locks/" in k]
+        return [k for k in keys if is_lock_key(k)]
 
     async def list(self) -> list[SessionInfo]:
-        kvs, _ = await self._client.range_all(self._prefix, prefix_end(self._prefix))
+        prefix = self._keys.sessions_prefix
+        kvs, _ = await self._client.range_all(prefix, prefix_end(prefix))
         out = []
         for kv in kvs:
-            sid = decode(kv.key[len(self._prefix) :].decode())
+            sid = self._keys.parse_session_key(kv.key)
             rec = json.loads(kv.value)
             out.append(
                 SessionInfo(
@@ -127,3 +127,8 @@ class SessionRegistry:
                 )
             )
         return out
+
+    async def count(self) -> int:
+        """How many sessions are live (one count request, no records read)."""
+        prefix = self._keys.sessions_prefix
+        return await self._client.count(prefix, prefix_end(prefix))

@@ -223,11 +223,11 @@ class Raw:
         resp = await self.c.get_prefix(hp)  # one request, one revision
         handles = []
         for kv in resp.kvs:
-            if b"/" in kv.key[len(hp) :]:
+            if not self.keys.is_handle_key(kv.key):
                 continue  # a lock key
             handles.append((kv.key, kv.mod_revision, json.loads(kv.value)))
         sem = asyncio.Semaphore(in_flight)
-        suffix = b"/locks/" + self.iid
+        suffix = Layout.lock_suffix(self.instance_id)
 
         async def lock(batch: list[tuple[bytes, int, Any]]) -> None:
             async with sem:

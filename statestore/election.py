@@ -44,15 +44,10 @@ import time
 
 from statestore.errors import NotLeader, SessionExpired, StateStoreError, Unavailable
 from statestore.etcd import KV, Txn
-from statestore.keys import prefix_end
+from statestore.keys import Layout, prefix_end
 from statestore.store import StateHandleStore, TokenFence
 
 log = logging.getLogger(__name__)
-
-
-def _candidate_key(prefix: bytes, store: StateHandleStore) -> bytes:
-    """The election key of ``store``'s instance: ``<prefix><instance-id>``."""
-    return prefix + store.instance_id.encode()
 
 
 def instance_fence(store: StateHandleStore, token: int | None) -> TokenFence:
@@ -64,7 +59,7 @@ def instance_fence(store: StateHandleStore, token: int | None) -> TokenFence:
     if it had won ``token`` with a :class:`LeaderElection` here. A token of
     ``None`` (a value that can be no etcd revision) fences every write with
     ``Fenced`` before any txn."""
-    return TokenFence(_candidate_key(store.keys.leader_prefix, store), token)
+    return TokenFence(store.keys.leader(store.instance_id), token)
 
 
 async def fence_for_token(store: StateHandleStore, token: int | None) -> TokenFence:
@@ -98,7 +93,7 @@ class LeaderElection:
         namespace's ``leader/`` (the service's maintenance election)."""
         self._store = store
         self._prefix = prefix if prefix is not None else store.keys.leader_prefix
-        self._key = _candidate_key(self._prefix, store)
+        self._key = Layout.leader_of(self._prefix, store.instance_id)
         self._token: int | None = None
         self._lease = 0
         self._lost_count = 0

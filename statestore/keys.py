@@ -118,11 +118,80 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"  # all 0xff: the whole rest of the keyspace
 
 
-def reserved_key(root: str, name: str) -> bytes:
+def _reserved_key(root: str, name: str) -> bytes:
     """A key of statestore's own beside the namespaces: ``<root>/_<name>``
-    (``validate_namespace`` keeps namespaces off the ``_`` prefix), e.g.
-    ``reserved_key(root, "compactor")`` or ``reserved_key(root, "maintenance/leader/")``."""
+    (``validate_namespace`` keeps namespaces off the ``_`` prefix)."""
     return f"{root}/_{name}".encode()
+
+
+def is_lock_key(key: bytes) -> bool:
+    """True for a lock key ``.../handles/<name>/locks/<id>`` of any root and
+    namespace (encoded names never hold ``/``, so no other key has that part)."""
+    return b"/locks/" in key
+
+
+class RootLayout:
+    """Keys of one root: statestore's own keys beside the namespaces, and the
+    keys of every namespace as the service's maintenance sees them (one watch
+    or listing of ``<root>/`` across all namespaces).
+
+    The parsers take the key as etcd returns it and give the encoded segments
+    (``decode`` them for names): the reconciler runs them on every lock
+    deletion in the cluster, so they neither decode nor re-encode."""
+
+    __slots__ = ("compactor", "maintenance_leader_prefix", "prefix", "root", "sessions_prefix")
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        #: Every key of every namespace (and the reserved keys) starts with this.
+        self.prefix = f"{root}/".encode()
+        #: The compactor's shared CAS key (protocol.md section 5).
+        self.compactor = _reserved_key(root, "compactor")
+        #: The election that picks the replica running the reconciler and GC.
+        self.maintenance_leader_prefix = _reserved_key(root, "maintenance/leader/")
+        #: REST sessions: ``<root>/_sessions/<session-id>``, on the session's lease.
+        self.sessions_prefix = _reserved_key(root, "sessions/")
+
+    def __repr__(self) -> str:
+        return f"RootLayout(root={self.root!r})"
+
+    def session(self, session_id: str) -> bytes:
+        return self.sessions_prefix + session_id.encode()
+
+    def parse_session_key(self, key: bytes) -> str:
+        return decode(key[len(self.sessions_prefix) :].decode())
+
+    def namespace_of(self, key: bytes) -> str | None:
+        """The namespace a key under the root belongs to; None for
+        statestore's own keys (``<root>/_...``)."""
+        head = key[len(self.prefix) :].split(b"/", 1)[0].decode()
+        if head and not head.startswith("_"):
+            return decode(head)
+        return None
+
+    def _split(self, key: bytes, kind: bytes) -> list[bytes] | None:
+        """``<root>/<ns>/<kind>/<name>[/<rest>...]`` as [ns, kind, name, rest...],
+        all still encoded; None for a key of another kind or shape."""
+        parts = key[len(self.prefix) :].split(b"/")
+        return parts if len(parts) >= 3 and parts[1] == kind else None
+
+    def split_lock_key(self, key: bytes) -> tuple[bytes, bytes] | None:
+        """(namespace, handle name), both encoded, of a lock key
+        ``<root>/<ns>/handles/<name>/locks/<id>``; None for any other key."""
+        parts = self._split(key, b"handles")
+        if parts is None or len(parts) != 5 or parts[3] != b"locks":
+            return None
+        return parts[0], parts[2]
+
+    def split_removal_key(self, key: bytes) -> tuple[bytes, bytes] | None:
+        """(namespace, handle name), both encoded, of a removal marker key;
+        None for any other key."""
+        parts = self._split(key, b"removals")
+        return None if parts is None else (parts[0], parts[2])
+
+    def removal_key(self, ns_segment: bytes, name_segment: bytes) -> bytes:
+        """The removal marker key of an (encoded) namespace and handle name."""
+        return self.prefix + ns_segment + b"/removals/" + name_segment
 
 
 class Layout:
@@ -152,9 +221,19 @@ class Layout:
         return self.lock_prefix(name) + instance_id.encode()
 
     @staticmethod
+    def lock_suffix(instance_id: str) -> bytes:
+        """How every lock key of ``instance_id`` ends, whatever the handle."""
+        return b"/locks/" + instance_id.encode()
+
+    @staticmethod
     def lock_of(handle_key: bytes, instance_id: str) -> bytes:
         """The lock key of an already-encoded handle key (no re-encoding)."""
         return handle_key + b"/locks/" + instance_id.encode()
+
+    @staticmethod
+    def holder_of(lock_prefix: bytes, lock_key: bytes) -> str:
+        """The holder (instance id) of a lock key under ``lock_prefix(name)``."""
+        return lock_key[len(lock_prefix) :].decode()
 
     def is_handle_key(self, key: bytes) -> bool:
         """True for a handle record key, False for a lock key (both live under handles/)."""
@@ -177,12 +256,24 @@ class Layout:
     def parse_removal_key(self, key: bytes) -> str:
         return decode(key[len(self.removals_prefix) :].decode())
 
+    def removal_of(self, handle_key: bytes) -> bytes:
+        """The removal marker key of an already-encoded handle key."""
+        return self.removals_prefix + handle_key[len(self.handles_prefix) :]
+
+    def handle_of_removal(self, removal_key: bytes) -> bytes:
+        """The handle key a removal marker key stands for (no decoding)."""
+        return self.handles_prefix + removal_key[len(self.removals_prefix) :]
+
     @property
     def gc_prefix(self) -> bytes:
         return self.ns_prefix + b"gc/"
 
     def gc(self, blob_id: str) -> bytes:
         return self.gc_prefix + blob_id.encode()
+
+    def parse_gc_key(self, key: bytes) -> str:
+        """The blob id of a ``gc/`` key."""
+        return key[len(self.gc_prefix) :].decode()
 
     @property
     def uploads_prefix(self) -> bytes:
@@ -191,9 +282,27 @@ class Layout:
     def upload(self, blob_id: str) -> bytes:
         return self.uploads_prefix + blob_id.encode()
 
+    def parse_upload_key(self, key: bytes) -> str:
+        """The blob id of an ``uploads/`` key."""
+        return key[len(self.uploads_prefix) :].decode()
+
+    @property
+    def counters_prefix(self) -> bytes:
+        return self.ns_prefix + b"counters/"
+
     def counter(self, name: str) -> bytes:
-        return self.ns_prefix + b"counters/" + encode(name).encode()
+        return self.counters_prefix + encode(name).encode()
 
     @property
     def leader_prefix(self) -> bytes:
         return self.ns_prefix + b"leader/"
+
+    def leader(self, instance_id: str) -> bytes:
+        """The election key of ``instance_id`` in this namespace's election."""
+        return self.leader_of(self.leader_prefix, instance_id)
+
+    @staticmethod
+    def leader_of(prefix: bytes, instance_id: str) -> bytes:
+        """The election key of ``instance_id`` under an election ``prefix``
+        (the namespace's ``leader_prefix`` or the maintenance election's)."""
+        return prefix + instance_id.encode()

@@ -265,10 +265,9 @@ class StateHandleStore:
             await self._s.backend.close()
 
     async def _holds_election_key(self) -> bool:
-        me = self._s.instance_id.encode()
         for ns in sorted(self._s.namespaces):
             view = self if ns == self.namespace else self.for_namespace(ns)
-            if await self._s.client.get(view._keys.leader_prefix + me) is not None:
+            if await self._s.client.get(view._keys.leader(self._s.instance_id)) is not None:
                 return True
         return False
 
@@ -800,7 +799,7 @@ class StateHandleStore:
         if not res.results[0]:
             raise NotFound(f"handle {name!r} does not exist in namespace {self.namespace!r}")
         kv = res.results[0][0]
-        holders = sorted(k.key[len(lp) :].decode() for k in res.results[1])
+        holders = sorted(Layout.holder_of(lp, k.key) for k in res.results[1])
         return parse_record(kv.value, kv.mod_revision, kv.create_revision), holders
 
     async def _resolve_handle(self, handle_or_name: Handle | str) -> Handle:
@@ -823,7 +822,7 @@ class StateHandleStore:
         """Instance ids holding a lock on ``name`` (sorted)."""
         lp = self._keys.lock_prefix(validate_name(name))
         kvs, _ = await self._s.client.range_all(lp, prefix_end(lp), keys_only=True)
-        return sorted(kv.key[len(lp) :].decode() for kv in kvs)
+        return sorted(Layout.holder_of(lp, kv.key) for kv in kvs)
 
     async def _read_all(self, start: bytes) -> tuple[list[KV], set[bytes], int]:
         """All keys under ``start`` (handles and their locks) and the handle keys
@@ -833,8 +832,7 @@ class StateHandleStore:
         removals, _ = await self._s.client.range_all(
             rp, prefix_end(rp), revision=rev, keys_only=True
         )
-        hp = self._keys.handles_prefix
-        pending = {hp + kv.key[len(rp) :] for kv in removals}
+        pending = {self._keys.handle_of_removal(kv.key) for kv in removals}
         return kvs, pending, rev
 
     def _partition(
@@ -909,7 +907,7 @@ class StateHandleStore:
         )
         if res.succeeded:
             kv = res.results[1][0]
-            holders = sorted(k.key[len(lp) :].decode() for k in res.results[2])
+            holders = sorted(Layout.holder_of(lp, k.key) for k in res.results[2])
             return parse_record(kv.value, kv.mod_revision, kv.create_revision), holders
         if res.results[0]:
             raise NotFound(
@@ -1022,14 +1020,13 @@ class StateHandleStore:
     async def _reread(self, batch: list[_Keyed]) -> list[_Keyed]:
         """Current versions of ``batch`` (vanished or pending ones dropped),
         in txns of gets that fit the ops limit."""
-        hp, rp = self._keys.handles_prefix, self._keys.removals_prefix
         step = max(1, self._s.max_ops // 2)
         fresh: list[_Keyed] = []
         for i in range(0, len(batch), step):
             part = batch[i : i + step]
             t = Txn()
             for key, _ in part:
-                t.then(Txn.get(key), Txn.get(rp + key[len(hp) :]))
+                t.then(Txn.get(key), Txn.get(self._keys.removal_of(key)))
             res = await self._s.client.txn(t, what="get_all_and_lock re-read")
             for j, (key, _) in enumerate(part):
                 kvs, removal = res.results[2 * j], res.results[2 * j + 1]
@@ -1071,7 +1068,7 @@ class StateHandleStore:
         kvs, _ = await self._s.client.range_all(
             self._keys.handles_prefix, prefix_end(self._keys.handles_prefix), keys_only=True
         )
-        suffix = Layout.lock_of(b"", self._s.instance_id)  # how every lock key of ours ends
+        suffix = Layout.lock_suffix(self._s.instance_id)
         mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
         for i in range(0, len(mine), self._s.max_ops):
             t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
@@ -1164,7 +1161,7 @@ class StateHandleStore:
             if not current or current[0].mod_revision != kv.mod_revision:
                 seen = current
                 continue  # replaced or removed meanwhile: decide again
-            holders = sorted(k.key[len(lp) :].decode() for k in lock_kvs if k.key != own)
+            holders = sorted(Layout.holder_of(lp, k.key) for k in lock_kvs if k.key != own)
             if not holders:
                 seen = current
                 continue  # they let go meanwhile: try again

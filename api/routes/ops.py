@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from statestore.errors import StateStoreError, Unavailable
-from statestore.keys import prefix_end
 from statestore_api.problems import problem
 from statestore_api.service import Svc
 
@@ -57,9 +56,8 @@ async def readyz(svc: Svc) -> JSONResponse:
 @router.get("/metrics", response_class=Response)
 async def metrics(svc: Svc) -> Response:
     """Prometheus text format."""
-    prefix = f"{svc.settings.root}/_sessions/".encode()
     try:
-        svc.metrics.sessions.set(await svc.backend.client.count(prefix, prefix_end(prefix)))
+        svc.metrics.sessions.set(await svc.sessions.count())
     except StateStoreError:
         pass  # report what we have; readyz says etcd is down
     m = svc.maintenance

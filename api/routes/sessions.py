@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from statestore.keys import decode
+from statestore.keys import RootLayout, decode
 from statestore_api.auth import Role
 from statestore_api.service import Svc
 from statestore_api.session_registry import MAX_TTL, MIN_TTL
@@ -71,12 +71,13 @@ async def delete_session(sid: str, svc: Svc, request: Request) -> Response:
     its locks were blocking are completed right away."""
     svc.authorize(request, None, Role.write)
     lock_keys = await svc.sessions.delete(sid)
-    root = svc.settings.root.encode() + b"/"
+    roots = RootLayout(svc.settings.root)
     held: dict[str, set[str]] = {}
     for key in lock_keys:
-        parts = key[len(root) :].split(b"/")
-        if len(parts) == 5 and parts[1] == b"handles" and parts[3] == b"locks":
-            held.setdefault(decode(parts[0].decode()), set()).add(decode(parts[2].decode()))
+        lock = roots.split_lock_key(key)
+        if lock is not None:
+            ns, name = (decode(segment.decode()) for segment in lock)
+            held.setdefault(ns, set()).add(name)
     for ns, names in held.items():
         store = svc.store(ns)
         for name in sorted(names & await store.pending_removals()):

@@ -25,7 +25,7 @@ from statestore.store import StateHandleStore
 
 async def clear_namespace(store: StateHandleStore) -> bool:
     await store.clear_entries()
-    for prefix in (store.keys.ns_prefix + b"counters/", store.keys.leader_prefix):
+    for prefix in (store.keys.counters_prefix, store.keys.leader_prefix):
         await store.etcd.delete(prefix, prefix_end(prefix))
     await collect_due(store)
     # A crashed writer's blob has no key left once its intent expired; with

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from statestore.errors import InvalidArgument, StateStoreError
 from statestore.etcd import Compacted, EtcdClient, Txn
-from statestore.keys import reserved_key
+from statestore.keys import RootLayout
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Compactor:
         if interval <= 0:
             raise InvalidArgument("compaction interval must be > 0 seconds")
         self._client = client
-        self._key = reserved_key(root, "compactor")
+        self._key = RootLayout(root).compactor
         self.interval = interval
         self.state = CompactorState()
         self._stop = asyncio.Event()

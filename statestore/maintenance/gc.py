@@ -37,7 +37,7 @@ from statestore.blobs import blob_age
 from statestore.errors import OutsideBlobRoot, StateStoreError
 from statestore.etcd import KV, Txn
 from statestore.handle import blob_id_of
-from statestore.keys import decode, prefix_end
+from statestore.keys import RootLayout, decode, prefix_end
 from statestore.store import StateHandleStore
 
 log = logging.getLogger(__name__)
@@ -133,11 +133,14 @@ async def sweep_orphans(
         # A record we cannot read might name any blob: sweep nothing here.
         report.errors.append(f"{ns}: unreadable handle record ({e}); orphan sweep skipped")
         return
-    for prefix in (keys.gc_prefix, keys.uploads_prefix):
+    for prefix, blob_id_of_key in (
+        (keys.gc_prefix, keys.parse_gc_key),
+        (keys.uploads_prefix, keys.parse_upload_key),
+    ):
         kvs, _ = await store.etcd.range_all(
             prefix, prefix_end(prefix), revision=rev, keys_only=True
         )
-        referenced.update(kv.key[len(prefix) :].decode() for kv in kvs)
+        referenced.update(blob_id_of_key(kv.key) for kv in kvs)
     for b in blobs:
         age = blob_age(b.blob_id, b.mtime, now)
         if b.blob_id in referenced or age is None or age < min_age:
@@ -167,14 +170,14 @@ async def namespaces(store: StateHandleStore, root_keys: list[KV] | None = None)
     ``root_keys``: a listing of every key under the root the caller already
     has (the maintenance loop's reconciler resync); read here when None."""
     found = {decode(d) for d in await store.blobs.list_namespaces()}
-    root = store.config.root.encode() + b"/"
+    roots = RootLayout(store.config.root)
     kvs = root_keys
     if kvs is None:
-        kvs, _ = await store.etcd.range_all(root, prefix_end(root), keys_only=True)
+        kvs, _ = await store.etcd.range_all(roots.prefix, prefix_end(roots.prefix), keys_only=True)
     for kv in kvs:
-        head = kv.key[len(root) :].split(b"/", 1)[0].decode()
-        if head and not head.startswith("_"):
-            found.add(decode(head))
+        ns = roots.namespace_of(kv.key)
+        if ns is not None:
+            found.add(ns)
     return sorted(found)
 
 

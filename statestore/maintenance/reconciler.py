@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from statestore.errors import StateStoreError
 from statestore.etcd import KV, Compacted, Txn
-from statestore.keys import decode, prefix_end
+from statestore.keys import RootLayout, decode, prefix_end
 from statestore.store import StateHandleStore
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,9 @@ class RemovalReconciler:
 
     def __init__(self, store: StateHandleStore) -> None:
         self._store = store
-        self._root = store.config.root.encode() + b"/"
+        self._roots = RootLayout(store.config.root)
         self.stats = ReconcilerStats()
         self._stop = asyncio.Event()
-
-    def _parse(self, key: bytes, kind: bytes) -> tuple[bytes, bytes, list[bytes]] | None:
-        """``<root>/<ns>/<kind>/<name>[/<rest>...]`` as (ns, name, rest), all
-        still encoded; None for a key of another kind or shape."""
-        parts = key[len(self._root) :].split(b"/")
-        if len(parts) >= 3 and parts[1] == kind:
-            return parts[0], parts[2], parts[3:]
-        return None
 
     async def _complete(self, ns_segment: bytes, name_segment: bytes) -> bool:
         """``complete_removal`` of an (encoded) namespace and name."""
@@ -75,13 +67,12 @@ class RemovalReconciler:
         """Try every pending removal; returns the revision the list was read
         at and the list (every key under the root, keys only)."""
         self.stats.resyncs += 1
-        kvs, rev = await self._store.etcd.range_all(
-            self._root, prefix_end(self._root), keys_only=True
-        )
+        root = self._roots.prefix
+        kvs, rev = await self._store.etcd.range_all(root, prefix_end(root), keys_only=True)
         pending = 0
         for kv in kvs:
-            found = self._parse(kv.key, b"removals")
-            if found is not None and not await self._complete(found[0], found[1]):
+            found = self._roots.split_removal_key(kv.key)
+            if found is not None and not await self._complete(*found):
                 pending += 1
         self.stats.pending = pending
         return rev, kvs
@@ -93,10 +84,9 @@ class RemovalReconciler:
         txn of gets per batch; only actual pending removals cost more."""
         markers: dict[bytes, tuple[bytes, bytes]] = {}
         for key in keys:
-            lock = self._parse(key, b"handles")  # a lock key's rest: [b"locks", holder]
-            if lock is not None and len(lock[2]) == 2 and lock[2][0] == b"locks":
-                ns, name, _ = lock
-                markers[self._root + ns + b"/removals/" + name] = (ns, name)
+            lock = self._roots.split_lock_key(key)
+            if lock is not None:
+                markers[self._roots.removal_key(*lock)] = lock
         batch = max(1, self._store.backend.max_ops)
         found: list[tuple[bytes, bytes]] = []
         items = list(markers.items())
@@ -118,8 +108,9 @@ class RemovalReconciler:
             try:
                 rev, _ = await self.resync()
                 backoff = 0.2
+                root = self._roots.prefix
                 async for _, events in self._store.etcd.watch(
-                    self._root, prefix_end(self._root), start_revision=rev + 1, deletes_only=True
+                    root, prefix_end(root), start_revision=rev + 1, deletes_only=True
                 ):
                     await self._on_deleted([kv.key for kind, kv in events if kind == "delete"])
                     if self._stop.is_set():

@@ -18,7 +18,7 @@ import uuid
 
 from statestore.election import LeaderElection
 from statestore.errors import StateStoreError
-from statestore.keys import reserved_key
+from statestore.keys import RootLayout
 from statestore.maintenance.compactor import Compactor
 from statestore.maintenance.gc import gc_pass
 from statestore.maintenance.reconciler import RemovalReconciler
@@ -45,7 +45,7 @@ class Maintenance:
         self._session = Session(backend.client, cfg.lease_ttl)
         self.instance_id = f"maintenance-{uuid.uuid4().hex[:12]}"
         self._store = backend.store(cfg.namespace, self.instance_id, self._session)
-        prefix = reserved_key(cfg.root, "maintenance/leader/")
+        prefix = RootLayout(cfg.root).maintenance_leader_prefix
         self.election = LeaderElection(self._store, prefix=prefix)
         self.reconciler = RemovalReconciler(self._store)
         self.compactor = (
