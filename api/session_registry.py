@@ -17,7 +17,6 @@ works through another and survives a replica restart.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from statestore.errors import InvalidArgument, SessionExpired
 from statestore.etcd import EtcdClient
 from statestore.keys import RootLayout, is_lock_key, prefix_end
+from statestore.records import SessionRecord
 
 MIN_TTL = 2
 MAX_TTL = 3600
@@ -39,6 +39,12 @@ class SessionInfo:
     ttl_seconds: int
     owner: str | None
     created_at: float
+
+    @classmethod
+    def of(cls, session_id: str, lease_id: int, value: bytes) -> SessionInfo:
+        """The session whose record (``SessionRecord``) is ``value``."""
+        rec = SessionRecord.decode(value)
+        return cls(session_id, lease_id, rec.ttl_seconds, rec.owner, rec.created_at)
 
 
 class SessionRegistry:
@@ -67,11 +73,9 @@ class SessionRegistry:
         lease_id, granted = await self._client.lease_grant(ttl_seconds)
         sid = f"{lease_id:x}-{secrets.token_hex(8)}"
         info = SessionInfo(sid, lease_id, granted, owner, time.time())
-        record = {"owner": owner, "ttl_seconds": granted, "created_at": info.created_at}
+        record = SessionRecord(owner, granted, info.created_at)
         try:
-            await self._client.put(
-                self._keys.session(sid), json.dumps(record).encode(), lease=lease_id
-            )
+            await self._client.put(self._keys.session(sid), record.encode(), lease=lease_id)
         except BaseException:
             await self._client.lease_revoke(lease_id)
             raise
@@ -86,10 +90,7 @@ class SessionRegistry:
                 f"session {sid!r} is unknown or has expired (its lease is gone, and every lock "
                 "it held went with it); create a new session and re-acquire what you need"
             )
-        rec = json.loads(kv.value)
-        return SessionInfo(
-            sid, lease_id, int(rec["ttl_seconds"]), rec.get("owner"), float(rec["created_at"])
-        )
+        return SessionInfo.of(sid, lease_id, kv.value)
 
     async def keepalive(self, sid: str) -> SessionInfo:
         info = await self.lookup(sid)
@@ -113,20 +114,9 @@ class SessionRegistry:
     async def list(self) -> list[SessionInfo]:
         prefix = self._keys.sessions_prefix
         kvs, _ = await self._client.range_all(prefix, prefix_end(prefix))
-        out = []
-        for kv in kvs:
-            sid = self._keys.parse_session_key(kv.key)
-            rec = json.loads(kv.value)
-            out.append(
-                SessionInfo(
-                    sid,
-                    kv.lease,
-                    int(rec["ttl_seconds"]),
-                    rec.get("owner"),
-                    float(rec["created_at"]),
-                )
-            )
-        return out
+        return [
+            SessionInfo.of(self._keys.parse_session_key(kv.key), kv.lease, kv.value) for kv in kvs
+        ]
 
     async def count(self) -> int:
         """How many sessions are live (one count request, no records read)."""

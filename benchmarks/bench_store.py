@@ -7,7 +7,8 @@ operation and concurrency, the throughput of
 * **raw**: the etcd transactions of protocol.md section 3 written directly
   against ``aetcd.Client`` (its ``transaction(compare, success, failure)``
   API), plus the same fsspec blob write, with no statestore code (only
-  ``statestore.keys.Layout`` for the key strings);
+  ``statestore.keys.Layout`` for the key strings and ``statestore.records``
+  for the bytes of the records);
 * **SDK**: ``StateHandleStore`` on the same etcd and the same blob backend.
 
 Operations: ``add_and_lock`` (1 KiB of state), ``release_and_try_remove``
@@ -41,7 +42,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from harness import (
 from statestore import StateHandleStore, StoreConfig
 from statestore.keys import Layout
 from statestore.local.etcd_process import find_etcd_binary
+from statestore.records import GcEntry, UploadIntent, decode_handle, encode_handle, encode_holder
 
 ROOT = "/statestore/v1"
 STATE = os.urandom(1024)  # 1 KiB of state per handle
@@ -102,6 +103,20 @@ class Backend:
 # raw side: aetcd only
 
 
+def handle_record(name: str, blob_id: str, url: str, data: bytes, writer: str) -> bytes:
+    """The handle record the SDK writes for ``data`` stored at ``url``."""
+    return encode_handle(
+        name=name,
+        blob_url=url,
+        blob_id=blob_id,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        metadata={},
+        request_id=uuid.uuid4().hex,
+        writer=writer,
+    )
+
+
 class Raw:
     """The protocol's etcd work, written directly against aetcd."""
 
@@ -113,7 +128,7 @@ class Raw:
         self.backend = backend
         self.pool = pool
         self.instance_id = uuid.uuid4().hex
-        self.iid = self.instance_id.encode()
+        self.iid = encode_holder(self.instance_id)  # the value of our lock keys
         self.lease = 0
         self._dir_made = False
 
@@ -143,30 +158,15 @@ class Raw:
         path = f"{self.backend.ns_dir(self.ns)}/{blob_id}"
         url = self.backend.fs.unstrip_protocol(path)
         ukey = k.upload(blob_id)
-        intent = {"blob_url": url, "started_at": time.time(), "writer": self.instance_id}
-        await self.c.put(ukey, json.dumps(intent, separators=(",", ":")).encode(), lease=self.lease)
-        digest = hashlib.sha256(data).hexdigest()
+        intent = UploadIntent(url, time.time(), self.instance_id)
+        await self.c.put(ukey, intent.encode(), lease=self.lease)
         if self.backend.local:
             await asyncio.get_running_loop().run_in_executor(
                 self.pool, self._write_local, path, data
             )
         else:
             self.backend.fs.pipe_file(path, data)  # memory://: a dict insert, no IO
-        record = json.dumps(
-            {
-                "format": 1,
-                "name": name,
-                "blob_url": url,
-                "blob_id": blob_id,
-                "size": len(data),
-                "sha256": digest,
-                "created_at": datetime.now(UTC).isoformat(),
-                "request_id": uuid.uuid4().hex,
-                "writer": self.instance_id,
-                "metadata": {},
-            },
-            separators=(",", ":"),
-        ).encode()
+        record = handle_record(name, blob_id, url, data, self.instance_id)
         hkey = k.handle(name)
         ok, _ = await self.c.transaction(
             compare=[tx.create(hkey) == 0],
@@ -191,24 +191,15 @@ class Raw:
         if kv is None:
             await self.c.delete(own)
             return True
-        rec = json.loads(kv.value)
-        gc_value = json.dumps(
-            {
-                "blob_url": rec["blob_url"],
-                "handle": name,
-                "reason": "removed",
-                "queued_at": time.time(),
-                "by": self.instance_id,
-            },
-            separators=(",", ":"),
-        ).encode()
+        h = decode_handle(kv.value, kv.mod_revision)
+        gc_value = GcEntry(h.blob_url, name, "removed", time.time(), self.instance_id).encode()
         ok, _ = await self.c.transaction(
             compare=[
                 tx.mod(hkey) == kv.mod_revision,
                 tx.create(lp, own) == 0,  # no lock in [prefix, own)
                 tx.create(own + b"\0", prefix_range_end(lp)) == 0,  # nor in (own, end)
             ],
-            success=[tx.delete(hkey), tx.delete(own), tx.put(k.gc(rec["blob_id"]), gc_value)],
+            success=[tx.delete(hkey), tx.delete(own), tx.put(k.gc(h.blob_ref), gc_value)],
             failure=[tx.delete(own), tx.get(hkey), tx.get(lp, prefix_range_end(lp))],
         )
         if not ok:
@@ -251,19 +242,7 @@ class Raw:
 def _record(name: str, ns: str, backend: Backend, writer: str) -> tuple[str, bytes]:
     blob_id = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex}"
     url = backend.fs.unstrip_protocol(f"{backend.ns_dir(ns)}/{blob_id}")
-    rec = {
-        "format": 1,
-        "name": name,
-        "blob_url": url,
-        "blob_id": blob_id,
-        "size": len(STATE),
-        "sha256": hashlib.sha256(STATE).hexdigest(),
-        "created_at": datetime.now(UTC).isoformat(),
-        "request_id": uuid.uuid4().hex,
-        "writer": writer,
-        "metadata": {},
-    }
-    return blob_id, json.dumps(rec, separators=(",", ":")).encode()
+    return blob_id, handle_record(name, blob_id, url, STATE, writer)
 
 
 async def populate(
@@ -285,7 +264,9 @@ async def populate(
             backend.fs.pipe_file(f"{backend.ns_dir(ns)}/{blob_id}", STATE)
             ops.append(tx.put(keys.handle(name), rec))
             if lock_as:
-                ops.append(tx.put(keys.lock(name, lock_as[0]), lock_as[0].encode(), lock_as[1]))
+                ops.append(
+                    tx.put(keys.lock(name, lock_as[0]), encode_holder(lock_as[0]), lock_as[1])
+                )
         await client.transaction(compare=[], success=ops, failure=[])
 
 

@@ -2,7 +2,8 @@
 
 The counter is the key ``<ns>/counters/<name>`` holding the *next* value in
 decimal, followed by a space and the id of the write that set it
-(``b"18 5f0c..."``). A counter never set reads 1.
+(``b"18 5f0c..."``, ``statestore.records.encode_counter``). A counter never
+set reads 1.
 
 ``get_and_increment`` is a compare-and-swap loop: read the key (value and
 mod_revision), then ONE txn ``If(mod_revision == read [and fence]) Then(put
@@ -31,6 +32,7 @@ from statestore.errors import (
 )
 from statestore.etcd import Ambiguous, Txn
 from statestore.keys import validate_name
+from statestore.records import decode_counter, encode_counter
 from statestore.store import StateHandleStore
 
 MAX_VALUE = MAX_INT64
@@ -61,12 +63,12 @@ class CheckpointIDCounter:
         kv = await self._store.etcd.get(self._key)
         if kv is None:
             return 1, 0
-        return int(kv.value.split(b" ", 1)[0]), kv.mod_revision
+        return decode_counter(kv.value), kv.mod_revision
 
     @staticmethod
     def _encode(value: int) -> bytes:
         """The stored bytes: ``value`` and a fresh write id."""
-        return str(value).encode() + b" " + uuid.uuid4().hex.encode()
+        return encode_counter(value, uuid.uuid4().hex)
 
     async def get(self) -> int:
         """The value the next ``get_and_increment`` returns."""

@@ -45,6 +45,7 @@ import time
 from statestore.errors import NotLeader, SessionExpired, StateStoreError, Unavailable
 from statestore.etcd import KV, Txn
 from statestore.keys import Layout, prefix_end
+from statestore.records import decode_holder, encode_holder
 from statestore.store import StateHandleStore, TokenFence
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class LeaderElection:
         line = await self._line()
         if not line:
             return None
-        return line[0].value.decode(), line[0].create_revision
+        return decode_holder(line[0].value), line[0].create_revision
 
     # -- campaign ----------------------------------------------------------------
 
@@ -158,7 +159,7 @@ class LeaderElection:
         remembers the lease (and loss count) it hangs on."""
         lease = self._store.session.lease_id
         self._lease, self._lost_count = lease, self._store.session.lost_count
-        value = self._store.instance_id.encode()
+        value = encode_holder(self._store.instance_id)
         t = (
             Txn()
             .compare("create", self._key, "==", 0)
@@ -204,10 +205,11 @@ class LeaderElection:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 await self._withdraw(mine)
+                leader = decode_holder(ahead[0].value)
                 raise NotLeader(
-                    f"namespace {self._store.namespace!r} is led by {ahead[0].value.decode()} "
+                    f"namespace {self._store.namespace!r} is led by {leader} "
                     f"(token {ahead[0].create_revision}); campaign gave up",
-                    leader=ahead[0].value.decode(),
+                    leader=leader,
                     fencing_token=ahead[0].create_revision,
                 )
             await self._wait_gone(ahead[-1], remaining)

@@ -1,15 +1,18 @@
-"""The handle: the small record in etcd that points at a state blob."""
+"""The handle: the small record in etcd that points at a state blob.
+
+Its bytes in etcd are ``statestore.records``'s (``encode_handle`` /
+``decode_handle``); this module holds the view users get and the checks on
+their metadata."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from statestore.errors import IntegrityError, InvalidArgument, TooLarge
+from statestore.errors import InvalidArgument, TooLarge
 
-RECORD_FORMAT = 1
 #: Deepest nesting of objects and lists in user metadata (``{"k": 1}`` is 1).
 #: JSON parsers and encoders recurse once per level and Python's raise
 #: RecursionError near 1,000; far below that, no checkpoint metadata needs
@@ -109,53 +112,3 @@ def encode_metadata(metadata: Any, limit: int) -> dict[str, Any]:
             "keep large data in the state itself"
         )
     return dict(decoded)
-
-
-def make_record(
-    *,
-    name: str,
-    blob_url: str,
-    blob_id: str,
-    size: int,
-    sha256: str,
-    metadata: dict[str, Any],
-    request_id: str,
-    writer: str,
-    created_at: datetime | None = None,
-) -> bytes:
-    rec = {
-        "format": RECORD_FORMAT,
-        "name": name,
-        "blob_url": blob_url,
-        "blob_id": blob_id,
-        "size": size,
-        "sha256": sha256,
-        "created_at": (created_at or datetime.now(UTC)).isoformat(),
-        "request_id": request_id,
-        "writer": writer,
-        "metadata": metadata,
-    }
-    return json.dumps(rec, separators=(",", ":")).encode()
-
-
-def parse_record(value: bytes, version: int, create_revision: int = 0) -> Handle:
-    try:
-        rec = json.loads(value)
-        return Handle(
-            name=rec["name"],
-            version=version,
-            size=int(rec["size"]),
-            sha256=rec["sha256"],
-            created_at=datetime.fromisoformat(rec["created_at"]),
-            metadata=rec.get("metadata") or {},
-            blob_url=rec["blob_url"],
-            blob_id=rec.get("blob_id", ""),
-            request_id=rec.get("request_id", ""),
-            writer=rec.get("writer", ""),
-            create_revision=create_revision,
-        )
-    except (ValueError, KeyError, TypeError) as e:
-        raise IntegrityError(
-            f"a handle record in etcd is unreadable ({e}): it was written by something other "
-            "than statestore or is corrupt; inspect it with etcdctl"
-        ) from None

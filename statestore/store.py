@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
@@ -28,6 +27,7 @@ from statestore.config import StoreConfig
 from statestore.errors import (
     AlreadyExists,
     Fenced,
+    IntegrityError,
     InvalidArgument,
     NotFound,
     PossibleInconsistentState,
@@ -37,8 +37,17 @@ from statestore.errors import (
     VersionConflict,
 )
 from statestore.etcd import KV, Ambiguous, EtcdClient, TooManyOps, Txn, TxnResult
-from statestore.handle import Handle, encode_metadata, make_record, parse_record
+from statestore.handle import Handle, encode_metadata
 from statestore.keys import Layout, prefix_end, validate_name, validate_namespace
+from statestore.records import (
+    GcEntry,
+    MalformedRecord,
+    RemovalMarker,
+    UploadIntent,
+    decode_handle,
+    encode_handle,
+    encode_holder,
+)
 from statestore.session import Session
 
 
@@ -415,25 +424,11 @@ class StateHandleStore:
         await session.report_lost(lease, f"etcd answered 'lease not found' to {what}")
         return False
 
-    def _lock_value(self) -> bytes:
-        return self._s.instance_id.encode()
-
-    def _gc_record(self, handle: Handle, reason: str) -> bytes:
-        return json.dumps(
-            {
-                "blob_url": handle.blob_url,
-                "handle": handle.name,
-                "reason": reason,
-                "queued_at": time.time(),
-                "by": self._s.instance_id,
-            },
-            separators=(",", ":"),
-        ).encode()
-
-    def _upload_record(self, url: str) -> bytes:
-        return json.dumps(
-            {"blob_url": url, "started_at": time.time(), "writer": self._s.instance_id},
-            separators=(",", ":"),
+    def _gc_entry(self, handle: Handle, reason: str) -> bytes:
+        """The ``gc/`` entry that queues ``handle``'s blob, written in the txn
+        that makes the blob unreferenced."""
+        return GcEntry(
+            handle.blob_url, handle.name, reason, time.time(), self._s.instance_id
         ).encode()
 
     async def _put_intent(self, blob_id: str, url: str) -> None:
@@ -441,8 +436,9 @@ class StateHandleStore:
         key = self._keys.upload(blob_id)
         for _ in range(3):
             lease, lost = self._s.session.lease_id, self._s.session.lost_count
+            intent = UploadIntent(url, time.time(), self._s.instance_id)
             try:
-                await self._s.client.put(key, self._upload_record(url), lease=lease)
+                await self._s.client.put(key, intent.encode(), lease=lease)
                 return
             except Ambiguous:
                 continue  # a put is idempotent: just send it again
@@ -514,7 +510,7 @@ class StateHandleStore:
         if self._precheck_wanted(data):
             existing = await self._s.client.get(hkey)
             if existing is not None:
-                h = parse_record(existing.value, existing.mod_revision, existing.create_revision)
+                h = _read_handle(existing.value, existing.mod_revision, existing.create_revision)
                 if h.request_id == rid:
                     return h
                 raise self._already_exists(name, h)
@@ -551,7 +547,7 @@ class StateHandleStore:
             except BaseException:
                 await asyncio.shield(self._drop_blob(blob_id, url))
                 raise
-            record = make_record(
+            record = encode_handle(
                 name=name,
                 blob_url=info.url,
                 blob_id=blob_id,
@@ -594,7 +590,7 @@ class StateHandleStore:
                 .compare("create", upload_key, ">", 0)
                 .then(
                     Txn.put(hkey, record),
-                    Txn.put(lock_key, self._lock_value(), lease),
+                    Txn.put(lock_key, encode_holder(self._s.instance_id), lease),
                     Txn.delete(upload_key),
                 )
                 .orelse(Txn.get(hkey), Txn.get(upload_key))
@@ -607,7 +603,7 @@ class StateHandleStore:
                 found = await self._resolve(hkey, e)
                 if found is None:
                     continue  # definitely not applied: send it again
-                h = parse_record(found.value, found.mod_revision, found.create_revision)
+                h = _read_handle(found.value, found.mod_revision, found.create_revision)
                 if h.request_id == rid:
                     return h
                 await self._forget_intent(upload_key)
@@ -621,12 +617,12 @@ class StateHandleStore:
                 await asyncio.shield(self._drop_blob(blob_id, url))
                 raise
             if res.succeeded:
-                return parse_record(record, res.revision, res.revision)
+                return _read_handle(record, res.revision, res.revision)
             existing, intent = res.results[0], res.results[1]
             await asyncio.shield(self._drop_blob(blob_id, url))
             if not existing and not intent:
                 raise self._intent_lost(name)
-            h = parse_record(
+            h = _read_handle(
                 existing[0].value, existing[0].mod_revision, existing[0].create_revision
             )
             if h.request_id == rid:
@@ -701,7 +697,7 @@ class StateHandleStore:
         kv = await self._s.client.get(hkey)
         if kv is None:
             raise NotFound(f"cannot replace handle {name!r}: it does not exist; use add_and_lock")
-        old = parse_record(kv.value, kv.mod_revision, kv.create_revision)
+        old = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
         if kv.mod_revision != expected_version:
             raise self._conflict(name, expected_version, kv.mod_revision)
         meta = old.metadata if new_meta is None else new_meta
@@ -719,7 +715,7 @@ class StateHandleStore:
                     .compare("create", upload_key, ">", 0)  # see _commit_add
                     .then(
                         Txn.put(hkey, record),
-                        Txn.put(gc_key, self._gc_record(old, "replaced")),
+                        Txn.put(gc_key, self._gc_entry(old, "replaced")),
                         Txn.delete(upload_key),
                     )
                     .orelse(Txn.get(hkey), Txn.get(rkey), Txn.get(upload_key))
@@ -733,7 +729,7 @@ class StateHandleStore:
                     if found is not None and found.mod_revision == expected_version:
                         continue
                     if found is not None:
-                        h = parse_record(found.value, found.mod_revision, found.create_revision)
+                        h = _read_handle(found.value, found.mod_revision, found.create_revision)
                         if h.request_id == rid:
                             return h
                     await self._forget_intent(upload_key)
@@ -747,7 +743,7 @@ class StateHandleStore:
                     await asyncio.shield(self._drop_blob(blob_id, url))
                     raise
                 if res.succeeded:
-                    return parse_record(record, res.revision, old.create_revision)
+                    return _read_handle(record, res.revision, old.create_revision)
                 await asyncio.shield(self._drop_blob(blob_id, url))
                 current, removal, intent = res.results[0], res.results[1], res.results[2]
                 if not intent:
@@ -759,7 +755,7 @@ class StateHandleStore:
                         f"cannot replace handle {name!r}: its removal is pending (it is removed "
                         "as soon as the last lock is released)"
                     )
-                h = parse_record(current[0].value, current[0].mod_revision)
+                h = _read_handle(current[0].value, current[0].mod_revision)
                 if h.request_id == rid:
                     return h
                 raise self._conflict(name, expected_version, current[0].mod_revision)
@@ -788,7 +784,7 @@ class StateHandleStore:
         kv = await self._s.client.get(self._keys.handle(name))
         if kv is None:
             raise NotFound(f"handle {name!r} does not exist in namespace {self.namespace!r}")
-        return parse_record(kv.value, kv.mod_revision, kv.create_revision)
+        return _read_handle(kv.value, kv.mod_revision, kv.create_revision)
 
     async def describe(self, name: str) -> tuple[Handle, list[str]]:
         """The handle and its lock holders, read together at one revision."""
@@ -800,7 +796,7 @@ class StateHandleStore:
             raise NotFound(f"handle {name!r} does not exist in namespace {self.namespace!r}")
         kv = res.results[0][0]
         holders = sorted(Layout.holder_of(lp, k.key) for k in res.results[1])
-        return parse_record(kv.value, kv.mod_revision, kv.create_revision), holders
+        return _read_handle(kv.value, kv.mod_revision, kv.create_revision), holders
 
     async def _resolve_handle(self, handle_or_name: Handle | str) -> Handle:
         if isinstance(handle_or_name, Handle):
@@ -857,7 +853,7 @@ class StateHandleStore:
             start = self._keys.handle(validate_name(prefix))
         kvs, pending, rev = await self._read_all(start)
         records, locks = self._partition(kvs)
-        handles = [parse_record(kv.value, kv.mod_revision, kv.create_revision) for kv in records]
+        handles = [_read_handle(kv.value, kv.mod_revision, kv.create_revision) for kv in records]
         handles.sort(key=lambda h: h.name)
         names = {self._keys.parse_handles_key(k)[0] for k in pending}
         return Snapshot(rev, handles, locks, names)
@@ -895,7 +891,7 @@ class StateHandleStore:
                 .compare("create", hkey, ">", 0)
                 .compare("create", rkey, "==", 0)
                 .then(
-                    Txn.put(lock_key, self._lock_value(), lease),
+                    Txn.put(lock_key, encode_holder(self._s.instance_id), lease),
                     Txn.get(hkey),
                     Txn.get(lp, prefix_end(lp), True),
                 )
@@ -908,7 +904,7 @@ class StateHandleStore:
         if res.succeeded:
             kv = res.results[1][0]
             holders = sorted(Layout.holder_of(lp, k.key) for k in res.results[2])
-            return parse_record(kv.value, kv.mod_revision, kv.create_revision), holders
+            return _read_handle(kv.value, kv.mod_revision, kv.create_revision), holders
         if res.results[0]:
             raise NotFound(
                 f"cannot lock handle {name!r}: its removal is pending (it goes as soon as "
@@ -952,7 +948,7 @@ class StateHandleStore:
         kvs, pending, rev = await self._read_all(start)
         records, holders = self._partition(kvs, with_locks=with_holders)
         wanted = [
-            (kv.key, parse_record(kv.value, kv.mod_revision, kv.create_revision))
+            (kv.key, _read_handle(kv.value, kv.mod_revision, kv.create_revision))
             for kv in records
             if kv.key not in pending
         ]
@@ -984,7 +980,7 @@ class StateHandleStore:
 
     async def _lock_batch(self, batch: list[_Keyed]) -> list[_Keyed]:
         me = self._s.instance_id
-        value = self._lock_value()
+        value = encode_holder(self._s.instance_id)
         for _ in range(_MAX_ROUNDS * 4):
             if not batch:
                 return []
@@ -1032,7 +1028,7 @@ class StateHandleStore:
                 kvs, removal = res.results[2 * j], res.results[2 * j + 1]
                 if kvs and not removal:
                     kv = kvs[0]
-                    fresh.append((key, parse_record(kv.value, kv.mod_revision, kv.create_revision)))
+                    fresh.append((key, _read_handle(kv.value, kv.mod_revision, kv.create_revision)))
         return fresh
 
     async def release(self, name: str) -> None:
@@ -1117,9 +1113,9 @@ class StateHandleStore:
                     fenced=True,
                 )
                 return Removal(True, [])
-            h = parse_record(kv.value, kv.mod_revision, kv.create_revision)
+            h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
             gc_key = self._keys.gc(h.blob_ref)
-            gc_value = self._gc_record(h, "removed")
+            gc_value = self._gc_entry(h, "removed")
 
             def build(
                 lease: int,
@@ -1172,10 +1168,7 @@ class StateHandleStore:
 
     async def _defer_removal(self, name: str, h: Handle, holders: list[str]) -> Removal:
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
-        marker = json.dumps(
-            {"name": name, "requested_at": time.time(), "by": self._s.instance_id},
-            separators=(",", ":"),
-        ).encode()
+        marker = RemovalMarker(name, time.time(), self._s.instance_id).encode()
 
         def build(lease: int) -> Txn:
             return (
@@ -1209,7 +1202,7 @@ class StateHandleStore:
             if kv is None:
                 await self._s.client.delete(rkey)
                 return True
-            h = parse_record(kv.value, kv.mod_revision, kv.create_revision)
+            h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
             gc_key = self._keys.gc(h.blob_ref)
             t = (
                 Txn()
@@ -1219,7 +1212,7 @@ class StateHandleStore:
                 .then(
                     Txn.delete(hkey),
                     Txn.delete(rkey),
-                    Txn.put(gc_key, self._gc_record(h, "removed")),
+                    Txn.put(gc_key, self._gc_entry(h, "removed")),
                 )
                 .orelse(Txn.get(rkey), Txn.get(hkey), Txn.get(lp, prefix_end(lp), keys_only=True))
             )
@@ -1257,6 +1250,15 @@ class StateHandleStore:
                 await self.try_remove(n, deferred=True)
 
         await _gather([one(n) for n in names])
+
+
+def _read_handle(value: bytes, version: int, create_revision: int = 0) -> Handle:
+    """``decode_handle``, with an unreadable record raised as ``IntegrityError``:
+    the caller asked for a handle and etcd holds none statestore can read."""
+    try:
+        return decode_handle(value, version, create_revision)
+    except MalformedRecord as e:
+        raise IntegrityError(str(e)) from None
 
 
 async def _gather(coros: list[Awaitable[None]]) -> None:

@@ -45,10 +45,11 @@ from statestore.errors import (
     PossibleInconsistentState,
     Unavailable,
 )
-from statestore.handle import Handle, parse_record
+from statestore.handle import Handle
 from statestore.keys import encode, prefix_end
 from statestore.local.etcd_process import EtcdCluster, EtcdProcess
 from statestore.local.faultproxy import FaultProxy
+from statestore.records import decode_handle
 
 #: Deadline of one etcd request in these tests (StoreConfig.etcd_timeout).
 ETCD_TIMEOUT = 2.0
@@ -217,7 +218,7 @@ async def verify(
         assert h is not None
         data = expected.get(name) or content_of(name)
         kv = records[name]
-        rec = parse_record(kv.value, kv.mod_revision, kv.create_revision)
+        rec = decode_handle(kv.value, kv.mod_revision, kv.create_revision)
         assert kv.mod_revision == h.version, f"{name}: version {kv.mod_revision} != {h.version}"
         assert rec.sha256 == h.sha256 == sha(data), f"{name}: sha256 changed"
         assert rec.size == len(data)
@@ -226,7 +227,7 @@ async def verify(
     visible_failed = sorted(failed & set(records))
     for name in visible_failed:
         kv = records[name]
-        rec = parse_record(kv.value, kv.mod_revision, kv.create_revision)
+        rec = decode_handle(kv.value, kv.mod_revision, kv.create_revision)
         data = expected.get(name) or content_of(name)
         # Invariant 1: a visible handle points at its intact blob.
         assert await asyncio.wait_for(checker.read(rec), HANG) == data, name

@@ -353,6 +353,36 @@ async def test_collect_due_waits_for_the_grace_period(
     assert blob_files(directory) == set()
 
 
+@pytest.mark.parametrize(
+    "garbage",
+    [b"{not json", b"[]", b'{"blob_url": "file:///elsewhere"}'],
+    ids=["not-json", "json-array", "no-queued-at"],
+)
+async def test_an_unreadable_gc_entry_stays_and_the_others_are_collected(
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+    tmp_path: Path,
+    namespace: str,
+    garbage: bytes,
+) -> None:
+    """An entry the GC cannot read might name any blob: it is left in place
+    (counted pending, logged for an operator) and the readable entries are
+    collected as usual. Breaks if a malformed entry stops the pass, is deleted,
+    or has a blob deleted for it."""
+    store = await open_store(make_config(root=unique_root(), gc_grace_seconds=0))
+    first = await store.add_and_lock("chk", b"first")
+    await store.replace("chk", first.version, b"second")
+    unreadable = store.keys.gc(new_blob_id())
+    await store.etcd.put(unreadable, garbage)
+
+    result = await collect_due(store, now=time.time() + 1)
+    assert (result.deleted, result.pending) == (1, 1), result
+    assert not (blob_dir(tmp_path, namespace) / first.blob_id).exists()
+    assert await store.etcd.get(store.keys.gc(first.blob_id)) is None
+    kv = await store.etcd.get(unreadable)
+    assert kv is not None and kv.value == garbage
+
+
 async def test_sweep_keeps_the_blob_of_a_record_without_blob_id(
     make_config: Callable[..., StoreConfig],
     open_store: OpenStore,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +19,13 @@ import pytest
 from helpers import wait_until
 from rest import assert_problem, client, hpath, lpath, new_session, sess
 from service import ServiceProcess
+
+from statestore.errors import StateStoreError
+from statestore.etcd import EtcdClient
+from statestore.keys import RootLayout
+from statestore.local.etcd_process import EtcdProcess
+from statestore.records import MalformedRecord
+from statestore_api.session_registry import SessionRegistry
 
 
 def put(c: httpx.Client, ns: str, name: str, sid: str, data: bytes = b"x") -> dict[str, Any]:
@@ -311,3 +319,26 @@ def test_two_services_share_sessions_and_survive_a_restart(
         assert locks_of(b, namespace, "after-restart") == []
         assert_problem(b.post(f"/v1/sessions/{sid}/keepalive"), 410, "session-expired")
         assert b.post(f"/v1/sessions/{other}/keepalive").status_code == 200
+
+
+async def test_an_unreadable_session_record_stays_an_unexpected_error(etcd: EtcdProcess) -> None:
+    """A session record is the service's own: an unreadable one is no fault
+    of the client's, so it surfaces as MalformedRecord, a ValueError and no
+    StateStoreError, which the service answers as the unexpected error it is
+    (logged, 503 ``unavailable`` with the request id), never as a client error
+    (400 ``integrity``, 410). Breaks if the registry maps it to a store error."""
+    root = f"/t-{uuid.uuid4().hex}"
+    async with EtcdClient([etcd.endpoint]) as etcd_client:
+        registry = SessionRegistry(etcd_client, root)
+        info = await registry.create(ttl_seconds=5, owner="jm")
+        try:
+            assert (await registry.lookup(info.session_id)).owner == "jm"
+            key = RootLayout(root).session(info.session_id)
+            await etcd_client.put(key, b"[]", lease=info.lease_id)
+            with pytest.raises(MalformedRecord) as raised:
+                await registry.lookup(info.session_id)
+            assert not isinstance(raised.value, StateStoreError)
+            with pytest.raises(MalformedRecord):
+                await registry.list()
+        finally:
+            await etcd_client.lease_revoke(info.lease_id)

@@ -667,6 +667,25 @@ async def test_open_read_chunks_and_late_integrity_error(
         assert b"".join(got)[:-1] == data[:-1]
 
 
+@pytest.mark.parametrize(
+    "garbage",
+    [b"{not json", b"[]", b'{"name": "r", "size": 1}'],
+    ids=["not-json", "json-array", "fields-missing"],
+)
+async def test_an_unreadable_handle_record_is_an_integrity_error(
+    store: StateHandleStore, garbage: bytes
+) -> None:
+    """A value at a handle key that no statestore wrote (or a corrupt one) is
+    refused with IntegrityError naming what to do, by every read of it; breaks
+    if a malformed record leaks another exception or is read as a handle."""
+    await store.etcd.put(store.keys.handle("r"), garbage)
+    with pytest.raises(IntegrityError, match=r"handle record in etcd is unreadable.*etcdctl"):
+        await store.get("r")
+    with pytest.raises(IntegrityError):
+        await store.snapshot()
+    assert await store.exists("r") is not None  # the key is there: nothing hid or removed it
+
+
 # --------------------------------------------------------------------------------------
 # listing and locking everything
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from statestore.errors import InvalidArgument, StateStoreError
 from statestore.etcd import Compacted, EtcdClient, Txn
 from statestore.keys import RootLayout
+from statestore.records import encode_compactor_revision
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Compactor:
         t = (
             Txn()
             .compare("version", self._key, "==", st.version)
-            .then(Txn.put(self._key, str(st.revision).encode()))
+            .then(Txn.put(self._key, encode_compactor_revision(st.revision)))
             .orelse(Txn.get(self._key))
         )
         res = await self._client.txn(t, what="compactor round")

@@ -27,7 +27,6 @@ are aborted after the same age.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -36,8 +35,8 @@ from dataclasses import dataclass, field
 from statestore.blobs import blob_age
 from statestore.errors import OutsideBlobRoot, StateStoreError
 from statestore.etcd import KV, Txn
-from statestore.handle import blob_id_of
 from statestore.keys import RootLayout, decode, prefix_end
+from statestore.records import GcEntry, MalformedRecord, decode_handle_blob_ref
 from statestore.store import StateHandleStore
 
 log = logging.getLogger(__name__)
@@ -62,13 +61,13 @@ async def collect_due(
     result = GcPass()
     for kv in kvs:
         try:
-            entry = json.loads(kv.value)
-            url, queued = str(entry["blob_url"]), float(entry["queued_at"])
-        except (ValueError, KeyError, TypeError):
+            entry = GcEntry.decode(kv.value)
+        except MalformedRecord:
             log.error("unreadable gc entry %r left in place: inspect it with etcdctl", kv.key)
             result.pending += 1
             continue
-        if queued + grace > now:
+        url = entry.blob_url
+        if entry.queued_at + grace > now:
             result.pending += 1
             continue
         if dry_run:
@@ -103,15 +102,6 @@ class GcReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _blob_id(value: bytes) -> str:
-    """The blob a handle record names (as the store reads it: ``blob_id``, or
-    the last segment of ``blob_url``). Unreadable -> raise: never guess."""
-    rec = json.loads(value)
-    if not isinstance(rec, dict):  # valid JSON, but no record (an array, null, ...)
-        raise ValueError(f"a handle record must be a JSON object, not {type(rec).__name__}")
-    return str(rec.get("blob_id") or blob_id_of(str(rec["blob_url"])))
-
-
 async def sweep_orphans(
     store: StateHandleStore,
     min_age: float,
@@ -128,10 +118,12 @@ async def sweep_orphans(
     keys = store.keys
     handles, rev = await store.etcd.range_all(keys.handles_prefix, prefix_end(keys.handles_prefix))
     try:
-        referenced = {_blob_id(kv.value) for kv in handles if keys.is_handle_key(kv.key)}
-    except (ValueError, KeyError, TypeError) as e:
-        # A record we cannot read might name any blob: sweep nothing here.
-        report.errors.append(f"{ns}: unreadable handle record ({e}); orphan sweep skipped")
+        referenced = {
+            decode_handle_blob_ref(kv.value) for kv in handles if keys.is_handle_key(kv.key)
+        }
+    except MalformedRecord as e:
+        # A record we cannot read might name any blob: sweep nothing here (never guess).
+        report.errors.append(f"{ns}: unreadable handle record ({e.reason}); orphan sweep skipped")
         return
     for prefix, blob_id_of_key in (
         (keys.gc_prefix, keys.parse_gc_key),
