@@ -161,11 +161,13 @@ async def test_lock_taken_just_before_removal_txn_blocks_the_removal(
 
 @pytest.fixture
 async def leader_a(
-    make_config: Callable[..., StoreConfig], open_store: OpenStore, tmp_path: Path
+    make_config: Callable[..., StoreConfig], open_store: OpenStore
 ) -> AsyncIterator[dict[str, Any]]:
     """A leads (fenced view ``fa``); B is a second instance that can take over."""
-    a = await open_store(make_config(blob_root=f"file://{tmp_path}/a-blobs"))
-    b = await open_store(make_config(blob_root=f"file://{tmp_path}/b-blobs"))
+    # One deployment: both instances share the blob root (B reads A's blobs,
+    # which the blob store refuses to do outside its own root).
+    a = await open_store(make_config())
+    b = await open_store(make_config())
     ea, eb = LeaderElection(a), LeaderElection(b)
     token_a = await ea.campaign(timeout=5)
     yield {"a": a, "b": b, "ea": ea, "eb": eb, "fa": a.with_fencing(ea), "token_a": token_a}
