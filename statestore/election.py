@@ -41,14 +41,57 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from statestore.errors import NotLeader, SessionExpired, StateStoreError, Unavailable
 from statestore.etcd import KV, Txn
 from statestore.keys import Layout, prefix_end
-from statestore.records import decode_holder, encode_holder
+from statestore.records import LeaderInfo, MalformedRecord, decode_holder, encode_holder
 from statestore.store import StateHandleStore, TokenFence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Leadership:
+    """Who leads a namespace, with the token its writes carry and the info
+    it published (``GET .../leader``)."""
+
+    leader: str  #: the leader's instance id (over REST: its session id)
+    fencing_token: int  #: the create revision of its election key
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"leader": self.leader, "fencing_token": self.fencing_token, "info": self.info}
+
+
+def leadership_of(
+    layout: Layout, candidates: Iterable[KV], infos: Iterable[KV]
+) -> Leadership | None:
+    """The leadership that the election keys and info keys of one revision
+    describe: the candidate with the lowest create revision leads, and only
+    info entries written under its token are its info (an entry of another
+    token cannot outlive its leadership in etcd, but a reader must never pair
+    one leader's token with another's info, whatever happened). Unreadable
+    info entries are left out. Pure: the REST watch feeds it from its own
+    copy of the keys, ``LeaderElection.leadership`` from one read."""
+    line = sorted(candidates, key=lambda kv: kv.create_revision)
+    if not line:
+        return None
+    head = line[0]
+    token = head.create_revision
+    info: dict[str, Any] = {}
+    for kv in infos:
+        try:
+            entry = LeaderInfo.decode(kv.value)
+        except MalformedRecord as e:
+            log.warning("leader info %r skipped: %s", kv.key, e)
+            continue
+        if entry.token == token:
+            info[layout.parse_leader_info_key(kv.key)] = entry.value
+    return Leadership(decode_holder(head.value), token, dict(sorted(info.items())))
 
 
 def instance_fence(store: StateHandleStore, token: int | None) -> TokenFence:
@@ -151,6 +194,18 @@ class LeaderElection:
         if not line:
             return None
         return decode_holder(line[0].value), line[0].create_revision
+
+    async def leadership(self) -> tuple[Leadership | None, int]:
+        """The namespace's leadership with its info, and the revision it was
+        read at: candidates and info come from one txn, so they belong to
+        one instant."""
+        keys = self._store.keys
+        cp, ip = self._prefix, keys.leader_info_prefix
+        res = await self._store.etcd.txn(
+            Txn().then(Txn.get(cp, prefix_end(cp)), Txn.get(ip, prefix_end(ip))),
+            what="read leadership",
+        )
+        return leadership_of(keys, res.results[0], res.results[1]), res.revision
 
     # -- campaign ----------------------------------------------------------------
 

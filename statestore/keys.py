@@ -297,6 +297,20 @@ class Layout:
     def leader_prefix(self) -> bytes:
         return self.ns_prefix + b"leader/"
 
+    @property
+    def leader_info_prefix(self) -> bytes:
+        """``<ns>/leader-info/``: what the leader publishes for followers
+        (addresses), one key per entry, on the leader's lease. A sibling of
+        ``leader/``, not under it, so that every range over the candidates
+        sees candidates only."""
+        return self.ns_prefix + b"leader-info/"
+
+    def leader_info(self, key: str) -> bytes:
+        return self.leader_info_prefix + encode(key).encode()
+
+    def parse_leader_info_key(self, key: bytes) -> str:
+        return decode(key[len(self.leader_info_prefix) :].decode())
+
     def leader(self, instance_id: str) -> bytes:
         """The election key of ``instance_id`` in this namespace's election."""
         return self.leader_of(self.leader_prefix, instance_id)

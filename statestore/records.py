@@ -193,6 +193,29 @@ def decode_holder(value: bytes) -> str:
         raise MalformedRecord("a lock or leader key's value", e) from None
 
 
+# -- leader info: <ns>/leader-info/<key> ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderInfo(_JsonRecord):
+    """One entry the leader published (e.g. its address for followers).
+
+    ``token`` is the fencing token of the leadership that wrote it. The key
+    hangs on that leader's lease and is written with the leadership compare,
+    so it goes in the same revision as the leadership; readers still show
+    an entry only beside the leadership whose token it carries, so no bug
+    elsewhere can pair one leader's token with another's info."""
+
+    _WHAT: ClassVar[str] = "a leader info entry"
+
+    token: int
+    value: Any
+
+    @classmethod
+    def _from_json(cls, rec: dict[str, Any]) -> LeaderInfo:
+        return cls(token=int(rec["token"]), value=rec["value"])
+
+
 # -- removal marker: <ns>/removals/<name> ------------------------------------------
 
 
