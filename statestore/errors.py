@@ -113,6 +113,25 @@ class PossibleInconsistentState(StateStoreError):
     http_status = 503
 
 
+class Compacted(StateStoreError):
+    """A read or watch asked for history etcd has compacted away.
+
+    ``compact_revision`` is the oldest revision etcd still keeps (0 when
+    unknown). A watcher re-lists (one snapshot at a fresh revision) and
+    watches again from the listing's revision."""
+
+    kind = "compacted"
+    http_status = 410
+
+    def __init__(self, message: str, compact_revision: int = 0, **details: Any) -> None:
+        super().__init__(message, compact_revision=compact_revision, **details)
+
+    @property
+    def compact_revision(self) -> int:
+        # Read from ``details``: the REST client fills them from the problem body.
+        return int(self.details.get("compact_revision") or 0)
+
+
 class Unavailable(StateStoreError):
     """etcd or the blob store did not answer (or refused for a reason outside
     the caller's control, such as the NOSPACE alarm)."""
@@ -123,6 +142,7 @@ class Unavailable(StateStoreError):
 
 __all__ = [
     "AlreadyExists",
+    "Compacted",
     "Fenced",
     "IntegrityError",
     "InvalidArgument",
