@@ -22,9 +22,11 @@ from statestore_api.auth import Authorizer
 from statestore_api.observability import Metrics, RequestContext, configure_logging
 from statestore_api.paths import EncodedSegments
 from statestore_api.routes import coordination, handles, ops, sessions
+from statestore_api.routes import watch as watch_routes
 from statestore_api.service import Service
 from statestore_api.session_registry import SessionRegistry
 from statestore_api.settings import ServiceSettings
+from statestore_api.watch import WatchHub
 
 log = logging.getLogger("statestore.api")
 
@@ -57,6 +59,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             )
             await maintenance.start()
         app.state.service.maintenance = maintenance
+        app.state.watches = WatchHub(
+            backend.client,
+            settings.root,
+            buffer_bytes=settings.watch_buffer_bytes,
+            idle_seconds=settings.watch_idle_seconds,
+        )
         if not auth.enabled:
             log.warning(
                 "AUTH IS OFF: no STATESTORE_AUTH_TOKENS_FILE is configured, so anyone who can "
@@ -71,6 +79,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.watches.close()
             if maintenance is not None:
                 await maintenance.stop()
             await backend.close()
@@ -89,6 +98,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(handles.router)
     app.include_router(coordination.router)
     app.include_router(coordination.ns_router)
+    app.include_router(watch_routes.router)
     app.include_router(ops.router)
     app.add_middleware(EncodedSegments)
     app.add_middleware(RequestContext, metrics=metrics)
@@ -146,6 +156,7 @@ def _openapi(app: FastAPI) -> dict[str, object]:
             "detail": {"type": "string"},
             "holders": {"type": "array", "items": {"type": "string"}},
             "leader": {"type": "string"},
+            "compact_revision": {"type": "integer"},
         },
         "additionalProperties": True,
     }
@@ -158,7 +169,9 @@ def _openapi(app: FastAPI) -> dict[str, object]:
             responses.pop("422", None)
             codes = _V1_ERRORS if path.startswith("/v1/") else ("503",) if path == "/readyz" else ()
             for code in codes:
-                responses[code] = {"description": _DESCRIPTIONS[code], "content": problem}
+                # A route's own word for a status (the watch's 410) beats the generic one.
+                described = responses.get(code, {}).get("description") or _DESCRIPTIONS[code]
+                responses[code] = {"description": described, "content": problem}
             if path.startswith("/v1/namespaces/{ns}/handles/{name}"):
                 for code, resp in responses.items():
                     if code.startswith("2") and code != "204":

@@ -39,6 +39,7 @@ TITLES = {
     "unauthorized": "Unauthorized",
     "forbidden": "Forbidden",
     "unavailable": "Unavailable",
+    "compacted": "Compacted: that revision's history is gone",
 }
 
 _BY_STATUS = {
