@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import IO, Any, Generic, NamedTuple, TypeVar
+from typing import IO, Any, ClassVar, Generic, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -59,6 +60,7 @@ import httpx
 from statestore.data import MAX_INT64, DataKind, as_bytes, data_kind
 from statestore.errors import (
     AlreadyExists,
+    Compacted,
     Fenced,
     IntegrityError,
     InvalidArgument,
@@ -82,6 +84,9 @@ T = TypeVar("T")
 CHUNK_SIZE = 1024 * 1024
 #: How much of an unexpected response body an error message quotes.
 EXCERPT_CHARS = 300
+#: A long poll's read timeout is at least the time the server may hold it
+#: plus this (rest-v1.md: a watch is held at most ``timeout`` + 2 s).
+HOLD_MARGIN = 10.0
 
 #: What ``add_and_lock``/``replace``/``add_checkpoint`` accept as state: bytes, a
 #: binary file object (sync ``read``, or ``async def read`` for the async face),
@@ -123,6 +128,7 @@ _ERRORS_BY_KIND: dict[str, type[StateStoreError]] = {
         Forbidden,
         Unavailable,
         PossibleInconsistentState,
+        Compacted,
     )
 }
 
@@ -283,6 +289,18 @@ class RestHandle:
         """Parse a rest-v1 handle object (raises KeyError/TypeError/ValueError)."""
         return cls(**_handle_fields(body))
 
+    def to_json(self) -> dict[str, Any]:
+        """The rest-v1 handle object."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "size": self.size,
+            "sha256": self.sha256,
+            "created_at": self.created_at.isoformat(),
+            "metadata": self.metadata,
+            "locks": self.locks,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class RestCheckpoint(RestHandle):
@@ -318,6 +336,66 @@ class Leadership(NamedTuple):
 
     leader: str
     fencing_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class RestHandleEvent:
+    """A watch event: handle ``name`` was put (added or replaced) or deleted."""
+
+    kind: ClassVar[str] = "handle"
+
+    type: str  #: "put" or "delete"
+    name: str
+    revision: int
+    #: The handle as the put left it (``locks`` empty: events carry none);
+    #: ``None`` for a delete.
+    handle: RestHandle | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The rest-v1 event."""
+        handle = None
+        if self.handle is not None:
+            handle = self.handle.to_json()
+            del handle["locks"]
+        return {
+            "kind": self.kind,
+            "type": self.type,
+            "name": self.name,
+            "revision": self.revision,
+            "handle": handle,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RestLeaderEvent:
+    """A watch event: leadership changed hands, ended (``leader`` is
+    ``None``), or its info changed."""
+
+    kind: ClassVar[str] = "leader"
+
+    revision: int
+    leader: Leadership | None
+    #: The info the leader published (``{}`` when none, or nobody leads).
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The rest-v1 event (``leader``: the ``GET .../leader`` body)."""
+        body = None
+        if self.leader is not None:
+            body = {**self.leader._asdict(), "info": self.info}
+        return {"kind": self.kind, "revision": self.revision, "leader": body}
+
+
+RestWatchEvent = RestHandleEvent | RestLeaderEvent
+
+
+@dataclass(frozen=True, slots=True)
+class WatchAnswer:
+    """One answer of ``GET .../watch``: the events after ``since`` (none when
+    the timeout passed) and the revision to pass as the next ``since``."""
+
+    events: list[RestWatchEvent]
+    revision: int
 
 
 def _int(value: Any) -> int:
@@ -599,9 +677,19 @@ class _Call(Generic[T]):
     json: Any = None
     upload: _Upload | None = None
     on_error: Callable[[StateStoreError], T] = _raise
+    #: Seconds the server may hold the request before answering (a long
+    #: poll); the read timeout is raised to cover it.
+    hold: float | None = None
 
     def build(self, http: httpx.Client | httpx.AsyncClient, content: Any) -> httpx.Request:
         """The request on ``http`` (whose base URL and auth apply)."""
+        extra: dict[str, Any] = {}
+        limits = http.timeout
+        if self.hold is not None and limits.read is not None:
+            read = max(limits.read, self.hold + HOLD_MARGIN)
+            extra["timeout"] = httpx.Timeout(
+                connect=limits.connect, read=read, write=limits.write, pool=limits.pool
+            )
         return http.build_request(
             self.method,
             self.path,
@@ -609,6 +697,7 @@ class _Call(Generic[T]):
             headers=self.headers,
             json=self.json,
             content=content,
+            **extra,
         )
 
     def finish(self, response: httpx.Response) -> T:
@@ -660,6 +749,42 @@ def _listing(response: httpx.Response) -> Listing:
         handles=[RestHandle.from_json(h) for h in body["handles"]],
         revision=_int(body["revision"]),
     )
+
+
+def _leader_state(body: Any) -> tuple[Leadership, dict[str, Any]]:
+    """A ``GET .../leader`` body: the leadership and its info (``{}`` from a
+    server that shows none)."""
+    info = body.get("info") or {}
+    if not isinstance(info, dict):
+        raise TypeError(f"info must be an object, got {info!r}")
+    return Leadership(_str(body["leader"]), _int(body["fencing_token"])), info
+
+
+def _watch_event(body: Any) -> RestWatchEvent | None:
+    """One event of a watch answer; ``None`` for a kind this client does not
+    know (a newer server's), which is skipped."""
+    kind = body.get("kind")
+    if kind == "handle":
+        if body["type"] not in ("put", "delete"):
+            raise ValueError(f"a handle event's type must be put or delete, got {body['type']!r}")
+        handle = body.get("handle")
+        return RestHandleEvent(
+            body["type"],
+            _str(body["name"]),
+            _int(body["revision"]),
+            None if handle is None else RestHandle.from_json(handle),
+        )
+    if kind == "leader":
+        if body.get("leader") is None:
+            return RestLeaderEvent(_int(body["revision"]), None)
+        return RestLeaderEvent(_int(body["revision"]), *_leader_state(body["leader"]))
+    return None
+
+
+def _watch_answer(response: httpx.Response) -> WatchAnswer:
+    body = _body(response)
+    events = [e for e in map(_watch_event, body["events"]) if e is not None]
+    return WatchAnswer(events, _int(body["revision"]))
 
 
 def _checkpoint(response: httpx.Response) -> RestCheckpoint:
@@ -829,6 +954,32 @@ class _Api:
         headers = request_headers(session_id=session_id)
         return _Call("DELETE", f"{self._ns_path(ns)}/leader", _nothing, headers=headers)
 
+    def leader_state(self, ns: str | None) -> _Call[tuple[Leadership, dict[str, Any]] | None]:
+        path = f"{self._ns_path(ns)}/leader"
+        return _Call("GET", path, lambda r: _leader_state(_body(r)), on_error=_none_if_not_found)
+
+    # watch
+
+    def watch(
+        self,
+        since: int | None,
+        timeout: float,
+        prefix: str | None,
+        kinds: str | Iterable[str] | None,
+        ns: str | None,
+    ) -> _Call[WatchAnswer]:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}")
+        params = {"timeout": f"{timeout:g}"}
+        if since is not None:
+            params["since"] = str(_checked_int(since, "since"))
+        if prefix:
+            params["prefix"] = prefix
+        if kinds is not None:
+            params["kinds"] = kinds if isinstance(kinds, str) else ",".join(kinds)
+        path = f"{self._ns_path(ns)}/watch"
+        return _Call("GET", path, _watch_answer, params=params, hold=timeout + 2)
+
     # checkpoints
 
     def add_checkpoint(
@@ -882,6 +1033,112 @@ class _Api:
     def delete_namespace(self, ns: str) -> _Call[bool]:
         path = f"/v1/namespaces/{encode_segment(ns, 'namespace')}"
         return _Call("DELETE", path, _done_unless_accepted)
+
+
+# -- follow(): list, then watch, re-listing on 410 (shared by both faces) -------------------
+
+#: ``_Follower``'s marker for a watch answered 410 ``compacted``.
+_COMPACTED: Any = object()
+
+
+class _Follower:
+    """The loop of ``follow()`` as calls and what their answers yield (no
+    I/O), so both faces run the same loop: ``next_call()``, send it, then
+    ``receive(result)`` gives the events to yield.
+
+    It lists first (unless started from ``since``), then watches from the
+    listing's revision, each answer's ``revision`` becoming the next
+    ``since``. After a 410 ``compacted`` it lists again at a fresh revision
+    R, reads the leadership (when leader events are wanted) and yields what
+    changed meanwhile, all at revision R: a ``put`` for every handle whose
+    version it did not know (every handle, when it started from ``since``
+    without a listing), a ``delete`` for every handle it knew that is gone,
+    and a leader event when the leadership is not the one it last saw; then
+    it watches from R. The gap's individual changes are not replayed, but
+    the consumer's picture is right again."""
+
+    def __init__(
+        self,
+        api: _Api,
+        since: int | None,
+        *,
+        timeout: float,
+        prefix: str | None,
+        kinds: str | Iterable[str] | None,
+        ns: str | None,
+    ) -> None:
+        self._api = api
+        self._timeout, self._prefix, self._kinds, self._ns = timeout, prefix, kinds, ns
+        words = kinds.split(",") if isinstance(kinds, str) else kinds
+        self._leader_wanted = words is None or "leader" in {w.strip() for w in words}
+        self.since = since
+        #: Versions of the handles this follower has seen (None: unknown).
+        self.known: dict[str, int] | None = None
+        #: The leadership it last saw, as ``(Leadership, info)`` (None: nobody).
+        self.leader: tuple[Leadership, dict[str, Any]] | None = None
+        self._leader_seen = False
+        self._step = "list" if since is None else "watch"
+
+    def _compacted(self, err: StateStoreError) -> Any:
+        if isinstance(err, Compacted):
+            return _COMPACTED
+        raise err
+
+    def next_call(self) -> _Call[Any]:
+        if self._step in ("list", "relist"):
+            return self._api.listing(self._prefix, lock=False, session_id=None, ns=self._ns)
+        if self._step == "leader":
+            return self._api.leader_state(self._ns)
+        call = self._api.watch(self.since, self._timeout, self._prefix, self._kinds, self._ns)
+        call.on_error = self._compacted
+        return call
+
+    def receive(self, result: Any) -> builtins.list[RestWatchEvent]:
+        step = self._step
+        if step == "watch":
+            if result is _COMPACTED:
+                self._step = "relist"
+                return []
+            self._saw(result.events)
+            self.since = result.revision
+            return result.events
+        if step == "leader":
+            self._step = "watch"
+            if self._leader_seen and result == self.leader:
+                return []
+            event = RestLeaderEvent(self.since or 0, *(result or (None, {})))
+            self._saw([event])
+            return [event]
+        listing: Listing = result
+        events = [] if step == "list" else self._differences(listing)
+        self.known = {h.name: h.version for h in listing.handles}
+        self.since = listing.revision
+        self._step = "leader" if step == "relist" and self._leader_wanted else "watch"
+        return events
+
+    def _differences(self, listing: Listing) -> builtins.list[RestWatchEvent]:
+        known = self.known or {}
+        current = {h.name: h for h in listing.handles}
+        events: builtins.list[RestWatchEvent] = []
+        for name in sorted(known.keys() | current.keys()):
+            h = current.get(name)
+            if h is None:
+                events.append(RestHandleEvent("delete", name, listing.revision, None))
+            elif known.get(name) != h.version:
+                unlocked = dataclasses.replace(h, locks=[])  # events carry no locks
+                events.append(RestHandleEvent("put", name, listing.revision, unlocked))
+        return events
+
+    def _saw(self, events: Iterable[RestWatchEvent]) -> None:
+        for e in events:
+            if isinstance(e, RestLeaderEvent):
+                self._leader_seen = True
+                self.leader = None if e.leader is None else (e.leader, e.info)
+            elif self.known is not None:
+                if e.type == "put":
+                    self.known[e.name] = e.revision
+                else:
+                    self.known.pop(e.name, None)
 
 
 # -- session keepalive policy (shared by the thread and the task) ---------------------------
@@ -1259,6 +1516,43 @@ class StateStoreClient:
         """Give up leadership held by the session."""
         self._send(self._api.resign(session_id, ns))
 
+    # watch
+
+    def watch(
+        self,
+        since: int | None = None,
+        *,
+        timeout: float = 30,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = None,
+        ns: str | None = None,
+    ) -> WatchAnswer:
+        """One long poll: the namespace's changes after revision ``since``
+        (``None``: now), as soon as one matches, or none after ``timeout``
+        seconds (1..300); pass the answer's ``revision`` as the next
+        ``since``. ``prefix`` filters handle names, ``kinds`` picks
+        ``handles`` and/or ``leader``. ``Compacted`` (with
+        ``compact_revision``) when ``since`` is older than etcd keeps:
+        re-list and watch from the listing's revision (:meth:`follow` does)."""
+        return self._send(self._api.watch(since, timeout, prefix, kinds, ns))
+
+    def follow(
+        self,
+        since: int | None = None,
+        *,
+        timeout: float = 30,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = None,
+        ns: str | None = None,
+    ) -> Iterator[RestWatchEvent]:
+        """Every change from now (or after ``since``) on, forever: lists, then
+        watches from the listing's revision; after a 410 it re-lists and
+        yields what changed meanwhile (see :class:`_Follower`). Errors other
+        than 410 (``Unavailable``, ...) end the iteration."""
+        follower = _Follower(self._api, since, timeout=timeout, prefix=prefix, kinds=kinds, ns=ns)
+        while True:
+            yield from follower.receive(self._send(follower.next_call()))
+
     # checkpoints
 
     def add_checkpoint(
@@ -1613,6 +1907,44 @@ class AsyncStateStoreClient:
         """Give up leadership held by the session."""
         await self._send(self._api.resign(session_id, ns))
 
+    # watch
+
+    async def watch(
+        self,
+        since: int | None = None,
+        *,
+        timeout: float = 30,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = None,
+        ns: str | None = None,
+    ) -> WatchAnswer:
+        """One long poll: the namespace's changes after revision ``since``
+        (``None``: now), as soon as one matches, or none after ``timeout``
+        seconds (1..300); pass the answer's ``revision`` as the next
+        ``since``. ``prefix`` filters handle names, ``kinds`` picks
+        ``handles`` and/or ``leader``. ``Compacted`` (with
+        ``compact_revision``) when ``since`` is older than etcd keeps:
+        re-list and watch from the listing's revision (:meth:`follow` does)."""
+        return await self._send(self._api.watch(since, timeout, prefix, kinds, ns))
+
+    async def follow(
+        self,
+        since: int | None = None,
+        *,
+        timeout: float = 30,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = None,
+        ns: str | None = None,
+    ) -> AsyncIterator[RestWatchEvent]:
+        """Every change from now (or after ``since``) on, forever: lists, then
+        watches from the listing's revision; after a 410 it re-lists and
+        yields what changed meanwhile (see :class:`_Follower`). Errors other
+        than 410 (``Unavailable``, ...) end the iteration."""
+        follower = _Follower(self._api, since, timeout=timeout, prefix=prefix, kinds=kinds, ns=ns)
+        while True:
+            for event in follower.receive(await self._send(follower.next_call())):
+                yield event
+
     # checkpoints
 
     async def add_checkpoint(
@@ -1668,9 +2000,13 @@ __all__ = [
     "Listing",
     "RestCheckpoint",
     "RestHandle",
+    "RestHandleEvent",
+    "RestLeaderEvent",
+    "RestWatchEvent",
     "Session",
     "StateStoreClient",
     "Unauthorized",
+    "WatchAnswer",
     "encode_segment",
     "error_from_problem",
     "error_from_response",
