@@ -1046,16 +1046,17 @@ class _Follower:
     I/O), so both faces run the same loop: ``next_call()``, send it, then
     ``receive(result)`` gives the events to yield.
 
-    It lists first (unless started from ``since``), then watches from the
+    It lists first (unless started from ``since``) and reads the leadership
+    (when leader events are wanted), yielding neither, then watches from the
     listing's revision, each answer's ``revision`` becoming the next
-    ``since``. After a 410 ``compacted`` it lists again at a fresh revision
-    R, reads the leadership (when leader events are wanted) and yields what
-    changed meanwhile, all at revision R: a ``put`` for every handle whose
-    version it did not know (every handle, when it started from ``since``
-    without a listing), a ``delete`` for every handle it knew that is gone,
-    and a leader event when the leadership is not the one it last saw; then
-    it watches from R. The gap's individual changes are not replayed, but
-    the consumer's picture is right again."""
+    ``since``. After a 410 ``compacted`` it does the same at a fresh
+    revision R and yields what changed meanwhile, all at revision R: a
+    ``put`` for every handle whose version it did not know (every handle,
+    when it started from ``since`` without a listing), a ``delete`` for
+    every handle it knew that is gone, and a leader event when the
+    leadership is not the one it last saw (when it never saw one: when
+    someone leads); then it watches from R. The gap's individual changes
+    are not replayed, but the consumer's picture is right again."""
 
     def __init__(
         self,
@@ -1074,10 +1075,11 @@ class _Follower:
         self.since = since
         #: Versions of the handles this follower has seen (None: unknown).
         self.known: dict[str, int] | None = None
-        #: The leadership it last saw, as ``(Leadership, info)`` (None: nobody).
+        #: The leadership it last saw, as ``(Leadership, info)`` (None: nobody,
+        #: or not known yet).
         self.leader: tuple[Leadership, dict[str, Any]] | None = None
-        self._leader_seen = False
         self._step = "list" if since is None else "watch"
+        self._relisted = False
 
     def _compacted(self, err: StateStoreError) -> Any:
         if isinstance(err, Compacted):
@@ -1104,16 +1106,16 @@ class _Follower:
             return result.events
         if step == "leader":
             self._step = "watch"
-            if self._leader_seen and result == self.leader:
-                return []
-            event = RestLeaderEvent(self.since or 0, *(result or (None, {})))
-            self._saw([event])
-            return [event]
+            previous, self.leader = self.leader, result
+            if not self._relisted or result == previous:
+                return []  # the starting point, or no difference
+            return [RestLeaderEvent(self.since or 0, *(result or (None, {})))]
         listing: Listing = result
-        events = [] if step == "list" else self._differences(listing)
+        self._relisted = step == "relist"
+        events = self._differences(listing) if self._relisted else []
         self.known = {h.name: h.version for h in listing.handles}
         self.since = listing.revision
-        self._step = "leader" if step == "relist" and self._leader_wanted else "watch"
+        self._step = "leader" if self._leader_wanted else "watch"
         return events
 
     def _differences(self, listing: Listing) -> builtins.list[RestWatchEvent]:
@@ -1132,7 +1134,6 @@ class _Follower:
     def _saw(self, events: Iterable[RestWatchEvent]) -> None:
         for e in events:
             if isinstance(e, RestLeaderEvent):
-                self._leader_seen = True
                 self.leader = None if e.leader is None else (e.leader, e.info)
             elif self.known is not None:
                 if e.type == "put":
