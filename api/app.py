@@ -100,6 +100,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(coordination.ns_router)
     app.include_router(watch_routes.router)
     app.include_router(ops.router)
+    app.add_middleware(watch_routes.WatchShortcut)  # inside the two below
     app.add_middleware(EncodedSegments)
     app.add_middleware(RequestContext, metrics=metrics)
     return app

@@ -181,6 +181,8 @@ class NamespaceFeed:
 
     async def _start(self, since: int | None) -> None:
         """Start the feed at ``since`` (a poll's; ``None``: now), unless running."""
+        if self._task is not None:
+            return  # (every poll comes here: skip the lock when running)
         async with self._start_lock:
             if self._task is not None:
                 return
