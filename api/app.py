@@ -8,6 +8,7 @@ is its own store identity on its own lease (``statestore_api.service``).
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -70,6 +71,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 "AUTH IS OFF: no STATESTORE_AUTH_TOKENS_FILE is configured, so anyone who can "
                 "reach this port can read, write and delete every namespace"
             )
+        # Everything built so far (modules, gRPC, pydantic and FastAPI's
+        # models) lives as long as the process: leave it out of the cyclic
+        # GC, whose full collections otherwise walked it all (50-130 ms
+        # pauses, every few seconds under 1,000 long polls, found nothing).
+        gc.freeze()
         log.info(
             "statestore %s serving: etcd %s, blobs %s",
             statestore.__version__,
