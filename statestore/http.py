@@ -36,6 +36,16 @@ Behaviour common to both faces:
 - Reads (``read`` / ``open_read``) verify the body against the response's
   ``X-Content-SHA256``; ``open_read`` can only tell after the last chunk, so it
   raises ``IntegrityError`` at the end of the iteration.
+- ``watch(since, timeout=30, prefix=None, kinds=None)`` is one long poll: the
+  namespace's changes after revision ``since`` (``None``: now) as soon as one
+  matches, or none after ``timeout`` seconds (1..300), as a
+  :class:`WatchAnswer` whose ``revision`` is the next ``since``; ``prefix``
+  filters handle names, ``kinds`` picks ``handles`` and/or ``leader``. A
+  ``since`` etcd has compacted raises ``Compacted`` (``compact_revision``):
+  re-list and watch from the listing's revision. ``follow()`` does that
+  loop: it lists, watches, and after a 410 re-lists and yields what changed
+  meanwhile; other errors end it. The read timeout of a poll is raised to
+  cover ``timeout``.
 """
 
 from __future__ import annotations
@@ -289,18 +299,6 @@ class RestHandle:
         """Parse a rest-v1 handle object (raises KeyError/TypeError/ValueError)."""
         return cls(**_handle_fields(body))
 
-    def to_json(self) -> dict[str, Any]:
-        """The rest-v1 handle object."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "size": self.size,
-            "sha256": self.sha256,
-            "created_at": self.created_at.isoformat(),
-            "metadata": self.metadata,
-            "locks": self.locks,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class RestCheckpoint(RestHandle):
@@ -355,7 +353,8 @@ class RestHandleEvent:
         """The rest-v1 event."""
         handle = None
         if self.handle is not None:
-            handle = self.handle.to_json()
+            handle = dataclasses.asdict(self.handle)
+            handle["created_at"] = self.handle.created_at.isoformat()
             del handle["locks"]
         return {
             "kind": self.kind,
@@ -1528,13 +1527,8 @@ class StateStoreClient:
         kinds: str | Iterable[str] | None = None,
         ns: str | None = None,
     ) -> WatchAnswer:
-        """One long poll: the namespace's changes after revision ``since``
-        (``None``: now), as soon as one matches, or none after ``timeout``
-        seconds (1..300); pass the answer's ``revision`` as the next
-        ``since``. ``prefix`` filters handle names, ``kinds`` picks
-        ``handles`` and/or ``leader``. ``Compacted`` (with
-        ``compact_revision``) when ``since`` is older than etcd keeps:
-        re-list and watch from the listing's revision (:meth:`follow` does)."""
+        """One long poll of the namespace's changes after ``since`` (see the
+        module docstring); ``Compacted`` when etcd no longer keeps ``since``."""
         return self._send(self._api.watch(since, timeout, prefix, kinds, ns))
 
     def follow(
@@ -1546,10 +1540,8 @@ class StateStoreClient:
         kinds: str | Iterable[str] | None = None,
         ns: str | None = None,
     ) -> Iterator[RestWatchEvent]:
-        """Every change from now (or after ``since``) on, forever: lists, then
-        watches from the listing's revision; after a 410 it re-lists and
-        yields what changed meanwhile (see :class:`_Follower`). Errors other
-        than 410 (``Unavailable``, ...) end the iteration."""
+        """Every change from now (or after ``since``) on, forever, re-listing
+        after a 410 (see the module docstring and :class:`_Follower`)."""
         follower = _Follower(self._api, since, timeout=timeout, prefix=prefix, kinds=kinds, ns=ns)
         while True:
             yield from follower.receive(self._send(follower.next_call()))
@@ -1919,13 +1911,8 @@ class AsyncStateStoreClient:
         kinds: str | Iterable[str] | None = None,
         ns: str | None = None,
     ) -> WatchAnswer:
-        """One long poll: the namespace's changes after revision ``since``
-        (``None``: now), as soon as one matches, or none after ``timeout``
-        seconds (1..300); pass the answer's ``revision`` as the next
-        ``since``. ``prefix`` filters handle names, ``kinds`` picks
-        ``handles`` and/or ``leader``. ``Compacted`` (with
-        ``compact_revision``) when ``since`` is older than etcd keeps:
-        re-list and watch from the listing's revision (:meth:`follow` does)."""
+        """One long poll of the namespace's changes after ``since`` (see the
+        module docstring); ``Compacted`` when etcd no longer keeps ``since``."""
         return await self._send(self._api.watch(since, timeout, prefix, kinds, ns))
 
     async def follow(
@@ -1937,10 +1924,8 @@ class AsyncStateStoreClient:
         kinds: str | Iterable[str] | None = None,
         ns: str | None = None,
     ) -> AsyncIterator[RestWatchEvent]:
-        """Every change from now (or after ``since``) on, forever: lists, then
-        watches from the listing's revision; after a 410 it re-lists and
-        yields what changed meanwhile (see :class:`_Follower`). Errors other
-        than 410 (``Unavailable``, ...) end the iteration."""
+        """Every change from now (or after ``since``) on, forever, re-listing
+        after a 410 (see the module docstring and :class:`_Follower`)."""
         follower = _Follower(self._api, since, timeout=timeout, prefix=prefix, kinds=kinds, ns=ns)
         while True:
             for event in follower.receive(await self._send(follower.next_call())):

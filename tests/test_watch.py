@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import async_wait_until, wait_until
+from helpers import async_wait_until, handle_record, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest import assert_problem, client, enc, hpath, lpath, new_session, sess
@@ -39,7 +39,7 @@ from statestore.etcd import EtcdClient, Txn
 from statestore.keys import Layout, prefix_end
 from statestore.local.etcd_process import EtcdProcess
 from statestore.local.faultproxy import FaultProxy
-from statestore.records import LeaderInfo, encode_handle, encode_holder
+from statestore.records import LeaderInfo, encode_holder
 
 EVENT_FIELDS = {"kind", "type", "name", "revision", "handle"}
 
@@ -237,7 +237,8 @@ async def test_at_most_1000_events_and_never_a_split_revision(
     per_txn, txns = 7, 150
     for t in range(txns):
         puts = [
-            Txn.put(keys.handle(f"h{t:03d}-{i}"), record(f"h{t:03d}-{i}")) for i in range(per_txn)
+            Txn.put(keys.handle(f"h{t:03d}-{i}"), handle_record(f"h{t:03d}-{i}"))
+            for i in range(per_txn)
         ]
         await etcd_client.txn(Txn().then(*puts))
     async with httpx.AsyncClient(base_url=service.url, timeout=30) as c:
@@ -258,19 +259,6 @@ async def test_at_most_1000_events_and_never_a_split_revision(
         assert len(gone["events"]) == per_txn * txns
         assert {e["type"] for e in gone["events"]} == {"delete"}
         assert len({e["revision"] for e in gone["events"]}) == 1
-
-
-def record(name: str) -> bytes:
-    return encode_handle(
-        name=name,
-        blob_url=f"file:///nowhere/{name}",
-        blob_id="0000000000000-" + "0" * 32,
-        size=1,
-        sha256="0" * 64,
-        metadata={},
-        request_id="r",
-        writer="w",
-    )
 
 
 # -- leader events ----------------------------------------------------------------------
@@ -627,7 +615,7 @@ async def test_a_feed_whose_position_was_compacted_restarts_and_polls_behind_get
                 proxy.set_mode("refuse")
                 keys = Layout(DEFAULT_ROOT, namespace)
                 for name in ("b", "b2"):  # compacted past the feed's next revision
-                    await etcd_client.put(keys.handle(name), record(name))
+                    await etcd_client.put(keys.handle(name), handle_record(name))
                 await etcd_client.compact((await etcd_client.status()).revision)
                 proxy.set_mode("forward")
                 r = await c.get(wpath(namespace), params={"since": seen["revision"], "timeout": 5})
@@ -636,7 +624,7 @@ async def test_a_feed_whose_position_was_compacted_restarts_and_polls_behind_get
                     lambda: "fell behind etcd's compaction" in svc.log_tail(), 20
                 )
                 listing = (await c.get(lpath(namespace))).json()
-                await etcd_client.put(keys.handle("c"), record("c"))
+                await etcd_client.put(keys.handle("c"), handle_record("c"))
                 body = (await c.get(wpath(namespace), params={"since": listing["revision"]})).json()
                 assert [e["name"] for e in body["events"]] == ["c"]
     finally:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from helpers import async_wait_until
+from helpers import async_wait_until, handle_record
 
 from statestore import LeaderElection, StoreConfig
 from statestore.election import Leadership
@@ -27,7 +27,7 @@ from statestore.etcd import KV
 from statestore.keys import Layout, prefix_end
 from statestore.local.etcd_process import EtcdProcess
 from statestore.local.faultproxy import FaultProxy
-from statestore.records import LeaderInfo, encode_handle, encode_holder
+from statestore.records import LeaderInfo, encode_holder
 from statestore.watch import (
     EventDecoder,
     HandleEvent,
@@ -45,19 +45,6 @@ def kv(key: bytes, value: bytes, rev: int, create: int | None = None, lease: int
     return KV(key, value, create or rev, rev, 1, lease)
 
 
-def record(name: str) -> bytes:
-    return encode_handle(
-        name=name,
-        blob_url=f"file:///b/{name}",
-        blob_id="0000000000000-" + "0" * 32,
-        size=3,
-        sha256="0" * 64,
-        metadata={"k": 1},
-        request_id="r",
-        writer="w",
-    )
-
-
 # -- the decoder ------------------------------------------------------------------------
 
 
@@ -65,7 +52,7 @@ def test_decoder_handle_events_and_no_lock_events() -> None:
     d = EventDecoder(KEYS, [], [])
     events = d.decode(
         [
-            ("put", kv(KEYS.handle("a/b"), record("a/b"), 5)),
+            ("put", kv(KEYS.handle("a/b"), handle_record("a/b"), 5)),
             ("put", kv(KEYS.lock("a/b", "i1"), b"i1", 5)),
             ("put", kv(KEYS.lock("a/b", "i2"), b"i2", 6)),
             ("delete", kv(KEYS.lock("a/b", "i1"), b"", 7)),
