@@ -8,13 +8,14 @@ processes (``--procs``, aiohttp, one connection per watcher): each loops on
 ``GET /v1/namespaces/{ns}/watch?since=R`` with the answer's revision as the
 next ``since``, and reports when each revision reached it.
 
-* **Latency**: the benchmark writes a handle record straight to etcd (one
-  put, no blob: only the watch path is measured) and takes the moment the
-  put is acknowledged; an event's latency is the moment a watcher's answer
-  holding it arrived minus that (CLOCK_MONOTONIC, shared by the processes;
-  an answer that beat the writer's own acknowledgement counts as 0). One
-  write per round; the next round starts once every watcher had it and a
-  short pause let them poll again.
+* **Latency**: the benchmark adds a handle with the SDK (``add_and_lock``,
+  blobs on ``memory://`` in the benchmark process: the service only reads
+  the record) and takes the moment the add returned, its commit
+  acknowledged; an event's latency is the moment a watcher's answer holding
+  it arrived minus that (CLOCK_MONOTONIC, shared by the processes; an answer
+  that beat the writer's own acknowledgement counts as 0). One write per
+  round; the next round starts once every watcher had it and a pause
+  (``--pause``) let them poll again.
 * **Idle cost**: the service's resident memory (VmRSS of the serve process
   and its children) before the 1,000 watchers connect and while they are
   held (no writes), and its CPU over ``--idle-seconds`` of holding them.
@@ -43,11 +44,8 @@ from typing import Any
 
 from harness import Service, cancel_on_sigterm, scratch_etcd
 
-from statestore.etcd import EtcdClient
-from statestore.keys import Layout
-from statestore.records import encode_handle
+from statestore import StateHandleStore, StoreConfig
 
-ROOT = "/statestore/v1"
 NS = "bench-watch"
 MiB = 1024 * 1024
 POLL_TIMEOUT = 30  # seconds a poll is held without a change (the default)
@@ -145,25 +143,13 @@ class Clients:
             task.cancel()
 
 
-def record(name: str) -> bytes:
-    return encode_handle(
-        name=name,
-        blob_url=f"file:///bench/{name}",
-        blob_id="0000000000000-" + "0" * 32,
-        size=1024,
-        sha256="0" * 64,
-        metadata={"bench": True},
-        request_id="bench",
-        writer="bench",
-    )
-
-
-async def latencies(etcd: EtcdClient, clients: Clients, rounds: int, pause: float) -> list[float]:
+async def latencies(
+    store: StateHandleStore, clients: Clients, rounds: int, pause: float
+) -> list[float]:
     """``rounds`` writes; every watcher's latency of each, in ms."""
-    keys = Layout(ROOT, NS)
     out: list[float] = []
-    for i in range(rounds):
-        revision = await etcd.put(keys.handle(f"h-{time.monotonic_ns()}"), record(f"h{i}"))
+    for _ in range(rounds):
+        revision = (await store.add_and_lock(f"h-{time.monotonic_ns()}", b"x" * 1024)).version
         acked = time.monotonic()
         out += [max(0.0, t - acked) * 1000 for t in await clients.arrivals(revision)]
         await asyncio.sleep(pause)  # the watchers poll again
@@ -188,15 +174,16 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> dict[str, A
     results: dict[str, Any] = {}
     try:
         await asyncio.to_thread(service.wait_ready)
-        async with EtcdClient([endpoint]) as etcd:
-            since = await etcd.put(Layout(ROOT, NS).handle("start"), record("start"))
+        cfg = StoreConfig(etcd_endpoints=[endpoint], blob_root="memory://bench", namespace=NS)
+        async with StateHandleStore.open(cfg) as store:
+            since = (await store.snapshot()).revision
             one = await Clients.start(service.url, since, 1, 1)
             try:
-                results["latency_1"] = summary(await latencies(etcd, one, args.rounds, 0.05))
+                results["latency_1"] = summary(await latencies(store, one, args.rounds, 0.05))
             finally:
                 await one.stop()
             print(f"1 watcher: {results['latency_1']}", file=sys.stderr)
-            since = await etcd.put(Layout(ROOT, NS).handle("start"), record("start"))
+            since = (await store.snapshot()).revision
             await asyncio.sleep(1)  # the one watcher's last connection closes
             rss_before = service.rss()
             many = await Clients.start(service.url, since, args.watchers, args.procs)
@@ -215,7 +202,7 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> dict[str, A
                 }
                 print(f"idle: {results['idle']}", file=sys.stderr)
                 results["latency_many"] = summary(
-                    await latencies(etcd, many, args.rounds, args.pause)
+                    await latencies(store, many, args.rounds, args.pause)
                 )
                 print(f"{args.watchers} watchers: {results['latency_many']}", file=sys.stderr)
             finally:
