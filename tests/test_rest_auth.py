@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from rest import assert_problem, hpath, lpath
-from service import ServiceProcess
+from rest import assert_problem, bearer, hpath, lpath
+from service import ServiceProcess, serving_with_tokens
 
 from statestore.local.etcd_process import EtcdProcess, free_port
 
@@ -35,30 +35,14 @@ TOKENS = {
 }
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture(scope="module")
 def auth_service(
     etcd: EtcdProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
     """What ``service_factory(auth_tokens_file=path)`` starts, shared by this module
     (one process for the whole matrix keeps the suite fast)."""
-    base = tmp_path_factory.mktemp("auth-service")
-    tokens = base / "tokens.json"
-    tokens.write_text(json.dumps(TOKENS))
-    env = {
-        "STATESTORE_ETCD_ENDPOINTS": etcd.endpoint,
-        "STATESTORE_BLOB_ROOT": f"file://{base}/blobs",
-        "STATESTORE_AUTH_TOKENS_FILE": str(tokens),
-    }
-    svc = ServiceProcess(env, base / "service.log")
-    try:
-        svc.wait_ready()
+    with serving_with_tokens(etcd.endpoint, tmp_path_factory.mktemp("auth-service"), TOKENS) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture
