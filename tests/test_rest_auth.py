@@ -146,8 +146,12 @@ def test_namespace_not_allowed_is_403(
     api: httpx.Client, writer_sid: str, call: Call, token: str
 ) -> None:
     other = f"other-{uuid.uuid4().hex[:8]}"
+    # The admin writes with a session of its own: a session belongs to its token.
+    r = api.post("/v1/sessions", json={"ttl_seconds": 30}, headers=bearer(ADMIN))
+    assert r.status_code == 201, r.text
+    admin_sid = r.json()["session_id"]
     r = api.put(
-        hpath(other, "h"), content=b"x", headers={**bearer(ADMIN), "X-Session-Id": writer_sid}
+        hpath(other, "h"), content=b"x", headers={**bearer(ADMIN), "X-Session-Id": admin_sid}
     )
     assert r.status_code == 201, r.text
     before = r.json()
