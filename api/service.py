@@ -17,7 +17,7 @@ from statestore.handle import Handle, metadata_too_deep
 from statestore.keys import validate_name, validate_namespace
 from statestore.maintenance.replica import Maintenance
 from statestore.store import SMALL_DATA, FixedLease, StateHandleStore, StoreBackend
-from statestore_api.auth import Authorizer, Role
+from statestore_api.auth import Authorizer, Caller, Role
 from statestore_api.observability import Metrics
 from statestore_api.problems import ApiError
 from statestore_api.session_registry import SessionInfo, SessionRegistry
@@ -38,10 +38,17 @@ class Service:
 
     # -- request helpers ---------------------------------------------------------
 
-    def authorize(self, request: Request, namespace: str | None, need: Role) -> None:
-        self.auth.check(request.headers.get("authorization"), namespace, need)
+    def authorize(self, request: Request, namespace: str | None, need: Role) -> Caller:
+        """401/403 unless the request's token may act with ``need`` on
+        ``namespace``; answers the caller, which :meth:`session` needs."""
+        return self.auth.check(request.headers.get("authorization"), namespace, need)
 
-    async def session(self, request: Request) -> SessionInfo:
+    async def session(self, request: Request, caller: Caller) -> SessionInfo:
+        """The session named by ``X-Session-Id``, which ``caller`` must own
+        (rest-v1.md "Sessions"): missing -> 400, unknown or expired -> 410,
+        another token's -> 403. Every route acting as a session gets it here,
+        so none can skip the ownership check; it comes from the record the
+        lookup reads anyway (no extra etcd round trip), before any write."""
         sid = request.headers.get("x-session-id")
         if not sid:
             raise ApiError(
@@ -51,10 +58,33 @@ class Service:
                 "(create a session with POST /v1/sessions)",
             )
         try:
-            return await self.sessions.lookup(sid.strip())
+            return await self.session_by_id(sid.strip(), caller)
         except SessionExpired:
             self.metrics.sessions_expired.inc()
             raise
+
+    async def session_by_id(
+        self, sid: str, caller: Caller, *, to_delete: bool = False
+    ) -> SessionInfo:
+        """The live session ``sid`` if ``caller`` owns it (``to_delete``: or
+        manages every session, as a ``*`` admin does); 410 ``SessionExpired``
+        when unknown or expired, 403 otherwise."""
+        info = await self.sessions.lookup(sid)
+        allowed = caller.manages(info.token_id) if to_delete else caller.owns(info.token_id)
+        if not allowed:
+            whose = (
+                "was created while auth was off, so no token may use it or keep it alive"
+                if info.token_id is None
+                else "belongs to another token: only the token that created a session may "
+                "use it, keep it alive or delete it"
+            )
+            raise ApiError(
+                403,
+                "forbidden",
+                f"session {sid!r} {whose} (an admin whose namespaces include '*' may "
+                "delete it); create a session with your own token",
+            )
+        return info
 
     def store(
         self, namespace: str, session: SessionInfo | None = None, request: Request | None = None

@@ -472,7 +472,7 @@ def rm_(
 
 @app.command("sessions")
 def sessions_(url: Url = "http://127.0.0.1:8080", token: Token = None) -> None:
-    """List live sessions (admin)."""
+    """List live sessions (admin): all of them for a token of namespace `*`, else its own."""
     from rich.table import Table
 
     try:

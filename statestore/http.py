@@ -1023,7 +1023,8 @@ class StateStoreClient:
         self._send(self._api.delete_session(session_id))
 
     def list_sessions(self) -> builtins.list[dict[str, Any]]:
-        """Every live session: session_id, ttl_seconds, owner, created_at (admin)."""
+        """The live sessions this admin token may manage (every one for an admin
+        of namespace ``*``, else its own): session_id, ttl_seconds, owner, created_at."""
         return self._send(self._api.list_sessions())
 
     @contextmanager
@@ -1379,7 +1380,8 @@ class AsyncStateStoreClient:
         await self._send(self._api.delete_session(session_id))
 
     async def list_sessions(self) -> builtins.list[dict[str, Any]]:
-        """Every live session: session_id, ttl_seconds, owner, created_at (admin)."""
+        """The live sessions this admin token may manage (every one for an admin
+        of namespace ``*``, else its own): session_id, ttl_seconds, owner, created_at."""
         return await self._send(self._api.list_sessions())
 
     @asynccontextmanager

@@ -343,10 +343,15 @@ class SessionRecord(_JsonRecord):
     ttl_seconds: int
     #: Unix time the session was created, on the creating replica's clock.
     created_at: float
+    #: Id (SHA-256) of the token that created it, never the token; ``None``
+    #: when auth was off (and in records written before sessions had owners).
+    token_id: str | None = None
 
     @classmethod
     def _from_json(cls, rec: dict[str, Any]) -> SessionRecord:
-        return cls(rec.get("owner"), int(rec["ttl_seconds"]), float(rec["created_at"]))
+        return cls(
+            rec.get("owner"), int(rec["ttl_seconds"]), float(rec["created_at"]), rec.get("token_id")
+        )
 
 
 __all__ = [

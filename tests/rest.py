@@ -32,6 +32,22 @@ def lpath(ns: str) -> str:
     return f"/v1/namespaces/{enc(ns)}/handles"
 
 
+def cpath(ns: str, name: str, sub: str = "") -> str:
+    return f"/v1/namespaces/{enc(ns)}/counters/{enc(name)}{sub}"
+
+
+def leader_path(ns: str) -> str:
+    return f"/v1/namespaces/{enc(ns)}/leader"
+
+
+def ckpath(ns: str, sub: str = "") -> str:
+    return f"/v1/namespaces/{enc(ns)}/checkpoints{sub}"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def assert_problem(r: httpx.Response, status: int, type_: str | None) -> dict[str, Any]:
     """Assert an RFC 9457 problem with ``status`` and ``type_`` (``None``: any
     type word of the spec); returns the body."""

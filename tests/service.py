@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -78,3 +82,25 @@ class ServiceProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+@contextmanager
+def serving_with_tokens(
+    etcd_endpoint: str, base: Path, tokens: dict[str, Any]
+) -> Iterator[ServiceProcess]:
+    """A ready ``statestore serve`` with auth on, stopped on exit: ``tokens`` is
+    the tokens file's document (written to ``base/tokens.json``), blobs go
+    to ``base/blobs`` and the log to ``base/service.log``."""
+    tokens_file = base / "tokens.json"
+    tokens_file.write_text(json.dumps(tokens))
+    env = {
+        "STATESTORE_ETCD_ENDPOINTS": etcd_endpoint,
+        "STATESTORE_BLOB_ROOT": f"file://{base}/blobs",
+        "STATESTORE_AUTH_TOKENS_FILE": str(tokens_file),
+    }
+    svc = ServiceProcess(env, base / "service.log")
+    try:
+        svc.wait_ready()
+        yield svc
+    finally:
+        svc.stop()

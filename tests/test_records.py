@@ -115,13 +115,14 @@ def stored_handle(*, without: tuple[str, ...] = (), **overrides: Any) -> bytes:
         pytest.param(encode_counter(18, "5f0c"), b"18 5f0c", id="counter"),
         pytest.param(encode_compactor_revision(1234), b"1234", id="compactor"),
         pytest.param(
-            SessionRecord("jm-1", 10, 1700000000.5).encode(),
-            b'{"owner": "jm-1", "ttl_seconds": 10, "created_at": 1700000000.5}',
+            SessionRecord("jm-1", 10, 1700000000.5, "9f86d0").encode(),
+            b'{"owner": "jm-1", "ttl_seconds": 10, "created_at": 1700000000.5, '
+            b'"token_id": "9f86d0"}',
             id="session",
         ),
         pytest.param(
             SessionRecord(None, 10, 1700000000.0).encode(),
-            b'{"owner": null, "ttl_seconds": 10, "created_at": 1700000000.0}',
+            b'{"owner": null, "ttl_seconds": 10, "created_at": 1700000000.0, "token_id": null}',
             id="session-without-owner",
         ),
     ],
@@ -191,7 +192,7 @@ def test_upload_intent_round_trip(intent: UploadIntent) -> None:
     assert UploadIntent.decode(intent.encode()) == intent
 
 
-@given(st.builds(SessionRecord, st.none() | text, st.integers(2, 3600), times))
+@given(st.builds(SessionRecord, st.none() | text, st.integers(2, 3600), times, st.none() | text))
 def test_session_record_round_trip(record: SessionRecord) -> None:
     assert SessionRecord.decode(record.encode()) == record
 

@@ -20,7 +20,19 @@ from typing import Any
 import httpx
 import pytest
 from helpers import wait_until
-from rest import HANDLE_FIELDS, assert_problem, client, enc, hpath, lpath, new_session, sess
+from rest import (
+    HANDLE_FIELDS,
+    assert_problem,
+    ckpath,
+    client,
+    cpath,
+    enc,
+    hpath,
+    leader_path,
+    lpath,
+    new_session,
+    sess,
+)
 from service import ServiceProcess
 
 from statestore import StateHandleStore, StoreConfig
@@ -43,18 +55,6 @@ ANY_TOKEN: Any = _AnyToken()
 CHECKPOINT_FIELDS = HANDLE_FIELDS | {"checkpoint_id", "savepoint"}
 
 # -- paths and helpers ---------------------------------------------------------------
-
-
-def cpath(ns: str, name: str, sub: str = "") -> str:
-    return f"/v1/namespaces/{enc(ns)}/counters/{enc(name)}{sub}"
-
-
-def leader_path(ns: str) -> str:
-    return f"/v1/namespaces/{enc(ns)}/leader"
-
-
-def ckpath(ns: str, sub: str = "") -> str:
-    return f"/v1/namespaces/{enc(ns)}/checkpoints{sub}"
 
 
 def ns_path(ns: str) -> str:

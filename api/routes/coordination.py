@@ -27,7 +27,7 @@ from statestore.counter import MAX_VALUE, CheckpointIDCounter
 from statestore.election import LeaderElection
 from statestore.maintenance.cleanup import clear_namespace
 from statestore.store import StateHandleStore
-from statestore_api.auth import Role
+from statestore_api.auth import Caller, Role
 from statestore_api.problems import problem
 from statestore_api.routes.handles import BINARY_BODY
 from statestore_api.service import (
@@ -76,8 +76,8 @@ async def increment_counter(
 ) -> CounterValue:
     """Atomically increment; answers the value *before* the increment."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
-    store = await _writer(svc, ns, request)
+    caller = svc.authorize(request, ns, Role.write)
+    store = await _writer(svc, ns, request, caller)
     return CounterValue(value=await CheckpointIDCounter(store, name).get_and_increment())
 
 
@@ -93,18 +93,19 @@ async def set_counter(
 ) -> CounterValue:
     """Set the value (restore from a savepoint)."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
-    store = await _writer(svc, ns, request)
+    caller = svc.authorize(request, ns, Role.write)
+    store = await _writer(svc, ns, request, caller)
     await CheckpointIDCounter(store, name).set_count(body.value)
     return body
 
 
-async def _writer(svc: Service, ns: str, request: Request) -> StateHandleStore:
+async def _writer(svc: Service, ns: str, request: Request, caller: Caller) -> StateHandleStore:
     """A store for a write that needs no lock: as the session when one is
-    given (fenced by its own leader key with a fencing token), else as a
-    lock-less writer, fenced by the leader key a token alone names."""
+    given (which ``caller`` must own; fenced by its own leader key with a
+    fencing token), else as a lock-less writer, fenced by the leader key a
+    token alone names."""
     if request.headers.get("x-session-id"):
-        return svc.store(ns, await svc.session(request), request)
+        return svc.store(ns, await svc.session(request, caller), request)
     token = request.headers.get("x-fencing-token")
     if token is not None:
         return await svc.token_fenced_store(ns, token)
@@ -120,8 +121,8 @@ async def campaign(
 ) -> Leadership:
     """Lead the namespace if nobody else does (also 200 if already leading)."""
     ns = path_namespace(ns)
-    svc.authorize(request, ns, Role.write)
-    session = await svc.session(request)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
     token = await LeaderElection(svc.store(ns, session)).campaign(timeout=0)
     return Leadership(leader=session.session_id, fencing_token=token)
 
@@ -143,8 +144,8 @@ async def resign(
 ) -> Response:
     """Resign (nothing happens when the session does not lead)."""
     ns = path_namespace(ns)
-    svc.authorize(request, ns, Role.write)
-    session = await svc.session(request)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
     await LeaderElection(svc.store(ns, session)).resign()
     return Response(status_code=204)
 
@@ -173,8 +174,8 @@ async def add_checkpoint(
     """Add a completed checkpoint (locked by the session) and subsume older ones
     beyond ``retain``; the newest non-savepoint checkpoint is always kept."""
     ns = path_namespace(ns)
-    svc.authorize(request, ns, Role.write)
-    session = await svc.session(request)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
     store = svc.store(ns, session, request)
     limit = svc.settings.max_state_bytes
     body = await state_body(request, limit)
@@ -197,9 +198,9 @@ async def list_checkpoints(
 ) -> JSONResponse:
     """Retained checkpoints ascending by id; ``?lock=true`` recovers (locks) them all."""
     ns = path_namespace(ns)
-    svc.authorize(request, ns, Role.write if lock else Role.read)
+    caller = svc.authorize(request, ns, Role.write if lock else Role.read)
     if lock:
-        session = await svc.session(request)
+        session = await svc.session(request, caller)
         store = svc.store(ns, session, request)
         checkpoints, locks = await CompletedCheckpointStore(store).recover_described()
     else:

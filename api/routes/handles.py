@@ -81,7 +81,7 @@ async def put_handle(
 ) -> JSONResponse:
     """add_and_lock (201), or replace with ``If-Match`` (200). The body is the raw state."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
+    caller = svc.authorize(request, ns, Role.write)
     metadata = parse_metadata(x_handle_metadata)
     if x_content_sha256 is not None and not _HEX64.match(x_content_sha256.strip()):
         raise ApiError(400, "invalid-argument", "X-Content-SHA256 must be 64 hex digits")
@@ -94,7 +94,7 @@ async def put_handle(
         if m is None:
             raise ApiError(400, "invalid-argument", 'If-Match must be a version: "<integer>"')
         version = int(m.group(1))
-    session = await svc.session(request)
+    session = await svc.session(request, caller)
     store = svc.store(ns, session, request)
     if version is None:
         h = await store.add_and_lock(name, body, metadata, expected_sha256=digest, max_size=limit)
@@ -166,8 +166,8 @@ async def lock_handle(
 ) -> JSONResponse:
     """get_and_lock: lock the handle for the session and return it."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
-    session = await svc.session(request)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
     store = svc.store(ns, session, request)
     h, locks = await store.get_and_lock_described(name)
     svc.metrics.locks.labels("acquire").inc()
@@ -180,8 +180,8 @@ async def release_lock(
 ) -> Response:
     """release: drop the session's lock (204 also when it was not held)."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
-    session = await svc.session(request)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
     await svc.store(ns, session).release(name)
     svc.metrics.locks.labels("release").inc()
     return Response(status_code=204)
@@ -204,8 +204,8 @@ async def remove_handle(
     """release_and_try_remove: 204 removed (or never existed); 409 ``locked`` with
     ``holders`` (own lock released, handle kept); with ``?deferred=true`` 202."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
-    session = await svc.session(request)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
     outcome = await svc.store(ns, session, request).try_remove(name, deferred=deferred)
     if outcome.removed:
         svc.metrics.locks.labels("remove").inc()
@@ -237,10 +237,10 @@ async def list_handles(
 ) -> JSONResponse:
     """Every handle, sorted by name, from one consistent snapshot."""
     ns = path_namespace(ns)
-    svc.authorize(request, ns, Role.write if lock else Role.read)
+    caller = svc.authorize(request, ns, Role.write if lock else Role.read)
     body: dict[str, Any]
     if lock:
-        session = await svc.session(request)
+        session = await svc.session(request, caller)
         handles, locks, rev = await svc.store(ns, session, request).lock_all(prefix)
         svc.metrics.locks.labels("acquire").inc(len(handles))
     else:
