@@ -1,5 +1,6 @@
 """The HTTP/1.1 protocol ``statestore serve`` runs: uvicorn's httptools protocol
-with a bounded request head.
+with a bounded request head, and protocol upgrades other than WebSocket
+ignored (``Upgrade: h2c`` answered over HTTP/1.1, rest-v1.md "HTTP").
 
 uvicorn picks httptools (llhttp) when it is installed (``uvicorn[standard]``),
 and neither it nor llhttp limits a request head: a 64 MiB header to
@@ -26,6 +27,21 @@ is read and dropped for up to ``LINGER_SECONDS``: closing at once with unread
 data would make the kernel send a reset, which can destroy the 431 before
 the client reads it.
 
+Upgrades. llhttp treats a request that carries ``Upgrade`` and
+``Connection: upgrade`` as the last HTTP/1.1 message on the connection: the
+message ends with its head, and whatever follows is left to the new protocol.
+uvicorn performs only WebSocket upgrades; for any other (Java's
+``java.net.http.HttpClient`` sends ``Upgrade: h2c`` on every cleartext
+request by default) it logs "Unsupported upgrade request." and carries on
+with that state, so the request's body is never read (the handler sees an
+empty body: a PUT stored zero bytes) and, when the body arrives in a later
+read, the body is parsed as the next request: 400 "Invalid HTTP request
+received.". RFC 9110 section 7.8 lets a server ignore ``Upgrade``; this
+class does so: the request is not ended at its head, a fresh parser is
+primed with the request's own framing (``Content-Length`` or
+``Transfer-Encoding``) and reads the body and every later request as plain
+HTTP/1.1.
+
 ``create_protocol(limits)`` gives uvicorn's ``http=`` argument: a
 ``functools.partial`` of the class, which pickles to spawned workers.
 """
@@ -33,6 +49,7 @@ the client reads it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -90,6 +107,8 @@ class HttpProtocol(HttpToolsProtocol):
         self._refusal: str | None = None
         #: Set once the connection was refused: what arrives later is dropped.
         self._refused = False
+        #: Set while a fresh parser is primed with a synthetic head (see _ignore_upgrade).
+        self._priming = False
 
     # -- reading -----------------------------------------------------------------
 
@@ -97,25 +116,32 @@ class HttpProtocol(HttpToolsProtocol):
         if self._refused:
             return  # draining a refused connection (see _refuse)
         self._unset_keepalive_if_required()
-        self._read_in_head = self._head_open
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
-            return
-        except httptools.HttpParserError:
-            if self._refusal is not None:  # a callback stopped the parser (_grow)
-                self._refuse(self._refusal)
+        view = memoryview(data)
+        while True:
+            self._read_in_head = self._head_open
+            try:
+                self.parser.feed_data(view)
+            except httptools.HttpParserUpgrade as e:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                    return
+                # A loop, not recursion: a read may hold many pipelined requests.
+                view = view[e.args[0] :]
+                self._ignore_upgrade()
+                if not view:
+                    return
+                continue
+            except httptools.HttpParserError:
+                if self._refusal is not None:  # a callback stopped the parser (_grow)
+                    self._refuse(self._refusal)
+                    return
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
                 return
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
-            return
+            break
         if self._head_open and self._read_in_head:
-            self._head_received += len(data)
+            self._head_received += len(view)
             if self._head_received > self.limits.max_bytes:
                 self._refuse(
                     f"the request head is over {self.limits.max_bytes} bytes "
@@ -125,6 +151,8 @@ class HttpProtocol(HttpToolsProtocol):
     # -- parser callbacks ----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._priming:
+            return
         super().on_message_begin()
         self._head_open = True
         self._head_size = self._head_count = self._head_received = 0
@@ -133,16 +161,27 @@ class HttpProtocol(HttpToolsProtocol):
         self._read_in_head = False
 
     def on_url(self, url: bytes) -> None:
+        if self._priming:
+            return
         super().on_url(url)
         self._grow(len(url), 0)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._priming:
+            return
         self._grow(len(name) + len(value) + 4, 1)
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self._priming:
+            return
         self._head_open = False
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        if self._upgrade_ignored():
+            return  # llhttp ends an upgrade request at its head: the body is still to come
+        super().on_message_complete()
 
     def _grow(self, size: int, fields: int) -> None:
         self._head_size += size
@@ -156,6 +195,34 @@ class HttpProtocol(HttpToolsProtocol):
             self._refusal = f"the request has more than {self.limits.max_count} header fields"
         if self._refusal is not None:
             raise HeadTooLarge(self._refusal)
+
+    # -- upgrades we do not perform ----------------------------------------------
+
+    def _upgrade_ignored(self) -> bool:
+        """Whether llhttp took the current request for an upgrade that we do
+        not perform (anything but WebSocket, e.g. h2c)."""
+        return bool(self.parser.should_upgrade()) and not self._should_upgrade()
+
+    def _ignore_upgrade(self) -> None:
+        """Carry on as if the request had no ``Upgrade`` header: a fresh
+        parser, primed with a head that has only the request's body framing
+        (its callbacks ignored: the request is already under way), reads the
+        body into the running request, then every later request."""
+        self.logger.debug("ignored an upgrade to %r", self._get_upgrade())
+        framing = b"".join(
+            name + b": " + value + b"\r\n"
+            for name, value in self.headers
+            if name in (b"content-length", b"transfer-encoding")
+        )
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # as uvicorn does (httptools >= 0.6.3)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self._priming = True
+        try:
+            self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n")
+        finally:
+            self._priming = False
+        # Without a body the primed head ended the request already (on_message_complete).
 
     # -- refusing ------------------------------------------------------------------
 

@@ -5,14 +5,21 @@
   is answered 431 problem+json and the connection closed, before the service
   has buffered much more than the limit; ordinary requests, including an
   ``X-Handle-Metadata`` of the largest allowed size, still pass.
+- ``Upgrade: h2c`` (Java's ``HttpClient`` sends it by default) is answered
+  over HTTP/1.1 as if it were absent (rest-v1.md "HTTP"): the body is read,
+  also when it comes in a later TCP write, and the connection stays usable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import select
+import shutil
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,8 +41,9 @@ class Response:
 
 
 def read_response(sock: socket.socket, timeout: float = 10.0) -> Response:
-    """One HTTP/1.1 response with a ``Content-Length`` body from ``sock``;
-    fails when nothing (or only part of one) arrives within ``timeout``."""
+    """One HTTP/1.1 response with a ``Content-Length`` body from ``sock`` (the
+    tests send one request at a time: bytes past it would be dropped); fails
+    when nothing (or only part of one) arrives within ``timeout``."""
     sock.settimeout(timeout)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -208,3 +216,128 @@ def test_header_limit_leaves_room_for_the_largest_metadata(tmp_path: Path) -> No
     settings = load_config(cls=ServiceSettings, max_metadata_bytes=256 * 1024)
     assert settings.header_limit == 256 * 1024 + 16 * 1024
     assert load_config(cls=ServiceSettings).header_limit == HEADER_LIMIT
+
+
+# -- Upgrade: h2c (rest-v1.md "HTTP") ------------------------------------------------------
+
+#: What java.net.http.HttpClient sends on every cleartext request by default.
+H2C = (
+    b"Connection: Upgrade, HTTP2-Settings\r\n"
+    b"HTTP2-Settings: AAEAAEAAAAIAAAABAAMAAABkAAQBAAAAAAUAAEAA\r\n"
+    b"Upgrade: h2c\r\n"
+    b"User-Agent: Java-http-client/17.0.15\r\n"
+)
+
+
+def h2c_request(
+    sock: socket.socket, method: str, path: str, body: bytes, headers: bytes, split: bool
+) -> Response:
+    """One request as Java's client sends it: the head with the h2c upgrade
+    headers, then (``split``) the body in a second write after a pause, so
+    the service reads them separately."""
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: statestore\r\nContent-Length: {len(body)}\r\n".encode()
+        + H2C
+        + headers
+        + b"\r\n"
+    )
+    if split:
+        sock.sendall(head)
+        time.sleep(0.05)  # part of the stimulus: the body must be a read of its own
+        sock.sendall(body)
+    else:
+        sock.sendall(head + body)
+    return read_response(sock)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["body-in-second-write", "one-write"])
+def test_h2c_upgrade_is_ignored_for_a_json_post(service: ServiceProcess, split: bool) -> None:
+    """POST /v1/sessions with Upgrade: h2c, repeated on one keep-alive
+    connection: 201 over HTTP/1.1, and the body was read (the TTL echoes it)."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for ttl in (17, 23, 31, 37):
+            body = json.dumps({"ttl_seconds": ttl, "owner": f"java-{ttl}"}).encode()
+            r = h2c_request(
+                s, "POST", "/v1/sessions", body, b"Content-Type: application/json\r\n", split
+            )
+            assert r.status == 201, (r.status, r.body)
+            assert "upgrade" not in r.headers, r.headers  # answered, not switched
+            doc = r.json()
+            assert isinstance(doc, dict) and doc["ttl_seconds"] == ttl, doc
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["body-in-second-write", "one-write"])
+def test_h2c_upgrade_is_ignored_for_a_state_put(
+    service: ServiceProcess, namespace: str, split: bool
+) -> None:
+    """PUT of handle bytes with Upgrade: h2c, repeated on one keep-alive
+    connection: 201 with the right size and digest, and the bytes read back."""
+    with client(service.url) as c:
+        sid = new_session(c)
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(3):
+                state = f"state {i} ".encode() * (100 + 4000 * i)  # up to ~350 KB
+                r = h2c_request(
+                    s,
+                    "PUT",
+                    hpath(namespace, f"h2c-{i}"),
+                    state,
+                    f"X-Session-Id: {sid}\r\nContent-Type: application/octet-stream\r\n".encode(),
+                    split,
+                )
+                assert r.status == 201, (r.status, r.body)
+                doc = r.json()
+                assert isinstance(doc, dict)
+                assert doc["size"] == len(state), doc
+                assert doc["sha256"] == hashlib.sha256(state).hexdigest(), doc
+                assert c.get(hpath(namespace, f"h2c-{i}", "/state")).content == state
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs java (11+) on PATH")
+def test_java_http_client_with_default_settings(service: ServiceProcess, namespace: str) -> None:
+    """Java's own HttpClient, as a job manager would use it: sessions and PUTs
+    succeed, over HTTP/1.1, with the bodies read."""
+    count = 4
+    out = subprocess.run(
+        ["java", str(Path(__file__).parent / "java" / "H2cClient.java"), service.url, namespace,
+         str(count)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    sessions = [json.loads(line.split(" ", 3)[3]) for line in lines if line.startswith("session")]
+    puts = [json.loads(line.split(" ", 3)[3]) for line in lines if line.startswith("put")]
+    assert [s["ttl_seconds"] for s in sessions] == [20 + i for i in range(count)], lines
+    assert all(line.split()[2] == "HTTP_1_1" for line in lines), lines
+    for i, doc in enumerate(puts):
+        state = f"java state {i}".encode()
+        assert doc["size"] == len(state) and doc["sha256"] == hashlib.sha256(state).hexdigest()
+
+
+def test_h2c_upgrade_is_ignored_without_a_body_and_with_a_chunked_body(
+    service: ServiceProcess, namespace: str
+) -> None:
+    """The body framing is the request's own: none (GET), and chunked in pieces."""
+    with client(service.url) as c:
+        sid = new_session(c)
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(2):
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: statestore\r\n" + H2C + b"\r\n")
+            assert read_response(s).status == 200
+            s.sendall(
+                f"PUT {hpath(namespace, f'chunked-{i}')} HTTP/1.1\r\nHost: statestore\r\n"
+                f"Transfer-Encoding: chunked\r\nX-Session-Id: {sid}\r\n".encode()
+                + H2C
+                + b"\r\n"
+            )
+            for piece in (b"5\r\nhello\r\n", b"6\r\n world\r\n", b"0\r\n\r\n"):
+                time.sleep(0.02)  # part of the stimulus: each piece a read of its own
+                s.sendall(piece)
+            r = read_response(s)
+            assert r.status == 201, (r.status, r.body)
+            doc = r.json()
+            assert isinstance(doc, dict)
+            assert doc["sha256"] == hashlib.sha256(b"hello world").hexdigest(), doc
