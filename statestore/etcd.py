@@ -31,7 +31,9 @@ wrong etcd username/password                   ``Unavailable`` naming the creden
 Security: with ``https://`` endpoints or any of ``ca_file``/``cert_file``/
 ``key_file`` the channel is a TLS one (``grpc.ssl_channel_credentials``); the
 server certificate is checked against the endpoint host (give certificates an
-IP SAN for IP endpoints) unless ``tls_server_name`` overrides it. With a
+IP SAN for IP endpoints) unless ``tls_server_name`` overrides it. A TLS
+setting on a channel that would be plaintext (``tls_server_name`` alone, or
+``tls=False`` with TLS settings) is refused, never ignored. With a
 username the client calls ``Authenticate`` once and sends the token with every
 request; etcd's simple tokens expire after ``--auth-token-ttl`` idle seconds,
 so a call refused with ``invalid auth token`` re-authenticates and retries.
@@ -389,6 +391,11 @@ class EtcdClient:
             the target's host (gRPC ``ssl_target_name_override``).
         tls: force TLS on or off; by default on with ``https://`` endpoints or
             any TLS file.
+
+        Raises:
+            InvalidArgument: a client certificate without its key, or a TLS
+                setting (``https://``, a file, ``tls_server_name``) while TLS
+                is off: it would be ignored and etcd reached in plaintext.
         """
         self.endpoints = list(endpoints)
         self.timeout = timeout
@@ -401,11 +408,15 @@ class EtcdClient:
         self._key_file = key_file
         self._tls_server_name = tls_server_name
         https = any(ep.strip().lower().startswith("https://") for ep in self.endpoints)
-        self.tls: bool = (
-            tls
-            if tls is not None
-            else https or any(f is not None for f in (ca_file, cert_file, key_file))
-        )
+        files = any(f is not None for f in (ca_file, cert_file, key_file))
+        self.tls: bool = tls if tls is not None else https or files
+        if not self.tls and (https or files or tls_server_name):
+            # Ignoring them would reach etcd in plaintext, credentials included.
+            raise InvalidArgument(
+                "TLS settings for etcd (https:// endpoints, ca_file, cert_file, key_file or "
+                "tls_server_name) are given but TLS is off: give a CA file or https:// "
+                "endpoints to turn TLS on, or drop the TLS settings"
+            )
         self._channel: grpc.aio.Channel | None = None
         self._metadata: tuple[tuple[str, str], ...] | None = None
         self._auth_lock: asyncio.Lock | None = None
