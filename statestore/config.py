@@ -77,6 +77,13 @@ class StoreConfig(BaseSettings):
         description="Name to check etcd's server certificate against instead of the "
         "endpoint host (gRPC ssl_target_name_override).",
     )
+    etcd_page_size: int = Field(
+        default=5000,
+        ge=1,
+        le=100_000,
+        description="Keys per etcd range request when listing (a listing is read in pages "
+        "at one revision, again at a fresh one if etcd compacts under it).",
+    )
     max_metadata_bytes: int = Field(
         default=64 * 1024,
         ge=0,

@@ -121,17 +121,17 @@ async def sweep_orphans(
     blobs = await store.blobs.list_namespace(ns)  # first: see the module docstring
     uploads = await store.blobs.stale_multipart_uploads(ns)
     keys = store.keys
-    handles, rev = await store.etcd.range_all(keys.handles_prefix, prefix_end(keys.handles_prefix))
+    hp, gp, up = keys.handles_prefix, keys.gc_prefix, keys.uploads_prefix
+    (handles, queued, uploading), _ = await store.etcd.read_ranges(
+        [(hp, prefix_end(hp), False), (gp, prefix_end(gp), True), (up, prefix_end(up), True)]
+    )
     try:
         referenced = {_blob_id(kv.value) for kv in handles if keys.is_handle_key(kv.key)}
     except (ValueError, KeyError, TypeError) as e:
         # A record we cannot read might name any blob: sweep nothing here.
         report.errors.append(f"{ns}: unreadable handle record ({e}); orphan sweep skipped")
         return
-    for prefix in (keys.gc_prefix, keys.uploads_prefix):
-        kvs, _ = await store.etcd.range_all(
-            prefix, prefix_end(prefix), revision=rev, keys_only=True
-        )
+    for prefix, kvs in ((gp, queued), (up, uploading)):
         referenced.update(kv.key[len(prefix) :].decode() for kv in kvs)
     for b in blobs:
         age = blob_age(b.blob_id, b.mtime, now)
