@@ -109,7 +109,7 @@ _DESCRIPTIONS = {
     "403": "forbidden",
     "404": "not-found",
     "409": "already-exists, locked, fenced or not-leader",
-    "410": "session-expired",
+    "410": "session-expired (or compacted: a revision etcd no longer has)",
     "412": "version-conflict",
     "413": "too-large",
     "502": "integrity: the blob store returned bytes that do not match",

@@ -117,6 +117,7 @@ def serve(
     from statestore.config import load_config
     from statestore.local.embedded import blob_root, start_embedded_etcd
     from statestore_api.auth import Authorizer
+    from statestore_api.protocol import HeaderLimits, create_protocol
     from statestore_api.settings import ServiceSettings
 
     try:
@@ -152,6 +153,8 @@ def serve(
             host=host or settings.host,
             port=port if port is not None else settings.port,
             workers=workers or settings.workers,
+            # httptools with bounded request heads (431); also in every worker.
+            http=create_protocol(HeaderLimits(settings.header_limit, settings.max_header_count)),
             access_log=False,  # the service logs every request itself, with its request id
             timeout_keep_alive=settings.keep_alive_seconds,
             log_level=settings.log_level,

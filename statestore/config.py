@@ -8,7 +8,9 @@ etcd over TLS: give ``https://host:port`` endpoints and/or ``etcd_ca_file``
 (the CA that signed etcd's server certificate), plus ``etcd_cert_file`` and
 ``etcd_key_file`` (a client certificate, for etcd's ``--client-cert-auth``).
 ``etcd_username``/``etcd_password`` enable etcd's own authentication, over
-TLS or not.
+TLS or not. A TLS setting that would have no effect (``etcd_tls_server_name``
+with TLS off, TLS files with ``http://`` endpoints) is refused, never
+ignored: the connection would otherwise be plaintext, credentials included.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ class StoreConfig(BaseSettings):
         description="Name to check etcd's server certificate against instead of the "
         "endpoint host (gRPC ssl_target_name_override).",
     )
+    etcd_page_size: int = Field(
+        default=5000,
+        ge=1,
+        le=100_000,
+        description="Keys per etcd range request when listing (a listing is read in pages "
+        "at one revision, again at a fresh one if etcd compacts under it).",
+    )
     max_metadata_bytes: int = Field(
         default=64 * 1024,
         ge=0,
@@ -132,6 +141,11 @@ class StoreConfig(BaseSettings):
             raise ValueError(f"{info.field_name} {str(v)!r} is not readable: {e}") from None
         return v
 
+    @field_validator("etcd_tls_server_name")
+    @classmethod
+    def _blank_is_unset(cls, v: str | None) -> str | None:
+        return (v.strip() or None) if v is not None else None
+
     @model_validator(mode="after")
     def _check_etcd_security(self) -> Self:
         if (self.etcd_cert_file is None) != (self.etcd_key_file is None):
@@ -149,6 +163,14 @@ class StoreConfig(BaseSettings):
             raise ValueError(
                 "etcd TLS files are set but the endpoints say http://: use https:// "
                 "endpoints (or host:port) with TLS"
+            )
+        if self.etcd_tls_server_name is not None and not self.etcd_tls:
+            where = "http://" if "http" in schemes else "host:port"
+            raise ValueError(
+                f"etcd_tls_server_name is set but TLS to etcd is off (the endpoints are "
+                f"{where} and no etcd_ca_file is set), so it would be ignored and etcd "
+                "reached in plaintext: set etcd_ca_file (the CA of etcd's server "
+                "certificate) or use https:// endpoints, or unset etcd_tls_server_name"
             )
         if self.etcd_password is not None and self.etcd_username is None:
             raise ValueError("etcd_password is set without etcd_username")

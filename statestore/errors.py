@@ -14,8 +14,9 @@ class StateStoreError(Exception):
     """Base of every statestore error."""
 
     kind: str = "error"
-    #: HTTP status the REST layer answers with.
-    http_status: int = 500
+    #: HTTP status of this error over REST (the service's own table,
+    #: statestore_api.problems.STATUS, decides what it answers).
+    http_status: int = 503
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)

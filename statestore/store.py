@@ -174,6 +174,7 @@ class StoreBackend:
             key_file=cfg.etcd_key_file,
             tls_server_name=cfg.etcd_tls_server_name,
             tls=cfg.etcd_tls,
+            page_size=cfg.etcd_page_size,
         )
         self.blobs = BlobStore(cfg.blob_root, cfg.storage_options, chunk_size=cfg.blob_chunk_size)
         # Learned from etcd when it refuses a txn as too large (--max-txn-ops).
@@ -822,11 +823,11 @@ class StateHandleStore:
 
     async def _read_all(self, start: bytes) -> tuple[list[KV], set[bytes], int]:
         """All keys under ``start`` (handles and their locks) and the handle keys
-        pending removal, at ONE revision."""
-        kvs, rev = await self._s.client.range_all(start, prefix_end(start))
+        pending removal, at ONE revision (read again at a fresh one when etcd
+        compacts under the read: ``EtcdClient.read_ranges``)."""
         rp = self._keys.removals_prefix
-        removals, _ = await self._s.client.range_all(
-            rp, prefix_end(rp), revision=rev, keys_only=True
+        (kvs, removals), rev = await self._s.client.read_ranges(
+            [(start, prefix_end(start), False), (rp, prefix_end(rp), True)]
         )
         pending = {self._keys.handle_of_removal(kv.key) for kv in removals}
         return kvs, pending, rev

@@ -12,7 +12,7 @@ HANDLE_FIELDS = {"name", "version", "size", "sha256", "created_at", "metadata", 
 PROBLEM_TYPES = {
     "already-exists", "not-found", "version-conflict", "locked", "fenced", "not-leader",
     "session-expired", "invalid-argument", "integrity", "too-large", "unauthorized",
-    "forbidden", "unavailable",
+    "forbidden", "unavailable", "compacted",
 }  # fmt: skip
 
 

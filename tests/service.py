@@ -23,6 +23,7 @@ class ServiceProcess:
 
     def __init__(self, env: dict[str, str], log_file: Path, workers: int = 1) -> None:
         self.port = free_port()
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = log_file
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}

@@ -116,7 +116,10 @@ async def sweep_orphans(
     blobs = await store.blobs.list_namespace(ns)  # first: see the module docstring
     uploads = await store.blobs.stale_multipart_uploads(ns)
     keys = store.keys
-    handles, rev = await store.etcd.range_all(keys.handles_prefix, prefix_end(keys.handles_prefix))
+    hp, gp, up = keys.handles_prefix, keys.gc_prefix, keys.uploads_prefix
+    (handles, queued, uploading), _ = await store.etcd.read_ranges(
+        [(hp, prefix_end(hp), False), (gp, prefix_end(gp), True), (up, prefix_end(up), True)]
+    )
     try:
         referenced = {
             decode_handle_blob_ref(kv.value) for kv in handles if keys.is_handle_key(kv.key)
@@ -125,13 +128,7 @@ async def sweep_orphans(
         # A record we cannot read might name any blob: sweep nothing here (never guess).
         report.errors.append(f"{ns}: unreadable handle record ({e.reason}); orphan sweep skipped")
         return
-    for prefix, blob_id_of_key in (
-        (keys.gc_prefix, keys.parse_gc_key),
-        (keys.uploads_prefix, keys.parse_upload_key),
-    ):
-        kvs, _ = await store.etcd.range_all(
-            prefix, prefix_end(prefix), revision=rev, keys_only=True
-        )
+    for kvs, blob_id_of_key in ((queued, keys.parse_gc_key), (uploading, keys.parse_upload_key)):
         referenced.update(blob_id_of_key(kv.key) for kv in kvs)
     for b in blobs:
         age = blob_age(b.blob_id, b.mtime, now)
