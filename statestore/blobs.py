@@ -25,8 +25,10 @@ Failure behaviour:
   effort) and :class:`~statestore.errors.Unavailable` is raised;
 - the data exceeds ``max_size`` or does not match ``expected_sha256``: the
   partial object is deleted and ``TooLarge`` / ``IntegrityError`` is raised;
-- a read whose bytes do not match size and SHA-256: ``IntegrityError`` after
-  the last chunk (an iterator cannot take back chunks already yielded);
+- a read whose bytes do not match size and SHA-256: ``IntegrityError`` in
+  place of the last chunk (``open_read`` holds each chunk back until the next
+  one is read, so a consumer never receives all the bytes of a blob that does
+  not match; it cannot take back the chunks before);
 - delete of a missing blob succeeds (deletes are idempotent).
 """
 
@@ -395,26 +397,39 @@ class BlobStore:
     # -- read --------------------------------------------------------------------
 
     async def open_read(self, url: str, size: int, sha256: str) -> AsyncIterator[bytes]:
-        """Yield the blob's chunks; raise IntegrityError at the end on mismatch."""
+        """Yield the blob's chunks, verified: the last chunk is held back
+        until every byte has been hashed and counted.
+
+        A consumer therefore never receives all of a blob's bytes unless they
+        match: on a SHA-256 mismatch, or a blob shorter than ``size``,
+        IntegrityError is raised in place of the last chunk; a blob longer
+        than ``size`` raises as soon as a chunk crosses it. One read ahead
+        keeps at most two chunks in memory. A blob of one chunk is thus
+        verified before its first (only) chunk is yielded."""
         path = self.path_of(url)
         try:
             f = await self._run("open", self._open_read, path)
         except FileNotFoundError:
             raise self._missing(url) from None
         h, seen = hashlib.sha256(), 0
+        held: bytes | None = None
         try:
             while True:
                 chunk = await self._run("read", f.read, self.chunk_size)
                 if not chunk:
                     break
                 seen += len(chunk)
-                h.update(chunk)
-                if seen > size:
+                if seen > size:  # longer than its record: no need to read on
                     break
-                yield chunk
+                h.update(chunk)
+                if held is not None:
+                    yield held
+                held = chunk
         finally:
             await self._run("close", f.close)
         self._verify(url, size, sha256, seen, h.hexdigest())
+        if held is not None:
+            yield held
 
     async def read(self, url: str, size: int, sha256: str) -> bytes:
         """The whole blob, verified. Up to one chunk it is one blocking call
@@ -446,12 +461,18 @@ class BlobStore:
 
     @staticmethod
     def _verify(url: str, size: int, sha256: str, seen: int, digest: str) -> None:
-        if seen != size or digest != sha256:
-            raise IntegrityError(
-                f"the blob {url} does not match its handle (expected {size} bytes with SHA-256 "
-                f"{sha256}, read {seen} bytes with SHA-256 {digest}); the state was "
-                "altered or truncated outside statestore"
-            )
+        """Raise IntegrityError unless ``seen`` bytes with ``digest`` are what
+        the handle records (``seen`` over ``size``: the read stopped early)."""
+        if seen > size:
+            found = f"more than {size} bytes (at least {seen})"
+        elif seen != size or digest != sha256:
+            found = f"{seen} bytes with SHA-256 {digest}"
+        else:
+            return
+        raise IntegrityError(
+            f"the blob {url} does not match its handle (expected {size} bytes with SHA-256 "
+            f"{sha256}, read {found}); the state was altered or truncated outside statestore"
+        )
 
     # -- delete, list, ping ------------------------------------------------------
 
