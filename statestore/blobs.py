@@ -107,6 +107,16 @@ def blob_age(blob_id: str, mtime: float | None, now: float) -> float | None:
     return None if mtime is None else now - mtime
 
 
+def _fsync_dir(path: str) -> None:
+    """fsync a directory, which makes the names in it durable (POSIX: a
+    file's fsync covers its data, not its entry in the directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def new_blob_id() -> str:
     """A fresh id: a millisecond timestamp (for people reading listings) and
     128 random bits (for uniqueness)."""
@@ -237,12 +247,12 @@ class BlobStore:
             return self.fs.open(path, "wb", block_size=block_size)
         parent = path.rsplit("/", 1)[0]
         if parent not in self._made_dirs:
-            self.fs.makedirs(parent, exist_ok=True)
+            self._make_dirs(parent)
             self._made_dirs.add(parent)
         try:
             return self.fs.open(path, "wb", block_size=block_size)
         except FileNotFoundError:
-            self.fs.makedirs(parent, exist_ok=True)
+            self._make_dirs(parent)
         try:
             return self.fs.open(path, "wb", block_size=block_size)
         except FileNotFoundError as e:  # removed again at once: not the caller's fault
@@ -251,10 +261,35 @@ class BlobStore:
                 "keeps disappearing, check what removes it"
             ) from None
 
-    def _finish(self, f: Any) -> None:
+    def _make_dirs(self, directory: str) -> None:
+        """Make ``directory`` (local file system) and make its entry durable.
+
+        A blob's directory entry is only as durable as the entries of the
+        directories above it: a crash after a commit must not lose a new
+        namespace directory (and with it every committed blob in it,
+        invariant 3). So the parent of every directory that was missing is
+        fsynced, and the directory's own parent always on its first use in
+        this process: another writer may have just made it and not yet
+        fsynced its parent when we commit."""
+        missing, d = [], directory
+        while d and not os.path.isdir(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        self.fs.makedirs(directory, exist_ok=True)
+        parents = {os.path.dirname(m) for m in missing} | {os.path.dirname(directory)}
+        for parent in sorted(parents):  # top down
+            _fsync_dir(parent)
+
+    def _finish(self, f: Any, path: str) -> None:
+        """Complete a write; on a local file system make it durable before the
+        caller commits a handle to it (invariant 3): fsync the file's data,
+        then its directory, which holds the file's name."""
         if self._local:
             f.flush()
-            os.fsync(f.fileno())  # acknowledged state must survive a crash
+            os.fsync(f.fileno())
+            f.close()
+            _fsync_dir(os.path.dirname(path))
+            return
         f.close()
 
     def _discard(self, f: Any, path: str) -> None:
@@ -307,7 +342,7 @@ class BlobStore:
                 f = self._open_write(path)
                 try:
                     f.write(buf)
-                    self._finish(f)
+                    self._finish(f, path)
                 except BaseException:
                     self._discard(f, path)
                     raise
@@ -334,7 +369,7 @@ class BlobStore:
                 h.update(chunk)
                 f.write(chunk)
             info = verify(BlobInfo(self.url_of(path), size, h.hexdigest()))
-            self._finish(f)
+            self._finish(f, path)
         except BaseException:
             self._discard(f, path)
             raise
@@ -388,7 +423,7 @@ class BlobStore:
             if pending:
                 await self._run("write", flush, pending)
             info = verify(BlobInfo(self.url_of(path), size, h.hexdigest()))
-            await self._run("write", self._finish, f)
+            await self._run("write", self._finish, f, path)
         except BaseException:
             await asyncio.shield(self._run("discard", self._discard, f, path))
             raise
@@ -597,7 +632,7 @@ class BlobStore:
                 f = self._open_write(path)
                 try:
                     f.write(b"statestore readiness probe\n")
-                    self._finish(f)
+                    self._finish(f, path)
                 except BaseException:
                     self._discard(f, path)
                     raise
