@@ -98,15 +98,6 @@ class BlobEntry:
     mtime: float | None
 
 
-def blob_age(blob_id: str, mtime: float | None, now: float) -> float | None:
-    """Seconds since the blob was started: from the timestamp in its id (see
-    :func:`new_blob_id`), else from the store's mtime; None when unknown."""
-    head = blob_id.split("-", 1)[0]
-    if len(head) == 13 and head.isdigit():
-        return now - int(head) / 1000
-    return None if mtime is None else now - mtime
-
-
 def _fsync_dir(path: str) -> None:
     """fsync a directory, which makes the names in it durable (POSIX: a
     file's fsync covers its data, not its entry in the directory)."""
@@ -118,8 +109,9 @@ def _fsync_dir(path: str) -> None:
 
 
 def new_blob_id() -> str:
-    """A fresh id: a millisecond timestamp (for people reading listings) and
-    128 random bits (for uniqueness)."""
+    """A fresh id: a millisecond timestamp (for people reading listings; on
+    the writer's clock, so the GC never ages a blob by it) and 128 random
+    bits (for uniqueness)."""
     return f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex}"
 
 
