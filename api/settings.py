@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 
 from statestore.config import StoreConfig
+from statestore_api.session_registry import MAX_TTL, MIN_TTL
 
 
 class ServiceSettings(StoreConfig):
@@ -28,6 +29,13 @@ class ServiceSettings(StoreConfig):
         description="Idle keep-alive of client connections; keep it above any load "
         "balancer's idle timeout, or pooled clients race the server's close.",
     )
+    max_session_ttl_seconds: int = Field(
+        default=120,
+        ge=MIN_TTL,
+        le=MAX_TTL,
+        description="Longest TTL a REST session may ask for (400 above). The GC grace "
+        "period must be at least this long: the service refuses to start otherwise.",
+    )
     maintenance: bool = Field(
         default=True, description="Run the reconciler, blob GC and compactor in this process."
     )
@@ -37,3 +45,11 @@ class ServiceSettings(StoreConfig):
     )
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_json: bool = Field(default=True, description="One JSON object per log line.")
+
+    def _longest_reader_lease(self) -> tuple[int, str]:
+        """REST sessions hold locks too, on leases of up to
+        ``max_session_ttl_seconds``; SDK instances on ``lease_ttl``."""
+        return max(
+            (self.max_session_ttl_seconds, "max_session_ttl_seconds"),
+            super()._longest_reader_lease(),
+        )

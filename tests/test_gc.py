@@ -861,6 +861,31 @@ async def test_s3_crashed_first_writers_multipart_upload_is_aborted(
 # -- (f) the CLI ------------------------------------------------------------------
 
 
+def gc_cli(cfg: StoreConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    """``statestore gc *args`` with ``cfg``'s etcd, roots, grace period and
+    no minimum orphan age."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
+    env.update(
+        STATESTORE_ETCD_ENDPOINTS=",".join(cfg.etcd_endpoints),
+        STATESTORE_BLOB_ROOT=cfg.blob_root,
+        STATESTORE_ROOT=cfg.root,
+        STATESTORE_ORPHAN_MIN_AGE_SECONDS="0",
+        STATESTORE_GC_GRACE_SECONDS=str(cfg.gc_grace_seconds),
+        STATESTORE_ALLOW_SHORT_GC_GRACE="true",
+        COLUMNS="1000",
+        TERM="dumb",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "statestore.cli", "gc", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 async def test_gc_cli_dry_run_then_real_run(
     make_config: Callable[..., StoreConfig],
     open_store: OpenStore,
@@ -874,27 +899,9 @@ async def test_gc_cli_dry_run_then_real_run(
     current = await store.replace("chk", first.version, b"v2")  # queues first's blob
     orphan = directory / new_blob_id()  # as left by an unresolved ambiguous commit
     orphan.write_bytes(b"nobody's state")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
-    env.update(
-        STATESTORE_ETCD_ENDPOINTS=",".join(cfg.etcd_endpoints),
-        STATESTORE_BLOB_ROOT=cfg.blob_root,
-        STATESTORE_ROOT=cfg.root,
-        STATESTORE_ORPHAN_MIN_AGE_SECONDS="0",
-        STATESTORE_GC_GRACE_SECONDS="0",
-        COLUMNS="1000",
-        TERM="dumb",
-    )
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "statestore.cli", "gc", *args],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return gc_cli(cfg, *args)
 
     dry = await asyncio.to_thread(cli, "--dry-run")
     out = dry.stdout + dry.stderr
@@ -916,4 +923,28 @@ async def test_gc_cli_dry_run_then_real_run(
     assert not (directory / first.blob_id).exists(), "queued blob not deleted"
     assert await store.etcd.get(store.keys.gc(first.blob_id)) is None
     assert blob_files(directory) == {current.blob_id}
+    assert await store.read("chk") == b"v2"
+
+
+async def test_gc_cli_waits_out_the_grace_period_of_what_it_sees_queued(
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+    tmp_path: Path,
+    namespace: str,
+) -> None:
+    """A one-shot run has seen no gc entry before and trusts no writer's
+    ``queued_at``: it waits the grace period once, then deletes the blob."""
+    grace = 1.5
+    cfg = make_config(root=unique_root(), gc_grace_seconds=grace)
+    store = await open_store(cfg)
+    first = await store.add_and_lock("chk", b"v1")
+    await store.replace("chk", first.version, b"v2")  # queues first's blob
+    started = time.monotonic()
+    run = await asyncio.to_thread(gc_cli, cfg)
+    took = time.monotonic() - started
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "reclaimed 1 queued blob(s) and 0 orphan(s); 0 queued blob(s) still in" in out, out
+    assert took >= grace, f"reclaimed after {took:.2f}s, within the {grace}s grace period"
+    assert not (blob_dir(tmp_path, namespace) / first.blob_id).exists()
     assert await store.read("chk") == b"v2"
