@@ -81,6 +81,14 @@ def damage_blob(blob_dir: Path, damage: Callable[[bytes], bytes]) -> None:
     blob.write_bytes(damage(blob.read_bytes()))
 
 
+def put_state(api: httpx.Client, ns: str, name: str, data: bytes, sid: str | None = None) -> str:
+    """PUT ``data`` as handle ``name`` (in a new session unless ``sid``); the session id."""
+    sid = sid or new_session(api)
+    r = api.put(hpath(ns, name), content=data, headers=sess(sid))
+    assert r.status_code == 201, r.text
+    return sid
+
+
 def raw_get(port: int, path: str, timeout: float = 20.0) -> tuple[str, dict[str, str], bytes]:
     """GET over a plain socket, reading until the server closes: the status
     line, the headers and every body byte that arrived."""
@@ -124,9 +132,7 @@ def test_a_damaged_streamed_state_is_never_served_complete(
     svc, blobs = streaming_service
     data = state_bytes(SIZE)
     with client(svc.url) as api:
-        sid = new_session(api)
-        r = api.put(hpath(namespace, "chk"), content=data, headers=sess(sid))
-        assert r.status_code == 201, r.text
+        sid = put_state(api, namespace, "chk", data)
         assert api.get(hpath(namespace, "chk", "/state")).content == data  # intact: served
         damage_blob(blobs / encode(namespace), DAMAGES[damage])
         aborts_before = aborted_count(svc)
@@ -172,8 +178,7 @@ def test_a_damaged_streamed_state_is_never_served_complete(
         assert "Exception in ASGI application" not in log, log
 
         # The service is fine: other states are served in full.
-        r = api.put(hpath(namespace, "other"), content=data, headers=sess(sid))
-        assert r.status_code == 201, r.text
+        put_state(api, namespace, "other", data, sid)
         assert api.get(hpath(namespace, "other", "/state")).content == data
 
 
@@ -186,9 +191,7 @@ def test_a_damaged_one_chunk_state_over_1_mib_is_a_502_before_answering(
     svc = service_factory(blob_root=f"file://{blobs}")
     data = state_bytes(2 * MiB)
     with client(svc.url) as api:
-        sid = new_session(api)
-        r = api.put(hpath(namespace, "chk"), content=data, headers=sess(sid))
-        assert r.status_code == 201, r.text
+        put_state(api, namespace, "chk", data)
         damage_blob(blobs / encode(namespace), DAMAGES["flipped-last-byte"])
         body = assert_problem(api.get(hpath(namespace, "chk", "/state")), 502, "integrity")
         assert "does not match its handle" in body["detail"], body
