@@ -467,3 +467,18 @@ def test_info_writes_need_write_and_reads_need_read(auth_service: ServiceProcess
         assert r.json() == {"leader": sid, "fencing_token": token, "info": {"address": "jm-1"}}
         assert c.delete(info_path(ns, "address"), headers=writer).status_code == 204
         assert c.get(leader_path(ns), headers=bearer(READER)).json()["info"] == {}
+
+
+def test_unreachable_etcd_is_503_for_the_leadership_calls(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    svc = service_factory(etcd_endpoints="127.0.0.1:1", etcd_timeout=1)
+    h = sess("1a2b3c-0123456789abcdef")
+    with client(svc.url) as c:
+        for r in (
+            c.get(leader_path("ns-x")),
+            c.post(leader_path("ns-x"), params={"wait": "5"}, headers=h),
+            c.put(info_path("ns-x", "address"), content=b'"x"', headers=h),
+            c.delete(info_path("ns-x", "address"), headers=h),
+        ):
+            assert_problem(r, 503, "unavailable")
