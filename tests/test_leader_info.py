@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import OpenStore, async_wait_until
+from helpers import OpenStore, async_wait_until, running
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.election import (
@@ -134,8 +134,7 @@ async def test_only_the_leader_publishes_and_removes(
     await ea.publish_info("address", "a")
 
     # Not a candidate at all, and a candidate waiting in line: both refused.
-    waiting = asyncio.create_task(eb.campaign())
-    try:
+    async with running(eb.campaign()):
         for _ in range(2):
             with pytest.raises(NotLeader) as info:
                 await eb.publish_info("address", "b")
@@ -150,10 +149,6 @@ async def test_only_the_leader_publishes_and_removes(
                 return len(await raw_kvs(a, a.keys.leader_prefix)) == 2
 
             await async_wait_until(b_in_line, 10, message="B never lined up")
-    finally:
-        waiting.cancel()
-        with contextlib.suppress(BaseException):
-            await waiting
 
     # Nobody leads: NotLeader names no leader.
     await ea.resign()
@@ -322,18 +317,13 @@ async def test_waiting_candidate_resigning_leaves_the_leaders_info(
     await ea.publish_info("address", "a")
     b = await open_store(make_config())
     eb = LeaderElection(b)
-    waiting = asyncio.create_task(eb.campaign())
-    try:
+    async with running(eb.campaign()):
 
         async def b_in_line() -> bool:
             return len(await raw_kvs(a, a.keys.leader_prefix)) == 2
 
         await async_wait_until(b_in_line, 10, message="B never lined up")
         await eb.resign()
-    finally:
-        waiting.cancel()
-        with contextlib.suppress(BaseException):
-            await waiting
     assert [kv.key for kv in await raw_kvs(a, a.keys.leader_prefix)] == [ea.leader_key]
     assert await raw_info(a) == {"address": LeaderInfo(token, "a")}
 
@@ -378,8 +368,7 @@ async def test_a_cancelled_campaign_withdraws_its_candidacy(
         return len(await raw_kvs(a, a.keys.leader_prefix)) == n
 
     await async_wait_until(lambda: line_length(2), 10, message="B never lined up")
-    task_c = asyncio.create_task(ec.campaign(timeout=30))
-    try:
+    async with running(ec.campaign(timeout=30)) as task_c:
         await async_wait_until(lambda: line_length(3), 10, message="C never lined up")
         task_b.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -393,10 +382,6 @@ async def test_a_cancelled_campaign_withdraws_its_candidacy(
         assert token_c > token
         assert await ec.leader() == (c.instance_id, token_c)
         assert not eb.is_leader
-    finally:
-        task_c.cancel()
-        with contextlib.suppress(BaseException):
-            await task_c
 
 
 async def test_a_cancelled_campaign_of_the_leader_keeps_its_leadership(

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+from rest import client, new_session
 from schemathesis import GenerationMode
 from service import ServiceProcess
 from test_rest_schema import MAX_EXAMPLES, Found, fail_with, run_operation
@@ -40,12 +41,10 @@ def leader_service(service: ServiceProcess) -> ServiceProcess:
 
 @pytest.fixture
 def live_session(leader_service: ServiceProcess) -> Iterator[str]:
-    with httpx.Client(base_url=leader_service.url, trust_env=False, timeout=10) as client:
-        r = client.post("/v1/sessions", json={"ttl_seconds": 300, "owner": "schemathesis"})
-        assert r.status_code == 201, r.text
-        sid = str(r.json()["session_id"])
+    with client(leader_service.url) as c:
+        sid = new_session(c, ttl=300, owner="schemathesis")
         yield sid
-        client.delete(f"/v1/sessions/{sid}")
+        c.delete(f"/v1/sessions/{sid}")
 
 
 def test_the_document_describes_the_leadership_calls(leader_service: ServiceProcess) -> None:
