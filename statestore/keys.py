@@ -62,6 +62,12 @@ def validate_name(name: object) -> str:
     return _validate("handle name", name)
 
 
+def validate_info_key(key: object) -> str:
+    """Return ``key`` if it is a valid leader info key (the handle name
+    rules), else raise InvalidArgument."""
+    return _validate("leader info key", key)
+
+
 def validate_namespace(ns: object) -> str:
     """Return ``ns`` if it is a valid namespace, else raise InvalidArgument.
 

@@ -6,6 +6,7 @@ what they hold::
     <ns>/handles/<name>             compact JSON                encode_handle, decode_handle
     <ns>/handles/<name>/locks/<id>  holder's instance id        encode_holder, decode_holder
     <ns>/leader/<id>                candidate's instance id     encode_holder, decode_holder
+    <ns>/leader-info/<key>          compact JSON                LeaderInfo
     <ns>/removals/<name>            compact JSON                RemovalMarker
     <ns>/gc/<blob-id>               compact JSON                GcEntry
     <ns>/uploads/<blob-id>          compact JSON                UploadIntent
@@ -357,6 +358,7 @@ class SessionRecord(_JsonRecord):
 __all__ = [
     "HANDLE_FORMAT",
     "GcEntry",
+    "LeaderInfo",
     "MalformedRecord",
     "RemovalMarker",
     "SessionRecord",

@@ -94,6 +94,17 @@ class TokenFence:
     token: int | None
 
 
+def leadership_compares(t: Txn, leader_prefix: bytes, leader_key: bytes, token: int) -> Txn:
+    """Add to ``t`` the compares that make it run only under the leadership
+    ``token``: ``leader_key`` exists with create revision ``token`` AND no
+    key under ``leader_prefix`` is older (a waiting candidate has a key too,
+    but not the lowest one). Every fenced write carries them, and so does
+    every write of the leader's own info (``LeaderElection.publish_info``)."""
+    t.compare("create", leader_key, "==", token)
+    t.compare("create", leader_prefix, ">", token - 1, range_end=prefix_end(leader_prefix))
+    return t
+
+
 @dataclass(frozen=True, slots=True)
 class Removal:
     """Outcome of a removal attempt."""
@@ -364,12 +375,8 @@ class StateHandleStore:
             lost = self._s.session.lost_count
             t = build(lease)
             if fence is not None:
-                # Leadership = our election key exists with this create revision
-                # AND no key under the leader prefix is older (a waiting
-                # candidate has a key too, but not the lowest one).
                 lp = self._keys.leader_prefix
-                t.compare("create", fence[0], "==", fence[1])
-                t.compare("create", lp, ">", fence[1] - 1, range_end=prefix_end(lp))
+                leadership_compares(t, lp, fence[0], fence[1])
                 t.orelse(Txn.get(lp, prefix_end(lp), keys_only=True))
             try:
                 res = await self._s.client.txn(t, what=what)
