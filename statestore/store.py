@@ -1086,6 +1086,12 @@ class StateHandleStore:
         With ``deferred=True`` the removal is recorded
         (``removals/<name>``) and completes as soon as the last lock goes, by
         release or lease expiry; meanwhile the handle cannot be locked.
+
+        The removal is of the handle as first read: a replace meanwhile makes
+        it decide again on the new version, but a handle removed and added
+        again meanwhile is a new one that this call does not touch (True: the
+        one asked for is gone). So the marker is put only by a txn comparing
+        the version it decided on: a removal can never land on a later write.
         """
         return (await self.try_remove(name, deferred=deferred)).removed
 
@@ -1099,11 +1105,18 @@ class StateHandleStore:
         # The handle as the last txn's else branch returned it: a retry after
         # a lost race decides on that instead of reading it again.
         seen: list[KV] | None = None
+        # The create revision of the handle first read: the one asked for.
+        generation: int | None = None
         for _ in range(_MAX_ROUNDS):
             if seen is None:
                 kv = await self._s.client.get(hkey)
             else:
                 kv, seen = (seen[0] if seen else None), None
+            if kv is not None and generation not in (None, kv.create_revision):
+                # Removed and added again meanwhile: that is a later write, and
+                # the handle this removal was asked for is gone (own lock: let go
+                # by the else branch that showed the new one).
+                return Removal(True, [])
             if kv is None:
                 # Nothing to remove; still, a fenced caller must prove leadership
                 # (a deposed leader learns it is deposed, not "removed").
@@ -1113,6 +1126,7 @@ class StateHandleStore:
                     fenced=True,
                 )
                 return Removal(True, [])
+            generation = kv.create_revision
             h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
             gc_key = self._keys.gc(h.blob_ref)
             gc_value = self._gc_entry(h, "removed")
@@ -1163,17 +1177,29 @@ class StateHandleStore:
                 continue  # they let go meanwhile: try again
             if not deferred:
                 return Removal(False, holders)
-            return await self._defer_removal(name, h, holders)
+            marked = await self._defer_removal(name, h, holders)
+            if isinstance(marked, Removal):
+                return marked
+            seen = marked  # replaced (or gone) since our removal txn: decide again
         raise Unavailable(f"release_and_try_remove({name!r}): no definite answer; retry")
 
-    async def _defer_removal(self, name: str, h: Handle, holders: list[str]) -> Removal:
+    async def _defer_removal(self, name: str, h: Handle, holders: list[str]) -> Removal | list[KV]:
+        """Record the removal of ``h`` for later: ONE txn ``If(mod_revision(handle)
+        == h.version [and fence]) Then(put removals/<name>) Else(get handle)``.
+
+        The compare is on the version the removal decided on: the handle may
+        have been removed and written again since, and a marker on that new
+        write would remove it once its writer lets go (invariant 3). Returns
+        the outcome, or the handle as it is now when it is no longer ``h``
+        (the caller decides again). Safe to send again after an ambiguous
+        answer: the compare still holds only for ``h``."""
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
         marker = RemovalMarker(name, time.time(), self._s.instance_id).encode()
 
         def build(lease: int) -> Txn:
             return (
                 Txn()
-                .compare("create", hkey, ">", 0)
+                .compare("mod", hkey, "==", h.version)
                 .then(Txn.put(rkey, marker))
                 .orelse(Txn.get(hkey))
             )
@@ -1183,7 +1209,8 @@ class StateHandleStore:
             f"deferred removal of {name!r}",
         )
         if not res.succeeded:
-            return Removal(True, [])
+            current: list[KV] = res.results[0]
+            return current
         # The holders may have let go between our two txns: finish now if so.
         if await self.complete_removal(name):
             return Removal(True, [])
