@@ -918,10 +918,13 @@ class StateHandleStore:
 
         Reads all handles at one revision, then locks them in txns of at most
         ``max_txn_ops`` operations, each comparing that its handles are still
-        at the snapshot's version; a batch that lost a race is re-read and
-        sent again without the handles that vanished. Handles pending removal
-        are not returned (they are logically deleted). If etcd refuses a txn
-        as too large, the batch size is halved and remembered.
+        at the snapshot's version and have no removal marker; a batch that
+        lost a race is re-read and sent again without the handles that
+        vanished or became pending removal. Handles pending removal are not
+        returned and not locked, whether the removal was requested before the
+        snapshot or while locking (they are logically deleted, and
+        ``get_and_lock`` refuses them too). If etcd refuses a txn as too
+        large, the batch size is halved and remembered.
         """
         return (await self._lock_all(None, None, with_holders=False))[0]
 
@@ -975,8 +978,12 @@ class StateHandleStore:
         return handles, holders, rev
 
     def _batch_size(self) -> int:
-        # One compare per handle plus the two fence compares must fit the limit.
-        return max(1, self._s.max_ops - (2 if self._fence is not None else 0))
+        """Handles per lock txn: two compares each (its version, no removal
+        marker) plus the two fence compares must fit the ops limit."""
+        return max(1, (self._s.max_ops - self._fence_compares()) // 2)
+
+    def _fence_compares(self) -> int:
+        return 2 if self._fence is not None else 0
 
     async def _lock_batch(self, batch: list[_Keyed]) -> list[_Keyed]:
         me = self._s.instance_id
@@ -995,7 +1002,11 @@ class StateHandleStore:
             def build(lease: int, current: list[_Keyed] = current) -> Txn:
                 t = Txn()
                 for key, h in current:
+                    # A removal requested since the snapshot makes the handle
+                    # unlockable (rest-v1: "no longer lockable meanwhile"): the
+                    # check must be in the locking txn, as in get_and_lock.
                     t.compare("mod", key, "==", h.version)
+                    t.compare("create", self._keys.removal_of(key), "==", 0)
                     t.then(Txn.put(Layout.lock_of(key, me), value, lease))
                 return t
 
@@ -1004,7 +1015,8 @@ class StateHandleStore:
             except TooManyOps:
                 # Shrink from the size etcd refused, not from the current limit:
                 # concurrent batches refused at the same size must not compound.
-                self._s.max_ops = max(1, min(self._s.max_ops, len(current) // 2))
+                refused = 2 * len(current) + self._fence_compares()
+                self._s.max_ops = max(1, min(self._s.max_ops, refused // 2))
                 continue
             except Ambiguous:
                 continue  # lock puts are idempotent: send again

@@ -222,7 +222,8 @@ async def test_get_all_and_lock_never_exceeds_max_txn_ops(
     """100 handles on an etcd started with ``--max-txn-ops 16``; the store is
     told ``max_txn_ops=16``. Just before the first lock txn is sent, a writer
     replaces every handle that txn compares, so the batch fails and goes
-    through the re-read path. Breaks if a batch does not leave room for the two fence compares,
+    through the re-read path. Breaks if a batch does not leave room for its two
+    compares per handle (version, no removal marker) and the two fence compares,
     if the re-read puts more than 16 gets in one txn, if the store falls back
     to one txn per handle, or if a handle ends up unlocked."""
     cfg = make_config(etcd_endpoints=[etcd_small_txn.endpoint], max_txn_ops=MAX_OPS)
@@ -274,7 +275,7 @@ async def test_get_all_and_lock_never_exceeds_max_txn_ops(
     too_big = [s for s in sizes if s[1] > MAX_OPS]
     assert too_big == [], f"txns over {MAX_OPS} ops: {too_big}"
     lock_txns = [s for s in sizes if s[0] == "lock"]
-    batch = MAX_OPS - (2 if fenced else 0)
+    batch = (MAX_OPS - (2 if fenced else 0)) // 2  # two compares per handle
     # Batched, not one txn per handle (the raced batches are sent once more).
     assert len(lock_txns) <= 2 * math.ceil(N_HANDLES / batch), lock_txns
     assert [h.name for h in handles] == [f"h{i:03d}" for i in range(N_HANDLES)]

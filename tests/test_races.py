@@ -8,15 +8,22 @@ goes to etcd unchanged. Each test says which breaking change makes it fail.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
 from helpers import OpenStore
 from interleave import Send, deletes, hook_txn, lock_holders, puts
+from rest import enc, sess
 
-from statestore import StateHandleStore, StoreConfig
+from statestore import CompletedCheckpointStore, StateHandleStore, StoreConfig
+from statestore.checkpoints import checkpoint_name
 from statestore.etcd import Txn, TxnResult
+from statestore.keys import Layout
+from statestore_api.app import create_app
+from statestore_api.service import Service
+from statestore_api.settings import ServiceSettings
 
 
 @pytest.fixture
@@ -114,3 +121,150 @@ async def test_deferred_removal_of_a_replaced_handle_decides_again(
     await b.release("h")  # the last lock goes: the removal completes
     assert await a.etcd.get(a.keys.handle("h")) is None
     assert await lock_holders(a.etcd, a, "h") == []
+
+
+# -- 1b. locking everything skips a handle whose removal is requested meanwhile -------
+
+N_CHECKPOINTS = 4
+
+
+async def _checkpoints(a: StateHandleStore) -> list[str]:
+    """Checkpoints 1..N written by A, none locked (their names, ascending)."""
+    cps = CompletedCheckpointStore(a, max_retained=N_CHECKPOINTS)
+    for i in range(1, N_CHECKPOINTS + 1):
+        await cps.add_checkpoint_and_subsume(i, b"state %d" % i)
+    names = [checkpoint_name(i) for i in range(1, N_CHECKPOINTS + 1)]
+    for n in names:
+        await a.release(n)
+    return names
+
+
+async def _get_all_and_lock(s: StateHandleStore) -> list[str]:
+    return [h.name for h in await s.get_all_and_lock()]
+
+
+async def _lock_all_by_prefix(s: StateHandleStore) -> list[str]:
+    """What REST ``GET .../handles?lock=true&prefix=`` runs."""
+    handles, _, _ = await s.lock_all(checkpoint_name(0)[:4])
+    return [h.name for h in handles]
+
+
+async def _recover(s: StateHandleStore) -> list[str]:
+    """What REST ``GET .../checkpoints?lock=true`` runs."""
+    return [c.handle.name for c in await CompletedCheckpointStore(s).recover()]
+
+
+def _puts_lock_of(store: StateHandleStore, t: Txn) -> bool:
+    suffix = Layout.lock_suffix(store.instance_id)
+    return any(k.endswith(suffix) for k in puts(t))
+
+
+@pytest.mark.parametrize("moment", ["first-send", "resend-after-re-read"])
+@pytest.mark.parametrize(
+    "lock_everything",
+    [_get_all_and_lock, _lock_all_by_prefix, _recover],
+    ids=["get_all_and_lock", "lock_all-prefix", "checkpoint-recover"],
+)
+async def test_locking_all_skips_a_handle_whose_removal_is_requested_meanwhile(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore],
+    monkeypatch: pytest.MonkeyPatch,
+    moment: str,
+    lock_everything: Callable[[StateHandleStore], Awaitable[list[str]]],
+) -> None:
+    """The locker's snapshot shows ``doomed`` unmarked; its removal is
+    requested (deferred: B locks it) before the lock txn is sent, either the
+    first one or the one re-sent after another handle of the batch changed
+    and the batch was re-read. Breaks if the lock txn compares only the
+    versions: ``doomed`` would then be locked and returned although it is no
+    longer lockable (rest-v1), and its removal would wait for the locker."""
+    a, b, locker = trio
+    names = await _checkpoints(a)
+    doomed, changed = names[1], names[2]
+    await b.get_and_lock(doomed)
+    lock_txns: list[Txn] = []
+
+    async def mark_doomed() -> None:
+        outcome = await a.try_remove(doomed, deferred=True)
+        assert outcome.pending, outcome
+
+    async def hook(t: Txn, send: Send) -> TxnResult:
+        if _puts_lock_of(locker, t):
+            lock_txns.append(t)
+            if moment == "first-send" and len(lock_txns) == 1:
+                await mark_doomed()
+            elif moment == "resend-after-re-read" and len(lock_txns) == 1:
+                await a.replace(changed, (await a.get(changed)).version, b"changed")
+            elif moment == "resend-after-re-read" and len(lock_txns) == 2:
+                await mark_doomed()
+        return await send(t)
+
+    hook_txn(monkeypatch, locker.etcd, hook)
+    got = await lock_everything(locker)
+    monkeypatch.undo()
+
+    assert len(lock_txns) >= (1 if moment == "first-send" else 2), "the injection did not run"
+    assert got == [n for n in names if n != doomed], "a handle pending removal was returned"
+    assert await lock_holders(a.etcd, a, doomed) == [b.instance_id], "and locked"
+    for n in got:
+        assert locker.instance_id in await lock_holders(a.etcd, a, n), n
+    await b.release(doomed)  # the last lock goes: the removal completes at once
+    assert await a.etcd.get(a.keys.handle(doomed)) is None, "the locker kept it alive"
+
+
+@pytest.fixture
+async def rest_in_process(
+    make_config: Callable[..., StoreConfig], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[httpx.AsyncClient, Service]]:
+    """The REST app in this process (so a test can hook its etcd client), on
+    the session etcd and the test's blob root; no maintenance tasks."""
+    cfg = make_config()
+    # configure_logging would take over the "statestore" loggers of the session.
+    monkeypatch.setattr("statestore_api.app.configure_logging", lambda *_: None)
+    settings = ServiceSettings(
+        etcd_endpoints=cfg.etcd_endpoints, blob_root=cfg.blob_root, maintenance=False
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://statestore") as api:
+            yield api, app.state.service
+
+
+@pytest.mark.parametrize("listing", ["handles", "checkpoints"])
+async def test_rest_lock_listing_skips_a_handle_whose_removal_is_requested_meanwhile(
+    rest_in_process: tuple[httpx.AsyncClient, Service],
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore],
+    monkeypatch: pytest.MonkeyPatch,
+    listing: str,
+) -> None:
+    """``GET .../handles?lock=true`` and ``GET .../checkpoints?lock=true``
+    (recovery): the removal of ``doomed`` is requested between the service's
+    snapshot and its lock txn. Breaks if the listing locks and returns it."""
+    api, svc = rest_in_process
+    a, b, _ = trio
+    names = await _checkpoints(a)
+    doomed = names[1]
+    await b.get_and_lock(doomed)
+    r = await api.post("/v1/sessions", json={"ttl_seconds": 30})
+    sid = r.json()["session_id"]
+    marked: list[bool] = []
+
+    async def hook(t: Txn, send: Send) -> TxnResult:
+        if not marked and any(k.endswith(Layout.lock_suffix(sid)) for k in puts(t)):
+            marked.append((await a.try_remove(doomed, deferred=True)).pending)
+        return await send(t)
+
+    hook_txn(monkeypatch, svc.backend.client, hook)
+    path = f"/v1/namespaces/{enc(a.namespace)}/{listing}?lock=true"
+    r = await api.get(path, headers=sess(sid))
+    monkeypatch.undo()
+
+    assert marked == [True], "the injection did not run"
+    assert r.status_code == 200, r.text
+    got = [doc["name"] for doc in r.json()[listing]]
+    assert got == [n for n in names if n != doomed], "a handle pending removal was returned"
+    assert sid not in await lock_holders(a.etcd, a, doomed), "and locked by the session"
+    for n in got:
+        assert sid in await lock_holders(a.etcd, a, n), n
+    await b.release(doomed)
+    assert await a.etcd.get(a.keys.handle(doomed)) is None
