@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
@@ -49,6 +50,8 @@ from statestore.records import (
     encode_holder,
 )
 from statestore.session import Session
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,7 +489,9 @@ class StateHandleStore:
            becomes sweepable when the lease expires);
         3. stream the data to a fresh blob, hashing it;
         4. ONE txn: ``If(create_revision(handle) == 0 [and fence]) Then(put
-           handle, put own lock on own lease, delete upload intent)``.
+           handle, put own lock on own lease, delete upload intent, delete
+           removal marker)`` (a marker without its handle removes nothing;
+           the new handle must not inherit it).
 
         Failures:
 
@@ -581,6 +586,7 @@ class StateHandleStore:
     ) -> Handle:
         lock_key = self._keys.lock(name, self._s.instance_id)
         upload_key = self._keys.upload(blob_id)
+        rkey = self._keys.removal(name)
 
         def build(lease: int) -> Txn:
             return (
@@ -592,6 +598,9 @@ class StateHandleStore:
                     Txn.put(hkey, record),
                     Txn.put(lock_key, encode_holder(self._s.instance_id), lease),
                     Txn.delete(upload_key),
+                    # A marker without its handle (deleted by hand) removes
+                    # nothing; the new handle must not inherit it.
+                    Txn.delete(rkey),
                 )
                 .orelse(Txn.get(hkey), Txn.get(upload_key))
             )
@@ -1206,7 +1215,7 @@ class StateHandleStore:
         (the caller decides again). Safe to send again after an ambiguous
         answer: the compare still holds only for ``h``."""
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
-        marker = RemovalMarker(name, time.time(), self._s.instance_id).encode()
+        marker = RemovalMarker(name, time.time(), self._s.instance_id, h.version).encode()
 
         def build(lease: int) -> Txn:
             return (
@@ -1229,31 +1238,55 @@ class StateHandleStore:
         return Removal(False, holders, pending=True)
 
     async def complete_removal(self, name: str) -> bool:
-        """Finish a pending removal if no lock remains: ONE txn
-        ``If(removal pending, handle at the version read, no lock key at all)
-        Then(delete handle, delete marker, put gc/<blob>)``. Returns True when
-        the handle is gone. Not fenced: it completes what a leader decided."""
+        """Finish a pending removal if no lock remains. Returns True when the
+        handle is gone. Not fenced: it completes what a leader decided.
+
+        Ordering: read the marker and the handle (one txn of gets, one
+        revision); then ONE txn ``If(mod_revision(marker) == read,
+        mod_revision(handle) == the version the marker names, no lock key at
+        all) Then(delete handle, delete marker, put gc/<blob>) Else(range
+        lock prefix)``.
+
+        A marker removes only the handle version it was put for. One whose
+        handle is gone or at another version (a handle deleted by hand, a
+        restored backup) removes nothing: it is dropped by a txn comparing the
+        marker's own mod_revision, so a marker put meanwhile, for a handle
+        written since, is never the one deleted.
+
+        Failures: locks remain -> False (the last one's release, or the
+        reconciler on its expiry, completes it); marker or handle changed
+        between read and txn -> read again; ambiguous -> read again (both txns
+        compare what they read). No definite answer in ``_MAX_ROUNDS`` -> False.
+        """
         name = validate_name(name)
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
         lp = self._keys.lock_prefix(name)
+        read = Txn().then(Txn.get(rkey), Txn.get(hkey))
         for _ in range(_MAX_ROUNDS):
-            kv = await self._s.client.get(hkey)
-            if kv is None:
-                await self._s.client.delete(rkey)
-                return True
+            res = await self._until_definite(
+                lambda: self._s.client.txn(read, what="complete removal read"),
+                f"complete_removal({name!r})",
+            )
+            markers, handles = res.results
+            if not markers:
+                return not handles
+            marker, kv = markers[0], (handles[0] if handles else None)
+            if kv is None or not _removes(marker.value, kv.mod_revision):
+                if await self._drop_stale_marker(rkey, marker):
+                    return kv is None
+                continue
             h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
-            gc_key = self._keys.gc(h.blob_ref)
             t = (
                 Txn()
-                .compare("create", rkey, ">", 0)
+                .compare("mod", rkey, "==", marker.mod_revision)
                 .compare("mod", hkey, "==", kv.mod_revision)
                 .compare("create", lp, "==", 0, range_end=prefix_end(lp))
                 .then(
                     Txn.delete(hkey),
                     Txn.delete(rkey),
-                    Txn.put(gc_key, self._gc_entry(h, "removed")),
+                    Txn.put(self._keys.gc(h.blob_ref), self._gc_entry(h, "removed")),
                 )
-                .orelse(Txn.get(rkey), Txn.get(hkey), Txn.get(lp, prefix_end(lp), keys_only=True))
+                .orelse(Txn.get(lp, prefix_end(lp), keys_only=True))
             )
             try:
                 res = await self._s.client.txn(t, what="complete removal")
@@ -1261,12 +1294,26 @@ class StateHandleStore:
                 continue
             if res.succeeded:
                 return True
-            marker, current, locks = res.results
-            if not current:
-                return True
-            if not marker or locks:
-                return False
+            if res.results[0]:
+                return False  # still locked
+            # The marker or the handle changed since the read: read again.
         return False
+
+    async def _drop_stale_marker(self, rkey: bytes, marker: KV) -> bool:
+        """Delete ``marker`` if it is still the very marker read (its
+        mod_revision): True when it is gone. Ambiguous -> False (read again)."""
+        t = Txn().compare("mod", rkey, "==", marker.mod_revision).then(Txn.delete(rkey))
+        try:
+            res = await self._s.client.txn(t, what="drop stale removal marker")
+        except Ambiguous:
+            return False
+        if res.succeeded:
+            log.warning(
+                "dropped the removal marker %r: its handle is gone or at another version "
+                "than the one it was put for, so it removes nothing",
+                rkey.decode(errors="replace"),
+            )
+        return res.succeeded
 
     async def clear_entries(self) -> None:
         """Release our locks and remove every handle of the namespace.
@@ -1289,6 +1336,16 @@ class StateHandleStore:
                 await self.try_remove(n, deferred=True)
 
         await _gather([one(n) for n in names])
+
+
+def _removes(marker_value: bytes, handle_version: int) -> bool:
+    """Whether a removal marker's value applies to the handle at
+    ``handle_version``. An unreadable marker (not written by statestore)
+    removes nothing: it is treated as stale rather than trusted to delete."""
+    try:
+        return RemovalMarker.decode(marker_value).applies_to(handle_version)
+    except MalformedRecord:
+        return False
 
 
 def _read_handle(value: bytes, version: int, create_revision: int = 0) -> Handle:

@@ -8,6 +8,8 @@ goes to etcd unchanged. Each test says which breaking change makes it fail.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,8 +21,11 @@ from rest import enc, sess
 
 from statestore import CompletedCheckpointStore, StateHandleStore, StoreConfig
 from statestore.checkpoints import checkpoint_name
+from statestore.errors import NotFound
 from statestore.etcd import Txn, TxnResult
-from statestore.keys import Layout
+from statestore.keys import Layout, prefix_end
+from statestore.maintenance.reconciler import RemovalReconciler
+from statestore.records import RemovalMarker
 from statestore_api.app import create_app
 from statestore_api.service import Service
 from statestore_api.settings import ServiceSettings
@@ -268,3 +273,113 @@ async def test_rest_lock_listing_skips_a_handle_whose_removal_is_requested_meanw
         assert sid in await lock_holders(a.etcd, a, n), n
     await b.release(doomed)
     assert await a.etcd.get(a.keys.handle(doomed)) is None
+
+
+# -- 2a. a removal marker acts only on the handle version it was put for ---------------
+
+
+@pytest.mark.parametrize("left_over", [False, True], ids=["no-marker", "marker-left-over"])
+async def test_complete_removal_never_drops_the_marker_of_a_re_created_handle(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore],
+    monkeypatch: pytest.MonkeyPatch,
+    left_over: bool,
+) -> None:
+    """A's ``complete_removal`` reads ``h`` absent (its removal is done, or
+    only a marker left behind by hand is there); before it acts, B writes a
+    new ``h`` and keeps it locked, and C asks to remove it (deferred). A must
+    not delete C's marker: C's removal would be lost, and the new ``h``
+    lockable and never removed. Breaks if "handle absent" deletes the marker
+    unconditionally instead of comparing the marker it read."""
+    a, b, c = trio
+    hkey, rkey = a.keys.handle("h"), a.keys.removal("h")
+    if left_over:  # e.g. an operator deleted the handle key with etcdctl
+        await b.etcd.put(rkey, RemovalMarker("h", time.time(), "gone-instance").encode())
+    raced: list[bool] = []
+
+    async def write_and_mark() -> None:
+        await b.add_and_lock("h", b"generation 2")
+        raced.append((await c.try_remove("h", deferred=True)).pending)
+
+    def reads_handle(t: Txn) -> bool:
+        req = t.request()
+        return not req.compare and any(
+            op.WhichOneof("request") == "request_range" and op.request_range.key == hkey
+            for op in req.success
+        )
+
+    async def hook(t: Txn, send: Send) -> TxnResult:
+        answer = await send(t)
+        if not raced and reads_handle(t):
+            await write_and_mark()  # after A's read, before A acts on it
+        return answer
+
+    original_get = a.etcd.get
+
+    async def get(key: bytes, **kwargs: Any) -> Any:
+        answer = await original_get(key, **kwargs)
+        if not raced and key == hkey:
+            await write_and_mark()
+        return answer
+
+    hook_txn(monkeypatch, a.etcd, hook)
+    monkeypatch.setattr(a.etcd, "get", get)
+    await a.complete_removal("h")
+    monkeypatch.undo()
+
+    assert raced == [True], "the injection did not run"
+    marker = await c.etcd.get(rkey)
+    assert marker is not None, "A deleted the removal marker C put for the new handle"
+    with pytest.raises(NotFound):
+        await a.get_and_lock("h")  # pending removal: not lockable
+    await b.release("h")  # the last lock goes: C's removal completes
+    assert await c.etcd.get(hkey) is None, "C's requested removal was lost"
+
+
+@pytest.mark.parametrize("completer", ["complete_removal", "reconciler"])
+async def test_a_stale_marker_is_dropped_not_applied(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore], completer: str
+) -> None:
+    """A marker recording another version than the handle's (whatever left it
+    there: a restore, a hand edit) is not a removal of this handle: it is
+    dropped and the handle kept. Breaks if complete_removal (or the
+    reconciler, which calls it) acts on the marker's existence alone."""
+    a, b, _ = trio
+    h = await a.add_and_lock("h", b"state")
+    await a.release("h")
+    rkey = a.keys.removal("h")
+    # A marker as records.RemovalMarker writes it, for the version before.
+    stale = {"name": "h", "requested_at": time.time(), "by": "someone", "version": h.version - 1}
+    await a.etcd.put(rkey, json.dumps(stale, separators=(",", ":")).encode())
+
+    if completer == "complete_removal":
+        assert await a.complete_removal("h") is False
+    else:
+        await RemovalReconciler(a).resync()
+
+    assert await a.etcd.get(a.keys.handle("h")) is not None, "the handle was removed"
+    assert await a.etcd.get(rkey) is None, "the stale marker was kept"
+    assert await b.get_and_lock("h") == h
+
+
+async def test_add_drops_a_marker_left_without_its_handle(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore],
+) -> None:
+    """A marker whose handle is gone (deleted by hand with etcdctl) belongs to
+    no handle: the add that writes the name again drops it in its commit txn.
+    Breaks if the new handle inherits it (then it is unlockable, skipped by
+    recovery, and removed when its writer lets go)."""
+    a, b, _ = trio
+    await a.add_and_lock("h", b"generation 1")
+    await b.get_and_lock("h")
+    assert (await a.try_remove("h", deferred=True)).pending
+    hkey = a.keys.handle("h")
+    await a.etcd.delete(hkey, prefix_end(hkey))  # the handle and its locks, by hand
+
+    gen2 = await a.add_and_lock("h", b"generation 2")
+
+    assert await a.etcd.get(a.keys.removal("h")) is None
+    assert await b.get_and_lock("h") == gen2
+    assert [x.name for x in await b.get_all_and_lock()] == ["h"]
+    await a.release("h")
+    await b.release("h")
+    assert await b.read("h") == b"generation 2"
