@@ -506,6 +506,12 @@ class StateHandleStore:
           again (safe: it still compares that the handle is absent). Another
           request id, or etcd still unreachable -> ``PossibleInconsistentState``
           and the blob is kept for the GC to resolve.
+        - Whenever the handle is found under our request id (retry, ambiguous
+          answer), its lock may have gone meanwhile: it is taken again by a
+          txn comparing the version written (:meth:`_lock_own_write`), so a
+          success always holds the lock. Replaced, removed or pending removal
+          since -> ``PossibleInconsistentState``; lease lost ->
+          ``SessionExpired``.
         """
         name = validate_name(name)
         meta = encode_metadata(metadata, self._cfg.max_metadata_bytes)
@@ -517,7 +523,7 @@ class StateHandleStore:
             if existing is not None:
                 h = _read_handle(existing.value, existing.mod_revision, existing.create_revision)
                 if h.request_id == rid:
-                    return h
+                    return await self._lock_own_write(name, h)
                 raise self._already_exists(name, h)
 
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
@@ -614,7 +620,8 @@ class StateHandleStore:
                     continue  # definitely not applied: send it again
                 h = _read_handle(found.value, found.mod_revision, found.create_revision)
                 if h.request_id == rid:
-                    return h
+                    # Applied; but the lock it put may have gone before we knew.
+                    return await self._lock_own_write(name, h)
                 await self._forget_intent(upload_key)
                 raise PossibleInconsistentState(
                     f"add_and_lock({name!r}): etcd did not confirm the write and the handle now "
@@ -634,13 +641,69 @@ class StateHandleStore:
             h = _read_handle(
                 existing[0].value, existing[0].mod_revision, existing[0].create_revision
             )
-            if h.request_id == rid:
-                return h  # an earlier attempt of this very request succeeded
+            if h.request_id == rid:  # an earlier attempt of this very request succeeded
+                return await self._lock_own_write(name, h)
             raise self._already_exists(name, h)
         raise PossibleInconsistentState(
             f"add_and_lock({name!r}) could not get a definite answer from etcd after "
             f"{_MAX_ROUNDS} attempts; the blob {url} is kept for the GC to resolve",
             blob_url=url,
+        )
+
+    async def _lock_own_write(self, name: str, h: Handle) -> Handle:
+        """``h``, found committed under our request id, with our lock on it.
+
+        The lock the commit put may be gone by the time we learn the commit
+        landed (an ambiguous answer resolved by reading, or a retry of the
+        request): our lease expired, or the lock was released. ONE txn
+        ``If(mod_revision(handle) == h.version, no removal marker [and fence])
+        Then(put own lock on own lease) Else(get handle, get marker)`` puts it
+        again (idempotent when it is still there).
+
+        Failures: the handle was replaced, removed or marked for removal
+        since -> ``PossibleInconsistentState`` (the write landed, but it is
+        no longer ours to lock; nothing is locked); lease lost ->
+        ``SessionExpired``; leadership lost -> ``Fenced``; ambiguous -> sent
+        again."""
+        hkey, rkey = self._keys.handle(name), self._keys.removal(name)
+        lock_key = self._keys.lock(name, self._s.instance_id)
+
+        def build(lease: int) -> Txn:
+            return (
+                Txn()
+                .compare("mod", hkey, "==", h.version)
+                .compare("create", rkey, "==", 0)
+                .then(Txn.put(lock_key, encode_holder(self._s.instance_id), lease))
+                .orelse(Txn.get(hkey), Txn.get(rkey))
+            )
+
+        what = f"add_and_lock({name!r}) taking its lock again"
+        try:
+            res = await self._until_definite(
+                lambda: self._txn(build, "add_and_lock (lock own write)", fenced=True), what
+            )
+        except Fenced as e:
+            raise Fenced(
+                f"add_and_lock({name!r}): the write was applied (version {h.version}) while this "
+                "store led, but leadership was lost before its lock could be taken again; "
+                "nothing is locked. Stop acting as leader",
+                **e.details,
+            ) from None
+        if res.succeeded:
+            return h
+        current, marker = res.results
+        if not current:
+            since = "was removed since"
+        elif marker:
+            since = "was marked for removal since"
+        else:
+            since = f"was changed since (now version {current[0].mod_revision})"
+        raise PossibleInconsistentState(
+            f"add_and_lock({name!r}): the write was applied (version {h.version}), but this "
+            "instance's lock on it was gone by the time that was known (its lease expired or "
+            f"the lock was released) and the handle {since}, so it cannot be locked again; "
+            "nothing is locked. Re-read the handle before acting",
+            version=h.version,
         )
 
     async def _forget_intent(self, upload_key: bytes) -> None:

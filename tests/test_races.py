@@ -21,8 +21,8 @@ from rest import enc, sess
 
 from statestore import CompletedCheckpointStore, StateHandleStore, StoreConfig
 from statestore.checkpoints import checkpoint_name
-from statestore.errors import NotFound
-from statestore.etcd import Txn, TxnResult
+from statestore.errors import NotFound, PossibleInconsistentState, SessionExpired
+from statestore.etcd import Ambiguous, Txn, TxnResult
 from statestore.keys import Layout, prefix_end
 from statestore.maintenance.reconciler import RemovalReconciler
 from statestore.records import RemovalMarker
@@ -383,3 +383,96 @@ async def test_add_drops_a_marker_left_without_its_handle(
     await a.release("h")
     await b.release("h")
     assert await b.read("h") == b"generation 2"
+
+
+# -- 2b. an add resolved by its request id holds its lock, or says it does not --------
+
+
+async def _own_lock_lease(store: StateHandleStore, name: str) -> int | None:
+    """The lease of ``store``'s lock on ``name``; None when it holds none."""
+    kv = await store.etcd.get(store.keys.lock(name, store.instance_id))
+    return None if kv is None else kv.lease
+
+
+@pytest.mark.parametrize(
+    "meanwhile", ["lock-released", "lock-released-and-removal-requested", "lease-lost"]
+)
+async def test_ambiguous_add_resolved_by_request_id_holds_its_lock(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore],
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: str,
+) -> None:
+    """A's commit txn is applied but its answer is lost (``Ambiguous``);
+    before A resolves it by reading its request id back, A's lock goes. A
+    must not report "added and locked" while holding nothing: it either
+    takes the lock again (on its current lease, at the version it wrote) or
+    raises. Breaks if the resolution returns the handle without looking at
+    the lock."""
+    a, b, c = trio
+    hkey = a.keys.handle("x")
+    dropped: list[str] = []
+
+    async def drop_lock() -> None:
+        if meanwhile == "lease-lost":  # expiry, as etcd does it: every key of the lease
+            await b.etcd.lease_revoke(a.session.lease_id)
+            return
+        if meanwhile == "lock-released-and-removal-requested":
+            await b.get_and_lock("x")
+        await b.etcd.delete(a.keys.lock("x", a.instance_id))
+        if meanwhile == "lock-released-and-removal-requested":
+            assert (await c.try_remove("x", deferred=True)).pending
+
+    async def hook(t: Txn, send: Send) -> TxnResult:
+        if not dropped and hkey in puts(t):
+            await send(t)  # applied ...
+            await drop_lock()
+            dropped.append(meanwhile)
+            raise Ambiguous("test: the commit's answer was lost")  # ... but unconfirmed
+        return await send(t)
+
+    hook_txn(monkeypatch, a.etcd, hook)
+    try:
+        outcome: Any = await a.add_and_lock("x", b"state of x", request_id="req-1")
+    except (PossibleInconsistentState, SessionExpired) as e:
+        outcome = e
+    monkeypatch.undo()
+
+    assert dropped == [meanwhile], "the injection did not run"
+    print(f"\n{meanwhile}: {outcome!r}")
+    written = await b.get("x")
+    assert written.request_id == "req-1", "the write itself was applied"
+    if meanwhile == "lock-released":  # nothing stands in the way: locked again
+        assert outcome == written
+        assert await _own_lock_lease(a, "x") == a.session.lease_id, "A holds no lock on x"
+        return
+    # Marked for removal: no longer lockable. Lease lost: all of A's locks went.
+    expected = PossibleInconsistentState if "removal" in meanwhile else SessionExpired
+    assert isinstance(outcome, expected), f"A reported success without its lock: {outcome!r}"
+    assert await _own_lock_lease(a, "x") is None, "A holds a lock it was refused"
+
+
+@pytest.mark.parametrize("data", [b"small state", "streamed"], ids=["commit-path", "precheck"])
+async def test_add_retried_with_its_request_id_holds_its_lock(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore], data: bytes | str
+) -> None:
+    """A retry of an add that did succeed (same request id) returns the
+    handle, found by the commit txn's else branch (small bytes) or the
+    pre-upload read (streamed data). Its lock went meanwhile (released, or
+    the first attempt ran on a lease since lost): the retry must hold it
+    again. Breaks if the retry returns the handle without taking the lock."""
+    a, b, _ = trio
+
+    async def state() -> AsyncIterator[bytes]:
+        yield b"streamed state"
+
+    def payload() -> Any:
+        return state() if data == "streamed" else data
+
+    h = await a.add_and_lock("x", payload(), request_id="req-1")
+    await b.etcd.delete(a.keys.lock("x", a.instance_id))
+
+    again = await a.add_and_lock("x", payload(), request_id="req-1")
+
+    assert again.version == h.version
+    assert await _own_lock_lease(a, "x") == a.session.lease_id, "the retry holds no lock"
+    assert len(await b.blobs.list_namespace(b.namespace)) == 1, "the retry's blob was kept"
