@@ -39,7 +39,14 @@ from statestore.errors import (
 )
 from statestore.etcd import KV, Ambiguous, EtcdClient, TooManyOps, Txn, TxnResult
 from statestore.handle import Handle, encode_metadata
-from statestore.keys import Layout, prefix_end, validate_name, validate_namespace
+from statestore.keys import (
+    READER_ID,
+    Layout,
+    prefix_end,
+    validate_instance_id,
+    validate_name,
+    validate_namespace,
+)
 from statestore.records import (
     GcEntry,
     MalformedRecord,
@@ -187,7 +194,17 @@ class StoreBackend:
         self.blobs.close()
 
     def store(self, namespace: str, instance_id: str, lease: LeaseHolder) -> StateHandleStore:
-        """A store for ``namespace`` acting as ``instance_id`` on ``lease``."""
+        """A store for ``namespace`` acting as ``instance_id`` (validated:
+        ``InvalidArgument`` for an unsafe or reserved one) on ``lease``."""
+        return self._view(namespace, validate_instance_id(instance_id), lease)
+
+    def reader(self, namespace: str) -> StateHandleStore:
+        """A store for ``namespace`` that takes no lock, acting as
+        ``READER_ID``, which no instance or session can be: its removals treat
+        every lock as someone else's."""
+        return self._view(namespace, READER_ID, FixedLease(0))
+
+    def _view(self, namespace: str, instance_id: str, lease: LeaseHolder) -> StateHandleStore:
         validate_namespace(namespace)
         cfg = (
             self.cfg
@@ -236,6 +253,8 @@ class StateHandleStore:
         _fence: Fence | None = None,
     ) -> None:
         validate_namespace(cfg.namespace)
+        if instance_id is not None:
+            validate_instance_id(instance_id)
         if _shared is None:
             backend = StoreBackend(cfg)
             session = Session(backend.client, cfg.lease_ttl)

@@ -21,13 +21,19 @@ from rest import enc, sess
 
 from statestore import CompletedCheckpointStore, StateHandleStore, StoreConfig
 from statestore.checkpoints import checkpoint_name
-from statestore.errors import NotFound, PossibleInconsistentState, SessionExpired
+from statestore.errors import (
+    InvalidArgument,
+    NotFound,
+    PossibleInconsistentState,
+    SessionExpired,
+)
 from statestore.etcd import Ambiguous, Txn, TxnResult
-from statestore.keys import Layout, prefix_end
+from statestore.keys import READER_ID, Layout, prefix_end, validate_instance_id
 from statestore.maintenance.reconciler import RemovalReconciler
-from statestore.records import RemovalMarker
+from statestore.records import RemovalMarker, encode_holder
 from statestore_api.app import create_app
 from statestore_api.service import Service
+from statestore_api.session_registry import SessionRegistry
 from statestore_api.settings import ServiceSettings
 
 
@@ -476,3 +482,65 @@ async def test_add_retried_with_its_request_id_holds_its_lock(
     assert again.version == h.version
     assert await _own_lock_lease(a, "x") == a.session.lease_id, "the retry holds no lock"
     assert len(await b.blobs.list_namespace(b.namespace)) == 1, "the retry's blob was kept"
+
+
+# -- 2c. no instance or session can be the REST reader identity ------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["reader", "_reader", "_mine", "a/b", "a/locks/b", "", "x" * 129, "é", "a b", "a\n", "-a"],
+)
+def test_unsafe_or_reserved_instance_ids_are_refused(
+    make_config: Callable[..., StoreConfig], bad: str
+) -> None:
+    """An instance id is a raw segment of every lock key and the REST reader's
+    lock-less calls (namespace cleanup) treat locks under their own identity as
+    theirs. Breaks if the SDK accepts an id that is, or could be, the reader's,
+    or one that is not one safe key segment."""
+    with pytest.raises(InvalidArgument, match="instance id"):
+        StateHandleStore(make_config(), instance_id=bad)
+
+
+@pytest.mark.parametrize(
+    "good", ["job-42.jm_1", "0123456789abcdef0123456789abcdef", "1a2b-0123456789abcdef"]
+)
+async def test_safe_instance_ids_are_accepted(
+    make_config: Callable[..., StoreConfig], open_store: OpenStore, good: str
+) -> None:
+    store = await open_store(make_config(), instance_id=good)
+    await store.add_and_lock("h", b"x")
+    assert await store.holders("h") == [good]
+
+
+def test_reader_identity_is_no_instance_and_no_session_id() -> None:
+    with pytest.raises(InvalidArgument):
+        validate_instance_id(READER_ID)
+    with pytest.raises(SessionExpired):
+        SessionRegistry.lease_of(READER_ID)
+
+
+async def test_namespace_delete_keeps_a_handle_locked_by_an_instance_named_reader(
+    rest_in_process: tuple[httpx.AsyncClient, Service],
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore],
+) -> None:
+    """An SDK instance whose id was the REST reader's (``reader``, possible
+    before ids were validated, or from an older statestore) holds a lock on
+    ``h``; the admin then deletes the namespace over REST. Breaks if the
+    reader identity can equal that id: its removal then takes the lock for
+    its own and removes a locked handle (invariant 2)."""
+    api, _ = rest_in_process
+    a, b, _ = trio
+    await a.add_and_lock("h", b"state")
+    await a.release("h")
+    # The lock key such an instance holds, on its lease (b's stands in for it).
+    lock = a.keys.lock("h", "reader")
+    await b.etcd.put(lock, encode_holder("reader"), lease=b.session.lease_id)
+
+    r = await api.delete(f"/v1/namespaces/{enc(a.namespace)}")
+
+    assert r.status_code == 202, (r.status_code, r.text)
+    assert await a.etcd.get(a.keys.handle("h")) is not None, "a locked handle was removed"
+    assert await a.etcd.get(lock) is not None, "someone else's lock was deleted"
+    await b.etcd.delete(lock)  # that instance lets go: the removal completes
+    assert await a.complete_removal("h") is True
