@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from statestore.blobs import BlobStore, Data, new_blob_id
 from statestore.config import StoreConfig
@@ -72,6 +73,7 @@ class _Staged:
 
 #: A handle with its (encoded) etcd key, so hot loops need not re-encode names.
 _Keyed = tuple[bytes, Handle]
+_T = TypeVar("_T")
 
 # How many times an operation re-reads and retries after losing a race or an
 # ambiguous answer before giving up.
@@ -135,7 +137,9 @@ class LeaseHolder(Protocol):
 
     async def report_lost(self, lease_id: int, why: str) -> None: ...
 
-    async def renew(self) -> None: ...
+    async def spare_lease(self) -> int: ...
+
+    def swap(self, new_id: int) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -155,8 +159,15 @@ class FixedLease:
     async def report_lost(self, lease_id: int, why: str) -> None:
         self.lost_count += 1
 
-    async def renew(self) -> None:
-        raise InvalidArgument(
+    async def spare_lease(self) -> int:
+        raise self._fixed()
+
+    def swap(self, new_id: int) -> int:
+        raise self._fixed()
+
+    @staticmethod
+    def _fixed() -> InvalidArgument:
+        return InvalidArgument(
             "a session's lease cannot be swapped; delete the session to drop all its locks"
         )
 
@@ -214,6 +225,59 @@ class StoreBackend:
         return StateHandleStore(cfg, _shared=_Shared(self, instance_id, lease, owns_backend=False))
 
 
+class _ReleaseGate:
+    """Orders ``release_all`` against the operations that put lock keys.
+
+    ``release_all`` runs inside :meth:`releasing` (one at a time); ``epoch``
+    is odd meanwhile. A lock operation runs between :meth:`enter` and
+    :meth:`leave`: it starts only while no release runs, and if ``epoch``
+    moved before it left, a release ran while its txn was in flight and may
+    have dropped the lock it put (revoked with the old lease, or deleted by
+    the slow path): the caller takes it again once the release is over.
+    :meth:`drained` waits for the operations in flight when the release began
+    (none can start meanwhile), so the slow path can delete what they put.
+    Nothing here waits on etcd: a release never waits for a paused lock txn
+    except in :meth:`drained`, and a lock operation waits only for a release
+    to end."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._one_at_a_time = asyncio.Lock()
+        self._in_flight = 0
+        self._none_in_flight = asyncio.Event()
+        self._none_in_flight.set()
+
+    async def enter(self) -> int:
+        """Wait until no release runs; count this operation in flight and
+        return the epoch it started in."""
+        while self.epoch % 2:
+            await self._idle.wait()
+        self._in_flight += 1
+        self._none_in_flight.clear()
+        return self.epoch
+
+    def leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._none_in_flight.set()
+
+    @contextlib.asynccontextmanager
+    async def releasing(self) -> AsyncIterator[None]:
+        async with self._one_at_a_time:
+            self.epoch += 1
+            self._idle.clear()
+            try:
+                yield
+            finally:
+                self.epoch += 1
+                self._idle.set()
+
+    async def drained(self) -> None:
+        await self._none_in_flight.wait()
+
+
 class _Shared:
     """One identity (instance id and lease) on a backend; shared by a store and
     its fenced and other-namespace views."""
@@ -228,6 +292,7 @@ class _Shared:
         self.session = session
         self.owns_backend = owns_backend
         self.writes_in_flight = 0
+        self.release_gate = _ReleaseGate()
         self.closed = False
         #: Namespaces this instance has views on (their removals may wait on us).
         self.namespaces: set[str] = {backend.cfg.namespace}
@@ -436,6 +501,31 @@ class StateHandleStore:
                 continue
         raise Unavailable(f"{what}: etcd gave no definite answer; retry")
 
+    async def _locking(
+        self, take: Callable[[], Awaitable[_T]], again: Callable[[_T], Awaitable[_T]], what: str
+    ) -> _T:
+        """Run ``take``, an operation that puts our lock keys, so that the locks
+        it reports are held when it returns.
+
+        A ``release_all`` of this instance may run while its txn is in flight
+        and drop what it put (the old lease revoked, or the lock deleted). The
+        operation notices (``_ReleaseGate``) and, once the release is over,
+        runs ``again(result)`` to take the locks anew (on the current lease),
+        repeatedly if releases keep coming; a lock operation never overlaps
+        one, so it is ordered after it."""
+        gate = self._s.release_gate
+        step: Callable[[], Awaitable[_T]] = take
+        for _ in range(_MAX_ROUNDS):
+            epoch = await gate.enter()
+            try:
+                result = await step()
+            finally:
+                gate.leave()
+            if gate.epoch == epoch:
+                return result
+            step = functools.partial(again, result)
+        raise Unavailable(f"{what}: release_all kept running while it took its locks; retry")
+
     async def _lease_was_renewed(self, lease: int, lost: int, what: str) -> bool:
         """After etcd said "lease not found" for ``lease``: True when our own
         ``release_all`` swapped it (retry on the new one); otherwise the lease
@@ -530,7 +620,9 @@ class StateHandleStore:
           txn comparing the version written (:meth:`_lock_own_write`), so a
           success always holds the lock. Replaced, removed or pending removal
           since -> ``PossibleInconsistentState``; lease lost ->
-          ``SessionExpired``.
+          ``SessionExpired``. The same relock follows a ``release_all`` of
+          this instance that ran while the commit was in flight (it may have
+          dropped the lock the commit put: ``_locking``).
         """
         name = validate_name(name)
         meta = encode_metadata(metadata, self._cfg.max_metadata_bytes)
@@ -542,11 +634,22 @@ class StateHandleStore:
             if existing is not None:
                 h = _read_handle(existing.value, existing.mod_revision, existing.create_revision)
                 if h.request_id == rid:
-                    return await self._lock_own_write(name, h)
+                    return await self._locking(
+                        lambda: self._lock_own_write(name, h), self._relock(name), "add_and_lock"
+                    )
                 raise self._already_exists(name, h)
 
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
-            return await self._commit_add(name, hkey, st.blob_id, st.url, st.record, rid)
+            return await self._locking(
+                lambda: self._commit_add(name, hkey, st.blob_id, st.url, st.record, rid),
+                self._relock(name),
+                "add_and_lock",
+            )
+
+    def _relock(self, name: str) -> Callable[[Handle], Awaitable[Handle]]:
+        """``again`` of :meth:`_locking` for an add: the handle is committed,
+        only our lock on it may be gone."""
+        return lambda h: self._lock_own_write(name, h)
 
     @contextlib.asynccontextmanager
     async def _staged(
@@ -963,7 +1066,9 @@ class StateHandleStore:
         and no removal pending [and fence]) Then(put own lock, get handle)``.
 
         ``NotFound`` when absent or pending removal. An ambiguous answer is
-        resolved by sending it again (putting our own lock twice is harmless).
+        resolved by sending it again (putting our own lock twice is harmless),
+        and so is an answer that came back after a ``release_all`` of this
+        instance ran meanwhile (``_locking``: the lock may have gone with it).
         """
         h, _ = await self.get_and_lock_described(name)
         return h
@@ -989,9 +1094,12 @@ class StateHandleStore:
                 .orelse(Txn.get(hkey), Txn.get(rkey))
             )
 
-        res = await self._until_definite(
-            lambda: self._txn(build, "get_and_lock", fenced=True), f"get_and_lock({name!r})"
-        )
+        def send() -> Awaitable[TxnResult]:
+            return self._until_definite(
+                lambda: self._txn(build, "get_and_lock", fenced=True), f"get_and_lock({name!r})"
+            )
+
+        res = await self._locking(send, lambda _: send(), f"get_and_lock({name!r})")
         if res.succeeded:
             kv = res.results[1][0]
             holders = sorted(Layout.holder_of(lp, k.key) for k in res.results[2])
@@ -1101,8 +1209,11 @@ class StateHandleStore:
                     t.then(Txn.put(Layout.lock_of(key, me), value, lease))
                 return t
 
+            def send(build: Callable[[int], Txn] = build) -> Awaitable[TxnResult]:
+                return self._txn(build, "get_all_and_lock", fenced=True)
+
             try:
-                res = await self._txn(build, "get_all_and_lock", fenced=True)
+                res = await self._locking(send, lambda _: send(), "get_all_and_lock")
             except TooManyOps:
                 # Shrink from the size etcd refused, not from the current limit:
                 # concurrent batches refused at the same size must not compound.
@@ -1152,27 +1263,55 @@ class StateHandleStore:
             await self.complete_removal(name)
 
     async def release_all(self) -> None:
-        """Drop every lock of this instance.
+        """Drop every lock of this instance, in every namespace it has views on.
 
         Fast path: take a new lease and revoke the old one, which deletes all
         its keys at once. Other keys on the same lease must survive when a
         write is in flight (its upload intent) or the instance leads or waits
         in an election (its leader key): then the lock keys are deleted in txn
-        batches instead.
+        batches instead (slow path).
+
+        Ordering: read the election keys; grant the new lease; then, without
+        waiting in between, check for writes in flight and swap the lease (a
+        write starting later puts its intent on the new lease, one already
+        running keeps the old lease: slow path); revoke the old lease. The
+        slow path deletes our lock keys, waits for the lock operations that
+        were in flight when it began, and deletes again what they put.
+
+        Lock operations running meanwhile (``_locking``) are ordered against
+        it: one whose txn was in flight takes its lock again afterwards, one
+        that starts waits for it. So after it returns no lock taken before it
+        is held, and every lock operation that returns success holds its
+        lock, on the current lease.
         """
+        session = self._s.session
+        spare: int | None = None
         if self._s.writes_in_flight == 0 and not await self._holds_election_key():
-            await self._s.session.renew()
-            await self._complete_pending_removals()
-            return
-        kvs, _ = await self._s.client.range_all(
-            self._keys.handles_prefix, prefix_end(self._keys.handles_prefix), keys_only=True
-        )
-        suffix = Layout.lock_suffix(self._s.instance_id)
-        mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
-        for i in range(0, len(mine), self._s.max_ops):
-            t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
-            await self._s.client.txn(t, what="release_all")
+            spare = await session.spare_lease()
+        async with self._s.release_gate.releasing():
+            if spare is not None and self._s.writes_in_flight == 0:
+                await self._s.client.lease_revoke(session.swap(spare))
+            else:
+                if spare is not None:  # a write began while the lease was granted
+                    await self._s.client.lease_revoke(spare)
+                await self._delete_own_locks()
+                await self._s.release_gate.drained()
+                await self._delete_own_locks()
         await self._complete_pending_removals()
+
+    async def _delete_own_locks(self) -> None:
+        """Delete this instance's lock keys in every namespace it has views
+        on, in txns of deletes that fit the ops limit."""
+        suffix = Layout.lock_suffix(self._s.instance_id)
+        for ns in sorted(self._s.namespaces):
+            hp = Layout(self._cfg.root, ns).handles_prefix
+            kvs, _ = await self._s.client.range_all(hp, prefix_end(hp), keys_only=True)
+            mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
+            for i in range(0, len(mine), self._s.max_ops):
+                t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
+                await self._until_definite(
+                    lambda t=t: self._s.client.txn(t, what="release_all"), "release_all"
+                )
 
     # -- removal -----------------------------------------------------------------
 

@@ -8,6 +8,7 @@ goes to etcd unchanged. Each test says which breaking change makes it fail.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import OpenStore
+from helpers import Gate, OpenStore, async_wait_until
 from interleave import Send, deletes, hook_txn, lock_holders, puts
 from rest import enc, sess
 
-from statestore import CompletedCheckpointStore, StateHandleStore, StoreConfig
+from statestore import CompletedCheckpointStore, LeaderElection, StateHandleStore, StoreConfig
 from statestore.checkpoints import checkpoint_name
 from statestore.errors import (
     InvalidArgument,
@@ -544,3 +545,159 @@ async def test_namespace_delete_keeps_a_handle_locked_by_an_instance_named_reade
     assert await a.etcd.get(lock) is not None, "someone else's lock was deleted"
     await b.etcd.delete(lock)  # that instance lets go: the removal completes
     assert await a.complete_removal("h") is True
+
+
+# -- 2d. release_all against lock operations in flight ----------------------------------
+
+
+async def _lease_gone(store: StateHandleStore, lease: int) -> bool:
+    return await store.etcd.lease_ttl(lease) == -1
+
+
+async def _get_and_lock_h(s: StateHandleStore) -> list[str]:
+    return [(await s.get_and_lock("h")).name]
+
+
+@pytest.mark.parametrize(
+    "lock", [_get_and_lock_h, _get_all_and_lock], ids=["get_and_lock", "get_all_and_lock"]
+)
+async def test_lock_landing_on_the_lease_release_all_revokes_is_taken_again(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore],
+    monkeypatch: pytest.MonkeyPatch,
+    lock: Callable[[StateHandleStore], Awaitable[list[str]]],
+) -> None:
+    """A's lock txn lands on A's lease; before its answer is back, A's own
+    ``release_all`` (fast path: new lease, old one revoked) revokes that
+    lease, lock and all. The lock call must not then report a lock A does not
+    hold. Breaks if a lock call does not notice a release_all that ran while
+    its txn was in flight (it returns, holding nothing)."""
+    a, b, _ = trio
+    await b.add_and_lock("h", b"state")
+    await b.release("h")
+    old = a.session.lease_id
+    release: list[asyncio.Task[None]] = []
+
+    async def hook(t: Txn, send: Send) -> TxnResult:
+        if release or not _puts_lock_of(a, t):
+            return await send(t)
+        answer = await send(t)  # A's lock is in etcd, on the old lease ...
+        release.append(asyncio.create_task(a.release_all()))
+        await async_wait_until(lambda: _lease_gone(b, old), timeout=10, interval=0.01)
+        return answer  # ... and gone with it before the call returns
+
+    hook_txn(monkeypatch, a.etcd, hook)
+    got = await lock(a)
+    await asyncio.wait_for(release[0], 10)
+    monkeypatch.undo()
+
+    assert got == ["h"]
+    assert a.session.lease_id != old
+    assert await _own_lock_lease(a, "h") == a.session.lease_id, "A holds no lock on h"
+
+
+async def test_add_whose_lock_release_all_deletes_takes_it_again(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A's add commits (handle and lock); before its answer is back, A's own
+    ``release_all`` runs its slow path (a write is in flight, so the lease
+    must stay) and deletes that lock. The add must not return "added and
+    locked" holding nothing. Breaks if the add does not notice the release_all
+    that ran while its commit txn was in flight."""
+    a, b, _ = trio
+    lock_key = a.keys.lock("x", a.instance_id)
+    release: list[asyncio.Task[None]] = []
+
+    async def hook(t: Txn, send: Send) -> TxnResult:
+        if release or a.keys.handle("x") not in puts(t):
+            return await send(t)
+        answer = await send(t)
+        release.append(asyncio.create_task(a.release_all()))
+        await _wait_gone(b, lock_key)  # deleted by release_all before the add returns
+        return answer
+
+    hook_txn(monkeypatch, a.etcd, hook)
+    lease = a.session.lease_id
+    h = await a.add_and_lock("x", b"state of x")
+    await asyncio.wait_for(release[0], 10)
+    monkeypatch.undo()
+
+    assert a.session.lease_id == lease, "the slow path keeps the lease"
+    assert (await a.get("x")).version == h.version
+    assert await _own_lock_lease(a, "x") == lease, "A's add returned without its lock"
+
+
+async def _wait_gone(store: StateHandleStore, key: bytes) -> None:
+    async def gone() -> bool:
+        return await store.etcd.get(key) is None
+
+    await async_wait_until(gone, timeout=10, interval=0.01, message=f"{key!r} stays")
+
+
+async def test_write_starting_while_release_all_takes_a_new_lease_keeps_its_intent(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``release_all`` found no write in flight and asked etcd for a new
+    lease; meanwhile an add starts and puts its upload intent on the current
+    lease. The fast path would revoke that lease, intent and all, and the add
+    fail for a lease it never lost. Breaks if release_all decides on the fast
+    path before (not after) its last wait, or swaps the lease under a write."""
+    a, b, _ = trio
+    await a.add_and_lock("held", b"held before release_all")
+    gate = Gate(b"state of x")
+    add: list[asyncio.Task[Any]] = []
+    original_grant = a.etcd.lease_grant
+
+    async def lease_grant(ttl: int) -> tuple[int, int]:
+        if not add:  # release_all's new lease: a write starts meanwhile
+            add.append(asyncio.create_task(a.add_and_lock("x", gate)))
+            await asyncio.wait_for(gate.started.wait(), 10)  # its intent is in etcd
+        return await original_grant(ttl)
+
+    monkeypatch.setattr(a.etcd, "lease_grant", lease_grant)
+    await a.release_all()
+    monkeypatch.undo()
+    assert add, "the injection did not run"
+    gate.release.set()
+    h = await asyncio.wait_for(add[0], 10)
+
+    assert await _own_lock_lease(a, "held") is None, "a lock taken before release_all stays"
+    assert await _own_lock_lease(a, "x") == a.session.lease_id
+    assert await b.read("x") == b"state of x" and h.name == "x"
+
+
+@pytest.mark.parametrize("keeps_lease", ["write-in-flight", "leader"])
+async def test_release_all_slow_path_drops_locks_in_every_namespace(
+    trio: tuple[StateHandleStore, StateHandleStore, StateHandleStore], keeps_lease: str
+) -> None:
+    """The slow path (a write in flight, or a leader key: the lease must stay)
+    deletes the lock keys one by one. Breaks if it looks only in the store's
+    own namespace, while the fast path drops the locks of every namespace
+    view at once, or if it drops the write's intent or the leader key."""
+    a, b, _ = trio
+    other = a.for_namespace(f"{a.namespace}-other")
+    await a.add_and_lock("h", b"here")
+    await other.add_and_lock("h", b"there")
+    gate = Gate(b"in flight")
+    write: asyncio.Task[Any] | None = None
+    election = LeaderElection(a)
+    if keeps_lease == "leader":
+        token = await election.campaign(timeout=5)
+    else:
+        write = asyncio.create_task(a.add_and_lock("w", gate))
+        await asyncio.wait_for(gate.started.wait(), 10)
+    lease = a.session.lease_id
+
+    await a.release_all()
+
+    assert a.session.lease_id == lease, "the lease must stay"
+    assert await _own_lock_lease(a, "h") is None
+    assert await _own_lock_lease(other, "h") is None, "a lock in another namespace stays"
+    if write is None:
+        assert await LeaderElection(b).leader() == (a.instance_id, token)
+        return
+    gate.release.set()
+    await asyncio.wait_for(write, 10)
+    assert await _own_lock_lease(a, "w") == lease
+    assert await b.get_all_names() == ["h", "w"]
