@@ -27,9 +27,6 @@ from statestore_api.settings import ServiceSettings
 
 T = TypeVar("T")
 
-#: Identity used for calls that take no lock (reads); never owns a lock key.
-READER = "reader"
-
 
 @dataclass
 class Service:
@@ -96,7 +93,7 @@ class Service:
         """A store acting as ``session`` (or as a lock-less reader), fenced when
         the request carries ``X-Fencing-Token`` (by the session's own leader key)."""
         if session is None:
-            store = self.backend.store(namespace, READER, FixedLease(0))
+            store = self.backend.reader(namespace)
         else:
             store = self.backend.store(namespace, session.session_id, FixedLease(session.lease_id))
         raw = request.headers.get("x-fencing-token") if request is not None else None
@@ -113,7 +110,7 @@ class Service:
         (counter writes), by the leader key the token was issued for (see
         :func:`statestore.election.fence_for_token`: no such key -> every
         write raises ``Fenced`` before any txn, so nothing changes)."""
-        store = self.backend.store(namespace, READER, FixedLease(0))
+        store = self.backend.reader(namespace)
         return store.with_fencing(await fence_for_token(store, fencing_token(raw_token)))
 
 
