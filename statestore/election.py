@@ -292,7 +292,7 @@ class LeaderElection:
         reads = [Txn.get(cp, prefix_end(cp))]
         if ip is not None:
             reads.append(Txn.get(ip, prefix_end(ip)))
-        res = await self._store.etcd.txn(Txn().then(*reads), what="read leadership")
+        res = await self._store.etcd.txn(Txn().then(*reads), what="read leadership", read_only=True)
         infos = res.results[1] if ip is not None else []
         return leadership_of(self._store.keys, res.results[0], infos), res.revision
 
