@@ -353,6 +353,26 @@ class Side:
     round_trip: Callable[[], Awaitable[Any]]  # one read, to warm the connection
 
 
+def store_side(
+    side: str,
+    store: Any,
+    recover: Callable[[int], Awaitable[int]],
+    hold: Callable[[list[str]], Awaitable[None]],
+    round_trip: Callable[[], Awaitable[Any]],
+) -> Side:
+    """The ``Side`` of a store with the handle store's method names, which the SDK
+    shares with Flink's ``StateHandleStore`` (and so with the ZooKeeper peer)."""
+
+    async def add(name: str) -> None:
+        await store.add_and_lock(name, STATE)
+
+    async def remove(name: str) -> None:
+        if not await store.release_and_try_remove(name):
+            raise RuntimeError(f"{side} remove: {name!r} is still locked by someone else")
+
+    return Side(add, remove, recover, hold, round_trip)
+
+
 @contextlib.asynccontextmanager
 async def raw_side(ctx: Ctx, ns: str, backend: Backend) -> AsyncIterator[Side]:
     client = aetcd.Client(*host_port(ctx.endpoint))
@@ -376,13 +396,6 @@ async def sdk_side(ctx: Ctx, ns: str, backend: Backend, **cfg: Any) -> AsyncIter
     try:
         async with StateHandleStore.open(config) as store:
 
-            async def add(name: str) -> None:
-                await store.add_and_lock(name, STATE)
-
-            async def remove(name: str) -> None:
-                if not await store.release_and_try_remove(name):
-                    raise RuntimeError(f"sdk remove: {name!r} not removed")
-
             async def recover(in_flight: int) -> int:
                 return len(await store.get_all_and_lock())  # in flight: its lock_concurrency
 
@@ -390,7 +403,7 @@ async def sdk_side(ctx: Ctx, ns: str, backend: Backend, **cfg: Any) -> AsyncIter
                 lock_as = (store.instance_id, store.session.lease_id)
                 await populate(ctx.admin, ns, names, backend, lock_as=lock_as)
 
-            yield Side(add, remove, recover, hold, lambda: store.exists("warm-up"))
+            yield store_side("sdk", store, recover, hold, lambda: store.exists("warm-up"))
     finally:
         await drop_namespace(ctx.admin, ns, backend)
 
@@ -401,13 +414,6 @@ async def zk_side(ctx: Ctx, ns: str, backend: Backend) -> AsyncIterator[Side]:
     store = zk_peer.FlinkZkStore(client, zk_root(ns), BlobStorage(backend, ns, ctx.pool))
     try:
         await store.start()
-
-        async def add(name: str) -> None:
-            await store.add_and_lock(name, STATE)
-
-        async def remove(name: str) -> None:
-            if not await store.release_and_try_remove(name):
-                raise RuntimeError(f"zk remove: {name!r} is locked by someone else")
 
         async def recover(in_flight: int) -> int:
             return len(await store.get_all_and_lock(in_flight))
@@ -421,7 +427,8 @@ async def zk_side(ctx: Ctx, ns: str, backend: Backend) -> AsyncIterator[Side]:
                 lock_node=store.lock_node,
             )
 
-        yield Side(add, remove, recover, hold, lambda: zk_peer.aio(client.exists_async("/")))
+        round_trip = lambda: zk_peer.aio(client.exists_async("/"))  # noqa: E731
+        yield store_side("zk", store, recover, hold, round_trip)
     finally:
         await zk_peer.close_client(client)  # our ephemeral locks go with the session
         await zk_peer.drop_root(ctx.zk_admin, store.root)
