@@ -1,13 +1,13 @@
 # The two commands a newcomer needs:  `make run`  and  `make test`.
-# Both install whatever is missing (etcd from Debian's etcd-server package,
-# a virtualenv with the project and its test dependencies) before they start.
+# Both install whatever is missing (the Debian packages of TOOLS below, a
+# virtualenv with the project and its test dependencies) before they start.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint bench setup tools bench-tools clean
+.PHONY: run test lint bench setup tools clean
 
 run: setup
 	$(BIN)/statestore serve
@@ -19,24 +19,20 @@ lint: setup
 	$(BIN)/ruff check statestore api tests benchmarks
 	$(BIN)/ruff format --check statestore api tests benchmarks
 
-# The store benchmark also runs a ZooKeeper peer (benchmarks/zk_peer.py): Debian's
-# zookeeper package and the `bench` extra (kazoo), installed only for it.
-bench: setup bench-tools $(VENV)/.bench-installed
+bench: setup
 	$(BIN)/python benchmarks/bench_store.py
 
 setup: tools $(VENV)/.installed
 
-# Every command the service or the tests run, with the Debian package that
-# ships it. Debian's etcd-server has no etcdctl: that is etcd-client.
-TOOLS = etcd:etcd-server etcdctl:etcd-client
+# Every command (or file) the service, the tests and the benchmarks run, with
+# the Debian package that ships it. Debian's etcd-server has no etcdctl: that is
+# etcd-client. ZooKeeper, the peer the benchmarks compare against (and whose
+# protocol a test checks), has no command on PATH: its server runs from the jar.
+TOOLS = etcd:etcd-server etcdctl:etcd-client java:openjdk-17-jdk-headless \
+        javac:openjdk-17-jdk-headless /usr/share/java/zookeeper.jar:zookeeper
 
-# What the benchmarks run besides: a command or a file (ZooKeeper has no command
-# on PATH; its server is started from the jar), with its Debian package.
-BENCH_TOOLS = java:default-jre-headless /usr/share/java/zookeeper.jar:zookeeper
-
-# $(call apt_missing,TOOLS): apt-get install the packages of the tools not found.
-define apt_missing
-	@missing=""; for t in $(1); do \
+tools:
+	@missing=""; for t in $(TOOLS); do \
 	  command -v "$${t%%:*}" >/dev/null 2>&1 || [ -e "$${t%%:*}" ] || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -44,22 +40,11 @@ define apt_missing
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
-endef
-
-tools:
-	$(call apt_missing,$(TOOLS))
-
-bench-tools:
-	$(call apt_missing,$(BENCH_TOOLS))
 
 $(VENV)/.installed: pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	touch $@
-
-$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
 clean:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def makefile_tools() -> dict[str, str]:
     """The Makefile's ``TOOLS`` list: command -> Debian package."""
-    text = (ROOT / "Makefile").read_text()
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")  # join continued lines
     match = re.search(r"^TOOLS\s*=\s*(.+)$", text, re.M)
     assert match, "the Makefile has no TOOLS list"
     return dict(pair.split(":", 1) for pair in match.group(1).split())
@@ -36,7 +36,10 @@ def test_the_makefile_installs_every_tool_the_suite_runs() -> None:
 
 @pytest.mark.parametrize("tool", sorted(makefile_tools()))
 def test_every_listed_tool_is_installed(tool: str) -> None:
-    require_tool(tool)
+    if tool.startswith("/"):  # a file, not a command (ZooKeeper's jar)
+        assert Path(tool).exists(), f"{tool} is missing: `make test` installs it"
+    else:
+        require_tool(tool)
 
 
 def test_a_skip_or_a_missing_tool_fails_the_run(tmp_path: Path) -> None:
