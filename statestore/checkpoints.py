@@ -171,9 +171,12 @@ class CompletedCheckpointStore:
         them missing and subsumes again, which then removes nothing)."""
         if replay is not None:
             first, created, lease = replay.record, replay.create_revision, replay.lease
-        else:
-            assert call.written is not None  # our add's txn put it
+        elif call.written is not None:
+            # Ours, if our add's txn put it: then the record's create_revision
+            # is the handle's version, which the fill-in compares.
             first, created, lease = call.written, version, call.written_lease
+        else:  # the add found its own earlier write by request id: no record of this key
+            return subsumed
         done = dataclasses.replace(first, subsumed=subsumed)
         try:
             res = await self._store.etcd.txn(

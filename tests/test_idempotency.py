@@ -172,6 +172,22 @@ async def test_a_checkpoint_retry_that_finds_no_subsumed_ids_subsumes_again(
     assert stored is not None and stored.subsumed == [1]
 
 
+async def test_a_checkpoint_found_by_its_request_id_under_a_new_key_still_answers(
+    make_config: Callable[..., StoreConfig], open_store: OpenStore
+) -> None:
+    """A streamed checkpoint retried with a key the first attempt did not
+    carry is found by its request id before uploading: no record of that key
+    exists, and none is filled in."""
+    store = await open_store(make_config())
+    checkpoints = CompletedCheckpointStore(store, max_retained=1)
+    first, _ = await checkpoints.add_checkpoint_and_subsume(2, iter([b"two"]))
+    again, subsumed = await checkpoints.add_checkpoint_and_subsume(
+        2, iter([b"two"]), idempotency_key="late"
+    )
+    assert (again, subsumed) == (first, [])
+    assert await record(store, "late") is None
+
+
 async def test_increment_twice_with_one_key_advances_once(
     make_config: Callable[..., StoreConfig], open_store: OpenStore
 ) -> None:
