@@ -898,13 +898,9 @@ class StateHandleStore:
             try:
                 res = await self._txn(build, "add_and_lock", fenced=True, idem=call)
             except Ambiguous as e:
-                if call is not None:
-                    found, stored = await self._resolve_many([hkey, call.key], e)
-                    if (replay := call.replay_of([stored] if stored else [])) is not None:
-                        await self._drop_unless_recorded(replay, blob_id, url)
-                        return await self._lock_replayed(name, replay), replay
-                else:
-                    found = await self._resolve(hkey, e)
+                found, replay = await self._settle(hkey, call, e, blob_id, url)
+                if replay is not None:
+                    return await self._lock_replayed(name, replay), replay
                 if found is None:
                     continue  # definitely not applied: send it again
                 h = _read_handle(found.value, found.mod_revision, found.create_revision)
@@ -945,13 +941,23 @@ class StateHandleStore:
             blob_url=url,
         )
 
-    async def _drop_unless_recorded(self, replay: Replay, blob_id: str, url: str) -> None:
-        """After an ambiguous commit found a stored answer: our blob is the one
-        recorded when our txn is the one that landed; otherwise our txn
-        definitely did not (the record it compares absent already existed),
-        so our blob is unreferenced and deleted now."""
-        if replay.handle().blob_ref != blob_id:
+    async def _settle(
+        self, hkey: bytes, call: IdempotentCall | None, cause: Ambiguous, blob_id: str, url: str
+    ) -> tuple[KV | None, Replay | None]:
+        """After an ambiguous commit of an add or replace writing blob
+        ``blob_id``: the handle as it is now and, with ``call``, the answer
+        stored under its key, read at one revision (``_resolve``). A stored
+        answer settles the outcome: it names our blob when our txn is the one
+        that landed; otherwise our txn definitely did not (the record it
+        compares absent already existed), so our blob is unreferenced and
+        deleted now."""
+        if call is None:
+            return await self._resolve(hkey, cause), None
+        found, stored = await self._resolve_many([hkey, call.key], cause)
+        replay = call.replay_of([stored] if stored else [])
+        if replay is not None and replay.handle().blob_ref != blob_id:
             await asyncio.shield(self._drop_blob(blob_id, url))
+        return found, replay
 
     async def _lock_own_write(self, name: str, h: Handle) -> Handle:
         """``h``, found committed under our request id, with our lock on it.
@@ -1137,13 +1143,9 @@ class StateHandleStore:
             try:
                 res = await self._txn(build, "replace", fenced=True, idem=call)
             except Ambiguous as e:
-                if call is not None:
-                    found, stored = await self._resolve_many([hkey, call.key], e)
-                    if (replay := call.replay_of([stored] if stored else [])) is not None:
-                        await self._drop_unless_recorded(replay, blob_id, url)
-                        return replay.handle()
-                else:
-                    found = await self._resolve(hkey, e)
+                found, replay = await self._settle(hkey, call, e, blob_id, url)
+                if replay is not None:
+                    return replay.handle()
                 if found is not None and found.mod_revision == expected_version:
                     continue
                 if found is not None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 from faces import FACES, rest_clients
 from helpers import wait_until
+from rest import answer_lost
 from service import ServiceProcess
 
 from statestore.errors import Fenced, InvalidArgument, Unavailable
@@ -179,41 +179,25 @@ def faces(
         yield cut(), direct()
 
 
-def through_a_cut(proxy: FaultProxy, call: Callable[[], Any]) -> Any:
-    """``call()`` (a client call through ``proxy``) while the service's answer
-    is dropped; once it has answered, the connection is cut and the proxy
-    forwards again: the client's own resend must bring back the result."""
-    dropped = proxy.bytes_dropped
-    proxy.set_mode("drop_responses")
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(call)
-            wait_until(lambda: proxy.bytes_dropped > dropped, timeout=20, message="no answer")
-            proxy.set_mode("forward", cut=True)
-            return future.result(timeout=30)
-    finally:
-        proxy.set_mode("forward")
-
-
 def test_the_client_resends_after_a_real_cut_and_learns_the_first_result(
     faces: tuple[Any, Any], proxy: FaultProxy
 ) -> None:
     cut, direct = faces
     sid = direct.create_session(ttl_seconds=30).session_id
 
-    h = through_a_cut(proxy, lambda: cut.add_and_lock("h", b"state", sid, metadata={"a": 1}))
+    h = answer_lost(proxy, lambda: cut.add_and_lock("h", b"state", sid, metadata={"a": 1}))
     assert h == direct.get("h") and h.locks == [sid]
 
-    new = through_a_cut(proxy, lambda: cut.replace("h", h.version, b"v2", sid))
+    new = answer_lost(proxy, lambda: cut.replace("h", h.version, b"v2", sid))
     assert new == direct.get("h") and direct.read("h") == b"v2"
 
     direct.add_checkpoint(1, b"one", sid)
-    ck, subsumed = through_a_cut(proxy, lambda: cut.add_checkpoint(2, b"two", sid))
+    ck, subsumed = answer_lost(proxy, lambda: cut.add_checkpoint(2, b"two", sid))
     assert (ck.checkpoint_id, subsumed) == (2, [1])
     assert [c.checkpoint_id for c in direct.checkpoints()] == [2]
 
     assert direct.counter_increment("ids") == 1
-    assert through_a_cut(proxy, lambda: cut.counter_increment("ids", session_id=sid)) == 2
+    assert answer_lost(proxy, lambda: cut.counter_increment("ids", session_id=sid)) == 2
     assert direct.counter_get("ids") == 3
 
 

@@ -41,15 +41,6 @@ def proxy(etcd: EtcdProcess) -> Iterator[FaultProxy]:
     p.close()
 
 
-@pytest.fixture
-async def direct(etcd: EtcdProcess) -> AsyncIterator[EtcdClient]:
-    """A client straight to etcd (not through any proxy)."""
-    client = EtcdClient([etcd.endpoint], timeout=5)
-    await client.connect()
-    yield client
-    await client.close()
-
-
 async def blobs(store: StateHandleStore) -> int:
     return len(await store.blobs.list_namespace(store.namespace))
 
@@ -383,14 +374,14 @@ async def test_records_hang_on_the_rotating_idempotency_lease_not_the_instance_l
 
 
 async def test_a_key_older_than_the_window_is_gone_and_a_retry_performs_again(
-    make_config: Callable[..., StoreConfig], open_store: OpenStore, direct: EtcdClient
+    make_config: Callable[..., StoreConfig], open_store: OpenStore
 ) -> None:
     store = await open_store(make_config(idempotency_window_seconds=2))
     counter = CheckpointIDCounter(store)
     assert await counter.get_and_increment(idempotency_key="k") == 1
     key = store.keys.idempotency(store.instance_id, "k")
     # At least the window, at most 1.5 times it (3 s), plus etcd's expiry sweep.
-    await async_wait_until(lambda: _gone(direct, key), timeout=15, interval=0.1)
+    await async_wait_until(lambda: _gone(store.etcd, key), timeout=15, interval=0.1)
     assert await counter.get_and_increment(idempotency_key="k") == 2
 
 

@@ -11,7 +11,6 @@ the lock release by prefix (``DELETE .../handles`` is under its
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +18,8 @@ import httpx
 import pytest
 import schemathesis
 from rest import client, new_session
-from schemathesis import GenerationMode
 from service import ServiceProcess
-from test_rest_schema import MAX_EXAMPLES, Found, fail_with, run_operation
+from test_rest_schema import MAX_EXAMPLES, fail_with, run_matching
 
 from statestore.keys import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_CHARS
 
@@ -90,25 +88,11 @@ def test_the_document_describes_idempotency_keys_and_bulk_calls(service: Service
     assert {"204", "409"} <= set(counter["responses"])
 
 
-def run_fuzzed(
-    schema: schemathesis.BaseSchema, base_url: str, session_id: str | None
-) -> dict[tuple[str, str, int], Found]:
-    found: dict[tuple[str, str, int], Found] = {}
-    statuses: Counter[tuple[str, int]] = Counter()
-    ops = [r.ok() for r in schema.get_all_operations()]  # type: ignore[union-attr]
-    ops = [op for op in ops if FUZZED.match(op.path)]
-    assert {op.label for op in ops} == EXPECTED_FUZZED
-    for op in ops:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            run_operation(op, mode, base_url, session_id, found, statuses)
-    print(f"\nstatuses returned ({sum(statuses.values())} requests): {dict(statuses)}")
-    return found
-
-
 @pytest.mark.timeout(120 + 10 * MAX_EXAMPLES)
 @pytest.mark.parametrize("with_session", [False, True], ids=["generated-session", "live-session"])
 def test_counter_and_lock_calls_conform_to_the_document(
     service: ServiceProcess, live_session: str, with_session: bool
 ) -> None:
     schema = schemathesis.openapi.from_url(service.url + "/openapi.json")
-    fail_with(run_fuzzed(schema, service.url, live_session if with_session else None))
+    session_id = live_session if with_session else None
+    fail_with(run_matching(schema, service.url, session_id, FUZZED, EXPECTED_FUZZED))
