@@ -46,7 +46,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         app.state.service = Service(
             settings=settings,
             backend=backend,
-            sessions=SessionRegistry(backend.client, settings.root),
+            sessions=SessionRegistry(
+                backend.client, settings.root, max_ttl=settings.max_session_ttl_seconds
+            ),
             auth=auth,
             metrics=metrics,
         )
@@ -126,7 +128,7 @@ _DESCRIPTIONS = {
     "403": "forbidden",
     "404": "not-found",
     "409": "already-exists, locked, fenced or not-leader",
-    "410": "session-expired",
+    "410": "session-expired (or compacted: a revision etcd no longer has)",
     "412": "version-conflict",
     "413": "too-large",
     "502": "integrity: the blob store returned bytes that do not match",
@@ -162,7 +164,9 @@ def _openapi(app: FastAPI) -> dict[str, object]:
             "status": {"type": "integer"},
             "detail": {"type": "string"},
             "holders": {"type": "array", "items": {"type": "string"}},
-            "leader": {"type": "string"},
+            # not-leader: who leads (null when nobody does)
+            "leader": {"type": ["string", "null"]},
+            # compacted: the oldest revision etcd still keeps
             "compact_revision": {"type": "integer"},
         },
         "additionalProperties": True,

@@ -1,7 +1,8 @@
 """Every error as ``application/problem+json`` (RFC 9457), with rest-v1.md's type words.
 
 No handler lets a traceback or a framework-shaped error reach a client:
-``StateStoreError`` maps by its ``kind``, FastAPI's validation errors become
+every ``StateStoreError`` class has its status and type word in
+:data:`STATUS` (tests check that none is missing), FastAPI's validation errors become
 400 ``invalid-argument``, HTTP errors (404 route, 405 method) get a type word,
 and anything unexpected becomes a logged 503 ``unavailable`` naming the
 request id (answered by ``statestore_api.observability.RequestContext``, so the
@@ -18,7 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from statestore import errors
 from statestore.errors import IntegrityError, StateStoreError
+from statestore.etcd import Ambiguous, Compacted, ResponseTooLarge, TooManyOps
+from statestore.http import Forbidden, Unauthorized
 
 log = logging.getLogger("statestore.api")
 
@@ -39,7 +43,42 @@ TITLES = {
     "unauthorized": "Unauthorized",
     "forbidden": "Forbidden",
     "unavailable": "Unavailable",
-    "compacted": "Compacted: that revision's history is gone",
+    "compacted": "Compacted: the revision is no longer in etcd",
+}
+
+#: The answer to each error the store (and its etcd layer) raises: status and
+#: type word. Looked up along the class's MRO, but every class is named here
+#: on purpose (tests/test_rest_errors.py fails on a new one that is not), so
+#: none is answered by accident: nothing is ever a 500.
+STATUS: dict[type[StateStoreError], tuple[int, str]] = {
+    errors.InvalidArgument: (400, "invalid-argument"),
+    errors.TooLarge: (413, "too-large"),
+    # The store splits and shrinks its txns; one still refused means etcd's
+    # --max-txn-ops is below the store's needs: the service's problem, retryable.
+    TooManyOps: (503, "unavailable"),
+    errors.AlreadyExists: (409, "already-exists"),
+    errors.NotFound: (404, "not-found"),
+    errors.VersionConflict: (412, "version-conflict"),
+    errors.Locked: (409, "locked"),
+    errors.Fenced: (409, "fenced"),
+    errors.NotLeader: (409, "not-leader"),
+    errors.SessionExpired: (410, "session-expired"),
+    errors.IntegrityError: (400, "integrity"),  # 502 when the blob store's bytes are wrong (reads)
+    # A record naming a blob outside the blob root: refused, and never the caller's fault.
+    errors.OutsideBlobRoot: (502, "integrity"),
+    # Outcome unknown: the caller must re-read before retrying.
+    errors.PossibleInconsistentState: (503, "unavailable"),
+    errors.Unavailable: (503, "unavailable"),
+    Ambiguous: (503, "unavailable"),
+    ResponseTooLarge: (503, "unavailable"),
+    # A read or watch below etcd's compaction point (listings re-read by
+    # themselves, so this reaches a client only from a revision it named).
+    Compacted: (410, "compacted"),
+    # The SDK's own, never raised by the service; named so that the table is whole.
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
+    # A bare StateStoreError is a bug: unavailable, never a 500.
+    StateStoreError: (503, "unavailable"),
 }
 
 _BY_STATUS = {
@@ -52,6 +91,16 @@ _BY_STATUS = {
     412: "version-conflict",
     413: "too-large",
 }
+
+
+class ResponseAborted(Exception):
+    """Raised by a response body that found, after its status line went out,
+    that it cannot be completed (a state blob that does not match its
+    handle). It is already logged and counted where it was raised; letting it
+    reach the server is how an ASGI app ends a response as an error: the
+    server closes the connection without the missing bytes (with
+    ``Content-Length``) or the terminating chunk (chunked encoding), so no
+    client can take the partial body for a complete one."""
 
 
 def problem(
@@ -71,12 +120,10 @@ class ApiError(Exception):
 
 
 def store_error_response(e: StateStoreError, *, reading: bool = False) -> JSONResponse:
-    kind, status = e.kind, e.http_status
+    """The problem answer to a store error (:data:`STATUS`)."""
+    status, kind = next(STATUS[c] for c in type(e).__mro__ if c in STATUS)
     if isinstance(e, IntegrityError) and reading:
         status = 502  # the blob store returned bytes that do not match: not the caller's fault
-    if kind not in TITLES:
-        # e.g. possible-inconsistent-state (503, outcome unknown: the caller must re-read)
-        kind = "unavailable"
     return problem(status, kind, e.message, **e.details)
 
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from statestore.config import StoreConfig
+from statestore_api.session_registry import MAX_TTL, MIN_TTL
+
+#: Head room for everything but X-Handle-Metadata: request line, auth, session and
+#: client headers (a few hundred bytes in practice; a 512-byte name encodes to <= 1.5 KiB).
+HEADER_ROOM = 16 * 1024
 
 
 class ServiceSettings(StoreConfig):
@@ -22,11 +28,28 @@ class ServiceSettings(StoreConfig):
     home: Path = Field(
         default=Path(".statestore"), description="Embedded default: where etcd and blobs live."
     )
+    max_header_bytes: int | None = Field(
+        default=None,
+        ge=4096,
+        description="Largest request head (request line and header fields) the service "
+        "reads; larger -> 431. Default: max_metadata_bytes + 16 KiB (80 KiB), so the "
+        "largest X-Handle-Metadata fits.",
+    )
+    max_header_count: int = Field(
+        default=100, ge=16, le=10_000, description="Most header fields of one request (431)."
+    )
     keep_alive_seconds: int = Field(
         default=75,
         ge=1,
         description="Idle keep-alive of client connections; keep it above any load "
         "balancer's idle timeout, or pooled clients race the server's close.",
+    )
+    max_session_ttl_seconds: int = Field(
+        default=120,
+        ge=MIN_TTL,
+        le=MAX_TTL,
+        description="Longest TTL a REST session may ask for (400 above). The GC grace "
+        "period must be at least this long: the service refuses to start otherwise.",
     )
     maintenance: bool = Field(
         default=True, description="Run the reconciler, blob GC and compactor in this process."
@@ -48,3 +71,31 @@ class ServiceSettings(StoreConfig):
     )
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_json: bool = Field(default=True, description="One JSON object per log line.")
+
+    @model_validator(mode="after")
+    def _check_header_limit(self) -> Self:
+        if self.max_header_bytes is not None and self.max_header_bytes < self._metadata_head:
+            raise ValueError(
+                f"max_header_bytes ({self.max_header_bytes}) leaves no room for an "
+                f"X-Handle-Metadata of max_metadata_bytes ({self.max_metadata_bytes}): set it "
+                f"to at least {self._metadata_head}, or leave it unset"
+            )
+        return self
+
+    @property
+    def _metadata_head(self) -> int:
+        """The head of a request carrying the largest metadata, with room for the rest."""
+        return self.max_metadata_bytes + HEADER_ROOM
+
+    @property
+    def header_limit(self) -> int:
+        """The request head limit in force (``max_header_bytes`` or its default)."""
+        return self.max_header_bytes if self.max_header_bytes is not None else self._metadata_head
+
+    def _longest_reader_lease(self) -> tuple[int, str]:
+        """REST sessions hold locks too, on leases of up to
+        ``max_session_ttl_seconds``; SDK instances on ``lease_ttl``."""
+        return max(
+            (self.max_session_ttl_seconds, "max_session_ttl_seconds"),
+            super()._longest_reader_lease(),
+        )

@@ -117,6 +117,7 @@ def serve(
     from statestore.config import load_config
     from statestore.local.embedded import blob_root, start_embedded_etcd
     from statestore_api.auth import Authorizer
+    from statestore_api.protocol import HeaderLimits, create_protocol
     from statestore_api.settings import ServiceSettings
 
     try:
@@ -152,6 +153,8 @@ def serve(
             host=host or settings.host,
             port=port if port is not None else settings.port,
             workers=workers or settings.workers,
+            # httptools with bounded request heads (431); also in every worker.
+            http=create_protocol(HeaderLimits(settings.header_limit, settings.max_header_count)),
             access_log=False,  # the service logs every request itself, with its request id
             timeout_keep_alive=settings.keep_alive_seconds,
             log_level=settings.log_level,
@@ -171,14 +174,18 @@ def gc(
 
     Connects with the STATESTORE_* settings (as `serve`); safe to run while
     the service runs (every deletion is guarded as in the service's own GC).
+    Queued blobs are aged on this run's own clock (never on the writers'), so
+    when some are queued the run waits out the grace period once, then
+    deletes those it has seen for that long. Orphans are aged on the blob
+    store's clock.
     """
     from rich.progress import Progress
 
     from statestore.config import load_config
-    from statestore.maintenance.gc import gc_pass
+    from statestore.maintenance.gc import GcReport, gc_pass
     from statestore.store import StateHandleStore
 
-    async def run() -> Any:
+    async def run() -> GcReport:
         try:
             cfg = load_config()
         except StateStoreError as e:
@@ -191,12 +198,32 @@ def gc(
                 def progress(ns: str, done: int, total: int) -> None:
                     bar.update(task, total=total, completed=done, description=f"gc {ns}")
 
-                return await gc_pass(
-                    store,
-                    orphan_min_age=cfg.orphan_min_age_seconds,
-                    dry_run=dry_run,
-                    progress=progress,
+                async def one_pass() -> GcReport:
+                    return await gc_pass(
+                        store,
+                        orphan_min_age=cfg.orphan_min_age_seconds,
+                        dry_run=dry_run,
+                        progress=progress,
+                    )
+
+                first = await one_pass()
+                grace = cfg.gc_grace_seconds
+                if dry_run or not first.pending or grace <= 0:
+                    return first
+                bar.update(
+                    task,
+                    total=None,
+                    description=f"{first.pending} queued blob(s) first seen now: waiting "
+                    f"the {grace:g}s grace period (the writers' clocks are not trusted)",
                 )
+                await asyncio.sleep(grace)
+                report = await one_pass()
+                report.deleted += first.deleted
+                report.orphans_found += first.orphans_found
+                report.orphans_deleted += first.orphans_deleted
+                report.uploads_aborted += first.uploads_aborted
+                report.orphans[:0] = first.orphans
+                return report
 
     try:
         report = asyncio.run(run())
@@ -472,7 +499,7 @@ def rm_(
 
 @app.command("sessions")
 def sessions_(url: Url = "http://127.0.0.1:8080", token: Token = None) -> None:
-    """List live sessions (admin)."""
+    """List live sessions (admin): all of them for a token of namespace `*`, else its own."""
     from rich.table import Table
 
     try:
@@ -540,7 +567,7 @@ def _event_line(now: Any, event: Any) -> str:
     if event.leader is None:
         return head + "leader  [red]ended[/red]"
     lead = event.leader
-    info = f"  info: {escape(', '.join(sorted(event.info)))}" if event.info else ""
+    info = f"  info: {escape(', '.join(sorted(lead.info)))}" if lead.info else ""
     return (
         head
         + f"leader  [green]is[/green]      {escape(lead.leader)}  token {lead.fencing_token}{info}"

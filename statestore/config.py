@@ -8,7 +8,9 @@ etcd over TLS: give ``https://host:port`` endpoints and/or ``etcd_ca_file``
 (the CA that signed etcd's server certificate), plus ``etcd_cert_file`` and
 ``etcd_key_file`` (a client certificate, for etcd's ``--client-cert-auth``).
 ``etcd_username``/``etcd_password`` enable etcd's own authentication, over
-TLS or not.
+TLS or not. A TLS setting that would have no effect (``etcd_tls_server_name``
+with TLS off, TLS files with ``http://`` endpoints) is refused, never
+ignored: the connection would otherwise be plaintext, credentials included.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ class StoreConfig(BaseSettings):
         description="Name to check etcd's server certificate against instead of the "
         "endpoint host (gRPC ssl_target_name_override).",
     )
+    etcd_page_size: int = Field(
+        default=5000,
+        ge=1,
+        le=100_000,
+        description="Keys per etcd range request when listing (a listing is read in pages "
+        "at one revision, again at a fresh one if etcd compacts under it).",
+    )
     max_metadata_bytes: int = Field(
         default=64 * 1024,
         ge=0,
@@ -85,10 +94,18 @@ class StoreConfig(BaseSettings):
         default=4 * 1024 * 1024, ge=64 * 1024, description="Streaming chunk size."
     )
     gc_grace_seconds: float = Field(
-        default=20.0,
+        default=120.0,
         ge=0,
-        description="How long a blob outlives its handle before deletion (>= lease_ttl: a "
-        "reader whose lock silently expired may still be reading).",
+        description="How long a blob outlives its handle before deletion, on the GC's own "
+        "clock. At least the longest lease a reader may hold (lease_ttl; in the service "
+        "also max_session_ttl_seconds): a reader whose lock silently expired may still be "
+        "reading. Shorter is refused unless allow_short_gc_grace.",
+    )
+    allow_short_gc_grace: bool = Field(
+        default=False,
+        description="Accept a gc_grace_seconds shorter than the longest reader lease (tests "
+        "and drills only): a reader whose lock silently expired can then have its blob "
+        "deleted while it still reads.",
     )
     orphan_min_age_seconds: float = Field(
         default=3600.0,
@@ -98,6 +115,14 @@ class StoreConfig(BaseSettings):
     )
     lock_concurrency: int = Field(
         default=8, ge=1, description="Lock batches get_all_and_lock keeps in flight."
+    )
+    idempotency_window_seconds: float = Field(
+        default=600.0,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="How long the answer of an operation sent with an idempotency key is "
+        "kept for retries with that key: at least this long, at most 1.5 times it. A retry "
+        "after that performs the operation again.",
     )
 
     @field_validator("etcd_endpoints", mode="before")
@@ -132,6 +157,11 @@ class StoreConfig(BaseSettings):
             raise ValueError(f"{info.field_name} {str(v)!r} is not readable: {e}") from None
         return v
 
+    @field_validator("etcd_tls_server_name")
+    @classmethod
+    def _blank_is_unset(cls, v: str | None) -> str | None:
+        return (v.strip() or None) if v is not None else None
+
     @model_validator(mode="after")
     def _check_etcd_security(self) -> Self:
         if (self.etcd_cert_file is None) != (self.etcd_key_file is None):
@@ -150,8 +180,35 @@ class StoreConfig(BaseSettings):
                 "etcd TLS files are set but the endpoints say http://: use https:// "
                 "endpoints (or host:port) with TLS"
             )
+        if self.etcd_tls_server_name is not None and not self.etcd_tls:
+            where = "http://" if "http" in schemes else "host:port"
+            raise ValueError(
+                f"etcd_tls_server_name is set but TLS to etcd is off (the endpoints are "
+                f"{where} and no etcd_ca_file is set), so it would be ignored and etcd "
+                "reached in plaintext: set etcd_ca_file (the CA of etcd's server "
+                "certificate) or use https:// endpoints, or unset etcd_tls_server_name"
+            )
         if self.etcd_password is not None and self.etcd_username is None:
             raise ValueError("etcd_password is set without etcd_username")
+        return self
+
+    def _longest_reader_lease(self) -> tuple[int, str]:
+        """The longest lease a reader may hold, and the setting that bounds it:
+        an SDK instance's locks live on its lease (protocol.md s4)."""
+        return self.lease_ttl, "lease_ttl"
+
+    @model_validator(mode="after")
+    def _check_gc_grace(self) -> Self:
+        """protocol.md s4/s5: the grace period covers the longest lease a reader
+        may hold; refuse a shorter one (start-up fails with this message)."""
+        longest, setting = self._longest_reader_lease()
+        if self.gc_grace_seconds < longest and not self.allow_short_gc_grace:
+            raise ValueError(
+                f"gc_grace_seconds ({self.gc_grace_seconds:g} s) is shorter than {setting} "
+                f"({longest} s): a reader whose lock silently expired could still be reading "
+                "a blob the GC deletes (protocol.md s4/s5). Set STATESTORE_GC_GRACE_SECONDS to "
+                f"at least {longest}, or lower STATESTORE_{setting.upper()}"
+            )
         return self
 
     @property
@@ -192,7 +249,13 @@ def load_config(cls: type[C] = StoreConfig, **overrides: Any) -> C:  # type: ign
     try:
         return cls(**overrides)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
+        problems = "; ".join(_describe(err) for err in e.errors())
         raise InvalidArgument(f"invalid statestore settings: {problems}") from None
+
+
+def _describe(err: Any) -> str:
+    """One pydantic error as ``setting: message`` (just the message for a
+    check across settings, without pydantic's "Value error, " prefix)."""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {msg}" if where else msg

@@ -14,8 +14,9 @@ class StateStoreError(Exception):
     """Base of every statestore error."""
 
     kind: str = "error"
-    #: HTTP status the REST layer answers with.
-    http_status: int = 500
+    #: HTTP status of this error over REST (the service's own table,
+    #: statestore_api.problems.STATUS, decides what it answers).
+    http_status: int = 503
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -116,9 +117,11 @@ class PossibleInconsistentState(StateStoreError):
 class Compacted(StateStoreError):
     """A read or watch asked for history etcd has compacted away.
 
-    ``compact_revision`` is the oldest revision etcd still keeps (0 when
-    unknown). A watcher re-lists (one snapshot at a fresh revision) and
-    watches again from the listing's revision."""
+    ``compact_revision`` is etcd's compaction point, the oldest revision it
+    still keeps, when it says (watches; 0 for reads): re-read at the current
+    revision and go on from there; a watcher re-lists (one snapshot at a
+    fresh revision) and watches again from the listing's revision. Raised by
+    the etcd layer, and by the REST client for a 410 ``compacted``."""
 
     kind = "compacted"
     http_status = 410

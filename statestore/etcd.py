@@ -21,7 +21,10 @@ same, on a read                                retried, then ``Unavailable``
 ``mvcc: database space exceeded`` (NOSPACE)    ``Unavailable`` naming the alarm/fix
 ``requested lease not found``                  :class:`~statestore.errors.SessionExpired`
 ``request is too large``                       :class:`~statestore.errors.TooLarge`
-``required revision has been compacted``       :class:`Compacted`
+``required revision has been compacted``       :class:`Compacted` (a read of
+                                               several pages or ranges at one
+                                               revision is read again at a
+                                               fresh one: :meth:`read_ranges`)
 TLS handshake failed (wrong CA, no client      retried until the deadline, then
 certificate, name mismatch)                    ``Unavailable`` naming TLS
 wrong etcd username/password                   ``Unavailable`` naming the credentials
@@ -31,7 +34,9 @@ wrong etcd username/password                   ``Unavailable`` naming the creden
 Security: with ``https://`` endpoints or any of ``ca_file``/``cert_file``/
 ``key_file`` the channel is a TLS one (``grpc.ssl_channel_credentials``); the
 server certificate is checked against the endpoint host (give certificates an
-IP SAN for IP endpoints) unless ``tls_server_name`` overrides it. With a
+IP SAN for IP endpoints) unless ``tls_server_name`` overrides it. A TLS
+setting on a channel that would be plaintext (``tls_server_name`` alone, or
+``tls=False`` with TLS settings) is refused, never ignored. With a
 username the client calls ``Authenticate`` once and sends the token with every
 request; etcd's simple tokens expire after ``--auth-token-ttl`` idle seconds,
 so a call refused with ``invalid auth token`` re-authenticates and retries.
@@ -74,11 +79,22 @@ class Ambiguous(Unavailable):
 
 
 class TooManyOps(InvalidArgument):
-    """etcd refused a txn for having more operations than ``--max-txn-ops``."""
+    """etcd refused a txn for having more operations than ``--max-txn-ops``.
+
+    The store splits its txns and shrinks them when refused; one that still
+    escapes means etcd's limit is below what the store needs (not the
+    caller's fault), hence 503."""
+
+    http_status = 503
 
 
 class ResponseTooLarge(Unavailable):
     """A response over the gRPC message limit (paged reads shrink their page)."""
+
+
+#: How often a read pinned to one revision is started again at a fresh one
+#: when etcd compacts under it (each time means a compaction during the read).
+COMPACTED_RETRIES = 5
 
 
 # Phrases in gRPC/etcd error details that prove the request never left us.
@@ -400,6 +416,7 @@ class EtcdClient:
         key_file: str | Path | None = None,
         tls_server_name: str | None = None,
         tls: bool | None = None,
+        page_size: int = 5000,
     ) -> None:
         """Args:
         endpoints: ``host:port`` or ``https://host:port`` (TLS) of the members.
@@ -411,9 +428,17 @@ class EtcdClient:
             the target's host (gRPC ``ssl_target_name_override``).
         tls: force TLS on or off; by default on with ``https://`` endpoints or
             any TLS file.
+        page_size: keys per range request of :meth:`range_all` and
+            :meth:`read_ranges` (a page whose answer is too large shrinks).
+
+        Raises:
+            InvalidArgument: a client certificate without its key, or a TLS
+                setting (``https://``, a file, ``tls_server_name``) while TLS
+                is off: it would be ignored and etcd reached in plaintext.
         """
         self.endpoints = list(endpoints)
         self.timeout = timeout
+        self.page_size = max(1, page_size)
         self._username = username
         self._password = password
         if (cert_file is None) != (key_file is None):
@@ -423,11 +448,15 @@ class EtcdClient:
         self._key_file = key_file
         self._tls_server_name = tls_server_name
         https = any(ep.strip().lower().startswith("https://") for ep in self.endpoints)
-        self.tls: bool = (
-            tls
-            if tls is not None
-            else https or any(f is not None for f in (ca_file, cert_file, key_file))
-        )
+        files = any(f is not None for f in (ca_file, cert_file, key_file))
+        self.tls: bool = tls if tls is not None else https or files
+        if not self.tls and (https or files or tls_server_name):
+            # Ignoring them would reach etcd in plaintext, credentials included.
+            raise InvalidArgument(
+                "TLS settings for etcd (https:// endpoints, ca_file, cert_file, key_file or "
+                "tls_server_name) are given but TLS is off: give a CA file or https:// "
+                "endpoints to turn TLS on, or drop the TLS settings"
+            )
         self._channel: grpc.aio.Channel | None = None
         self._metadata: tuple[tuple[str, str], ...] | None = None
         self._auth_lock: asyncio.Lock | None = None
@@ -645,26 +674,76 @@ class EtcdClient:
         range_end: bytes,
         *,
         revision: int = 0,
-        page: int = 5000,
+        page: int | None = None,
         keys_only: bool = False,
     ) -> tuple[list[KV], int]:
         """Every key in ``[key, range_end)`` at ONE revision, read in pages.
 
-        The first page fixes the revision (unless given); later pages are
-        pinned to it, so the result is one consistent snapshot. A page whose
-        answer exceeds the message limit (large metadata) is read again smaller.
+        Without ``revision`` this is :meth:`read_ranges` of one range (a
+        compaction between pages means a fresh read, never an error). With
+        ``revision`` every page is pinned to it, and ``Compacted`` is raised
+        when etcd has compacted it away meanwhile.
         """
+        if not revision:
+            (kvs,), rev = await self.read_ranges([(key, range_end, keys_only)], page=page)
+            return kvs, rev
+        return await self._range_pages(key, range_end, revision, page, keys_only)
+
+    async def read_ranges(
+        self, ranges: Sequence[tuple[bytes, bytes, bool]], *, page: int | None = None
+    ) -> tuple[list[list[KV]], int]:
+        """Every key of each ``(key, range_end, keys_only)`` range, all at ONE
+        revision (the current one when the first page is read), in pages.
+
+        Later pages and ranges are pinned to that revision, so the result is
+        one consistent snapshot. If etcd compacts the revision away before
+        the last page (the compactor ran meanwhile), pinned pages fail with
+        ``Compacted``: everything is then read again at a fresh revision, up
+        to ``COMPACTED_RETRIES`` times; a reader that meets a compaction that
+        often gets ``Unavailable`` (retry later), never a mixed snapshot.
+        """
+        for retry in range(COMPACTED_RETRIES + 1):
+            revision = 0
+            out: list[list[KV]] = []
+            try:
+                for key, range_end, keys_only in ranges:
+                    kvs, revision = await self._range_pages(
+                        key, range_end, revision, page, keys_only
+                    )
+                    out.append(kvs)
+                return out, revision
+            except Compacted:
+                if retry == COMPACTED_RETRIES:
+                    break
+                log.info(
+                    "a read at one revision met a compaction before its last page; "
+                    "reading it again at a fresh revision (retry %d of %d)",
+                    retry + 1,
+                    COMPACTED_RETRIES,
+                )
+        raise Unavailable(
+            f"etcd at {self._where} compacted the revision of a read {COMPACTED_RETRIES + 1} "
+            "times before it was complete (is the compaction interval very short?); retry"
+        )
+
+    async def _range_pages(
+        self, key: bytes, range_end: bytes, revision: int, page: int | None, keys_only: bool
+    ) -> tuple[list[KV], int]:
+        """The pages of one range; the first fixes the revision when none is given.
+        A page whose answer exceeds the message limit (large metadata) is read
+        again smaller."""
+        size = page or self.page_size
         out: list[KV] = []
         start = key
         while True:
             try:
                 kvs, more, _, rev = await self.range(
-                    start, range_end, revision=revision, limit=page, keys_only=keys_only
+                    start, range_end, revision=revision, limit=size, keys_only=keys_only
                 )
             except ResponseTooLarge:
-                if page <= 1:
+                if size <= 1:
                     raise
-                page //= 4  # records with large metadata: fewer per page
+                size //= 4  # records with large metadata: fewer per page
                 continue
             revision = revision or rev
             out.extend(kvs)
@@ -689,8 +768,11 @@ class EtcdClient:
         resp = await self._call("delete", self._kv.DeleteRange, req, write=True)
         return int(resp.deleted)
 
-    async def txn(self, txn: Txn, *, what: str = "txn") -> TxnResult:
-        resp = await self._call(what, self._kv.Txn, txn.request(), write=True)
+    async def txn(self, txn: Txn, *, what: str = "txn", read_only: bool = False) -> TxnResult:
+        """Send ``txn``. ``read_only=True`` for a txn of gets alone (one
+        consistent read of several ranges): it is retried like a read, never
+        reported ``Ambiguous``."""
+        resp = await self._call(what, self._kv.Txn, txn.request(), write=not read_only)
         results: list[Any] = []
         for r in resp.responses:
             kind = r.WhichOneof("response")

@@ -33,9 +33,24 @@ Behaviour common to both faces:
   file at a time), never read whole, and hashed on the way: the handle the
   server answers with must have the size and SHA-256 of what was sent, else
   ``IntegrityError``.
+- Idempotent retries (rest-v1.md "Idempotent retries"): ``add_and_lock``,
+  ``replace``, ``add_checkpoint`` and ``counter_increment`` (with a session)
+  send an ``Idempotency-Key``, a fresh UUID per call unless the caller gives
+  ``idempotency_key``. When the connection breaks or times out (before or
+  after the request went out: ``httpx.NetworkError``,
+  ``RemoteProtocolError``, ``TimeoutException``), the call is sent again
+  with the same key, up to ``retries`` more times with short backoff
+  (:data:`RETRY_BACKOFF` doubling, at most :data:`RETRY_BACKOFF_MAX`): the
+  answer is then the first attempt's result if it took effect, else the
+  operation performed once. A state given as a file object or an iterable
+  cannot be sent twice, so such a call is not retried; its ``Unavailable``
+  carries ``details["idempotency_key"]``, to retry by hand with bytes.
 - Reads (``read`` / ``open_read``) verify the body against the response's
-  ``X-Content-SHA256``; ``open_read`` can only tell after the last chunk, so it
-  raises ``IntegrityError`` at the end of the iteration.
+  ``X-Content-SHA256``. ``open_read`` holds the last chunk back until the
+  whole body has matched and raises ``IntegrityError`` in its place
+  otherwise, so no caller passes on all the bytes of a state that does not
+  match. A body that ends before its ``Content-Length`` (the server cuts off
+  a state whose blob does not match its handle) is an ``IntegrityError`` too.
 - ``watch(since, timeout=30, prefix=None, kinds=None)`` is one long poll: the
   namespace's changes after revision ``since`` (``None``: now) as soon as one
   matches, or none after ``timeout`` seconds (1..300), as a
@@ -57,6 +72,8 @@ import hashlib
 import json
 import logging
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -84,7 +101,8 @@ from statestore.errors import (
     Unavailable,
     VersionConflict,
 )
-from statestore.handle import encode_metadata
+from statestore.handle import PrefixRemoval, encode_metadata, encode_plain_json
+from statestore.keys import validate_idempotency_key
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +112,12 @@ T = TypeVar("T")
 CHUNK_SIZE = 1024 * 1024
 #: How much of an unexpected response body an error message quotes.
 EXCERPT_CHARS = 300
-#: A long poll's read timeout is at least the time the server may hold it
-#: plus this (rest-v1.md: a watch is held at most ``timeout`` + 2 s).
-HOLD_MARGIN = 10.0
+#: Retries of a call with an idempotency key after a broken connection
+#: (the clients' ``retries`` default), and the backoff before the first one
+#: (doubling, at most ``RETRY_BACKOFF_MAX``), in seconds.
+RETRIES = 3
+RETRY_BACKOFF = 0.1
+RETRY_BACKOFF_MAX = 1.0
 
 #: What ``add_and_lock``/``replace``/``add_checkpoint`` accept as state: bytes, a
 #: binary file object (sync ``read``, or ``async def read`` for the async face),
@@ -244,20 +265,35 @@ _NOTHING_SENT = (
 )
 
 
-def _unreachable(request: httpx.Request, exc: httpx.TransportError) -> Unavailable:
-    """``Unavailable`` for a connection error or timeout, naming the URL."""
+#: Transport errors after which a call with an idempotency key is sent again
+#: (the connection broke or timed out, before or after the request went out).
+_RETRIED = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.TimeoutException)
+
+
+def _unreachable(request: httpx.Request, exc: httpx.TransportError, tries: int = 1) -> Unavailable:
+    """``Unavailable`` for a connection error or timeout, naming the URL
+    (and the idempotency key, with which a retry learns the outcome)."""
     nothing_sent = isinstance(exc, _NOTHING_SENT)
+    key = request.headers.get("idempotency-key")
     if nothing_sent or request.method in ("GET", "HEAD"):
         hint = "retry when the server is reachable"
+    elif key is not None:
+        hint = (
+            f"the request may have reached the server and taken effect; retry with "
+            f"idempotency_key={key!r} to learn the outcome (it answers the first result)"
+        )
     else:
         hint = (
             "the request may have reached the server and taken effect; re-read the state "
             "before retrying"
         )
+    sent = f" (sent {tries} times)" if tries > 1 else ""
+    extra = {"idempotency_key": key} if key is not None else {}
     return Unavailable(
-        f"{request.method} {request.url}: the statestore server did not answer "
+        f"{request.method} {request.url}: the statestore server did not answer{sent} "
         f"({type(exc).__name__}: {exc or 'no detail'}); {hint}",
         url=str(request.url),
+        **extra,
     )
 
 
@@ -329,11 +365,43 @@ class Listing:
 H = TypeVar("H", bound=RestHandle)
 
 
-class Leadership(NamedTuple):
-    """Who leads a namespace and the fencing token of that leadership."""
-
+class _LeaderPair(NamedTuple):
     leader: str
     fencing_token: int
+
+
+class Leadership(_LeaderPair):
+    """Who leads a namespace and the fencing token of that leadership, with
+    ``info``: what the leader published (``PUT .../leader/info/{key}``), by
+    key. ``leader()`` fills it; ``campaign()`` answers without it (empty).
+
+    Still the ``(leader, fencing_token)`` pair it always was: it unpacks and
+    indexes as that pair and equals a plain tuple of it; two ``Leadership``
+    values are equal when their info is too."""
+
+    info: dict[str, Any]
+
+    def __new__(
+        cls, leader: str, fencing_token: int, info: Mapping[str, Any] | None = None
+    ) -> Leadership:
+        self = super().__new__(cls, leader, fencing_token)
+        self.info = dict(info or {})
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Leadership):
+            return tuple(self) == tuple(other) and self.info == other.info
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = _LeaderPair.__hash__  # equal values have equal pairs
+
+    def __repr__(self) -> str:
+        return f"Leadership(leader={self.leader!r}, fencing_token={self.fencing_token!r}, " + (
+            f"info={self.info!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,15 +441,14 @@ class RestLeaderEvent:
     kind: ClassVar[str] = "leader"
 
     revision: int
+    #: The leadership with its ``info``, as ``leader()`` answers it.
     leader: Leadership | None
-    #: The info the leader published (``{}`` when none, or nobody leads).
-    info: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The rest-v1 event (``leader``: the ``GET .../leader`` body)."""
         body = None
         if self.leader is not None:
-            body = {**self.leader._asdict(), "info": self.info}
+            body = {**self.leader._asdict(), "info": self.leader.info}
         return {"kind": self.kind, "revision": self.revision, "leader": body}
 
 
@@ -455,6 +522,7 @@ def request_headers(
     metadata: Mapping[str, Any] | None = None,
     sha256: str | None = None,
     if_match: int | None = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, str]:
     """The rest-v1 request headers for the given values (``None`` -> absent).
 
@@ -482,7 +550,14 @@ def request_headers(
         headers["X-Content-SHA256"] = digest
     if if_match is not None:
         headers["If-Match"] = f'"{_checked_int(if_match, "expected_version")}"'
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = validate_idempotency_key(idempotency_key)
     return headers
+
+
+def _fresh_key(given: str | None) -> str:
+    """The idempotency key of a call: the caller's, or a fresh UUID."""
+    return given if given is not None else str(uuid.uuid4())
 
 
 def _checked_int(value: Any, what: str) -> int:
@@ -599,15 +674,23 @@ class _Verifier:
                 "cannot be verified; the server does not follow rest-v1"
             )
         self._expected = expected.strip().lower()
+        self._length = response.headers.get("content-length")
         self._sha = hashlib.sha256()
+        self._held = b""
         self.size = 0
 
-    def update(self, chunk: bytes) -> bytes:
+    def pass_on(self, chunk: bytes) -> bytes:
+        """Hash ``chunk`` and hold it back; returns the chunk held before
+        (``b""`` at first). The last chunk is thus only released by
+        :meth:`finish`, so a caller never passes on every byte of a state
+        that does not match."""
         self._sha.update(chunk)
         self.size += len(chunk)
-        return chunk
+        ready, self._held = self._held, chunk
+        return ready
 
-    def finish(self) -> None:
+    def finish(self) -> bytes:
+        """The held-back last chunk, once the whole body matches."""
         got = self._sha.hexdigest()
         if got != self._expected:
             raise IntegrityError(
@@ -617,13 +700,23 @@ class _Verifier:
                 expected_sha256=self._expected,
                 sha256=got,
             )
+        return self._held
 
+    def cut_off(self, exc: httpx.RemoteProtocolError) -> IntegrityError:
+        """The error for a body that ended before its ``Content-Length``.
 
-def _verified_body(response: httpx.Response) -> bytes:
-    verifier = _Verifier(response)
-    verifier.update(response.content)
-    verifier.finish()
-    return response.content
+        The server ends a state response this way when it finds, mid-stream,
+        that the blob does not match its handle (it cannot change the 200
+        already sent); a connection broken on the way looks the same. Either
+        way the bytes received are not the state."""
+        return IntegrityError(
+            f"{self._what}: the body ended after {self.size} of {self._length or '?'} bytes "
+            f"({exc or 'no detail'}); the server cuts a state off before its last byte when "
+            "the blob does not match its handle (see its log), or the connection broke: "
+            "these bytes are not the state, read it again",
+            expected_sha256=self._expected,
+            received=self.size,
+        )
 
 
 # -- calls ----------------------------------------------------------------------------------
@@ -676,18 +769,32 @@ class _Call(Generic[T]):
     json: Any = None
     upload: _Upload | None = None
     on_error: Callable[[StateStoreError], T] = _raise
-    #: Seconds the server may hold the request before answering (a long
-    #: poll); the read timeout is raised to cover it.
-    hold: float | None = None
+    #: Seconds the server may hold the answer back on purpose (a waiting
+    #: campaign, a watch's long poll): added to the client's read timeout
+    #: for this call.
+    waits: float = 0.0
+
+    def retry_delay(self, error: httpx.TransportError, tries: int, retries: int) -> float | None:
+        """How long to wait before sending the call again after ``error`` on
+        its ``tries``-th send; ``None``: do not (no idempotency key, a state
+        that cannot be sent twice, another kind of error, or ``retries``
+        retries already made)."""
+        replayable = self.upload is None or self.upload.raw is not None
+        if "Idempotency-Key" not in self.headers or not replayable or tries > retries:
+            return None
+        if not isinstance(error, _RETRIED):
+            return None
+        return min(RETRY_BACKOFF * 2 ** (tries - 1), RETRY_BACKOFF_MAX)
 
     def build(self, http: httpx.Client | httpx.AsyncClient, content: Any) -> httpx.Request:
-        """The request on ``http`` (whose base URL and auth apply)."""
-        extra: dict[str, Any] = {}
-        limits = http.timeout
-        if self.hold is not None and limits.read is not None:
-            read = max(limits.read, self.hold + HOLD_MARGIN)
-            extra["timeout"] = httpx.Timeout(
-                connect=limits.connect, read=read, write=limits.write, pool=limits.pool
+        """The request on ``http`` (whose base URL, auth and timeouts apply)."""
+        timeout = http.timeout
+        if self.waits and timeout.read is not None:
+            timeout = httpx.Timeout(
+                connect=timeout.connect,
+                read=timeout.read + self.waits,
+                write=timeout.write,
+                pool=timeout.pool,
             )
         return http.build_request(
             self.method,
@@ -696,7 +803,7 @@ class _Call(Generic[T]):
             headers=self.headers,
             json=self.json,
             content=content,
-            **extra,
+            timeout=timeout,
         )
 
     def finish(self, response: httpx.Response) -> T:
@@ -737,9 +844,16 @@ def _value(response: httpx.Response) -> int:
     return _int(_body(response)["value"])
 
 
+def _leadership_of(body: Any) -> Leadership:
+    """A ``GET .../leader`` body (also a leader event's ``leader``)."""
+    info = body.get("info", {})
+    if not isinstance(info, dict):
+        raise TypeError(f"info must be an object, got {info!r}")
+    return Leadership(_str(body["leader"]), _int(body["fencing_token"]), info)
+
+
 def _leadership(response: httpx.Response) -> Leadership:
-    body = _body(response)
-    return Leadership(_str(body["leader"]), _int(body["fencing_token"]))
+    return _leadership_of(_body(response))
 
 
 def _listing(response: httpx.Response) -> Listing:
@@ -748,15 +862,6 @@ def _listing(response: httpx.Response) -> Listing:
         handles=[RestHandle.from_json(h) for h in body["handles"]],
         revision=_int(body["revision"]),
     )
-
-
-def _leader_state(body: Any) -> tuple[Leadership, dict[str, Any]]:
-    """A ``GET .../leader`` body: the leadership and its info (``{}`` from a
-    server that shows none)."""
-    info = body.get("info") or {}
-    if not isinstance(info, dict):
-        raise TypeError(f"info must be an object, got {info!r}")
-    return Leadership(_str(body["leader"]), _int(body["fencing_token"])), info
 
 
 def _watch_event(body: Any) -> RestWatchEvent | None:
@@ -774,9 +879,10 @@ def _watch_event(body: Any) -> RestWatchEvent | None:
             None if handle is None else RestHandle.from_json(handle),
         )
     if kind == "leader":
-        if body.get("leader") is None:
-            return RestLeaderEvent(_int(body["revision"]), None)
-        return RestLeaderEvent(_int(body["revision"]), *_leader_state(body["leader"]))
+        leader = body.get("leader")
+        return RestLeaderEvent(
+            _int(body["revision"]), None if leader is None else _leadership_of(leader)
+        )
     return None
 
 
@@ -792,6 +898,13 @@ def _checkpoint(response: httpx.Response) -> RestCheckpoint:
 
 def _checkpoints(response: httpx.Response) -> list[RestCheckpoint]:
     return [RestCheckpoint.from_json(c) for c in _body(response)["checkpoints"]]
+
+
+def _names(body: Any, member: str) -> list[str]:
+    names = body.get(member, [])
+    if not isinstance(names, list):
+        raise TypeError(f"{member} must be a list, got {names!r}")
+    return [_str(n) for n in names]
 
 
 class _Api:
@@ -846,6 +959,7 @@ class _Api:
         metadata: Mapping[str, Any] | None,
         sha256: str | None,
         fencing_token: int | None,
+        idempotency_key: str | None,
         ns: str | None,
     ) -> _Call[RestHandle]:
         path = self._handle_path(name, ns)
@@ -855,6 +969,7 @@ class _Api:
             metadata=metadata,
             sha256=sha256,
             if_match=expected_version,
+            idempotency_key=_fresh_key(idempotency_key),
         )
         upload = _Upload(data)
         upload.add_digest(headers)
@@ -873,8 +988,11 @@ class _Api:
         path = self._handle_path(name, ns)
         return _Call("GET", path, lambda r: _handle(r).locks, on_error=_empty_if_not_found)
 
-    def state(self, name: str, ns: str | None) -> _Call[bytes]:
-        return _Call("GET", f"{self._handle_path(name, ns)}/state", _verified_body)
+    def state(self, name: str, ns: str | None) -> _Call[None]:
+        """GET of the state bytes. The faces' ``open_read`` streams and
+        verifies the body itself (a body cut off mid-way is an integrity
+        error, not an unreachable server); ``finish`` only maps errors."""
+        return _Call("GET", f"{self._handle_path(name, ns)}/state", _nothing)
 
     def get_and_lock(self, name: str, session_id: str, ns: str | None) -> _Call[RestHandle]:
         headers = request_headers(session_id=session_id)
@@ -900,6 +1018,41 @@ class _Api:
             params={"deferred": "true"} if deferred else {},
             headers=request_headers(session_id=session_id, fencing_token=fencing_token),
             on_error=_false_if_locked,
+        )
+
+    def remove_prefix(
+        self,
+        prefix: str,
+        session_id: str,
+        *,
+        deferred: bool,
+        fencing_token: int | None,
+        ns: str | None,
+    ) -> _Call[PrefixRemoval]:
+        kept = "pending" if deferred else "locked"
+
+        def parse(response: httpx.Response) -> PrefixRemoval:
+            body = _body(response)
+            return PrefixRemoval(_names(body, "removed"), _names(body, kept))
+
+        params = {"prefix": prefix}
+        if deferred:
+            params["deferred"] = "true"
+        return _Call(
+            "DELETE",
+            f"{self._ns_path(ns)}/handles",
+            parse,
+            params=params,
+            headers=request_headers(session_id=session_id, fencing_token=fencing_token),
+        )
+
+    def release_prefix(self, prefix: str, session_id: str, ns: str | None) -> _Call[None]:
+        return _Call(
+            "DELETE",
+            f"{self._ns_path(ns)}/locks",
+            _nothing,
+            params={"prefix": prefix},
+            headers=request_headers(session_id=session_id),
         )
 
     def listing(
@@ -928,9 +1081,30 @@ class _Api:
     def counter_get(self, name: str, ns: str | None) -> _Call[int]:
         return _Call("GET", self._counter_path(name, ns), _value)
 
-    def counter_increment(self, name: str, fencing_token: int | None, ns: str | None) -> _Call[int]:
-        headers = request_headers(fencing_token=fencing_token)
+    def counter_increment(
+        self,
+        name: str,
+        session_id: str | None,
+        fencing_token: int | None,
+        idempotency_key: str | None,
+        ns: str | None,
+    ) -> _Call[int]:
+        if session_id is None and idempotency_key is not None:
+            raise InvalidArgument(
+                "an idempotency key is scoped by the session that sends it: pass session_id"
+            )
+        headers = request_headers(
+            session_id=session_id,
+            fencing_token=fencing_token,
+            idempotency_key=None if session_id is None else _fresh_key(idempotency_key),
+        )
         return _Call("POST", f"{self._counter_path(name, ns)}/increment", _value, headers=headers)
+
+    def counter_delete(
+        self, name: str, session_id: str | None, fencing_token: int | None, ns: str | None
+    ) -> _Call[None]:
+        headers = request_headers(session_id=session_id, fencing_token=fencing_token)
+        return _Call("DELETE", self._counter_path(name, ns), _nothing, headers=headers)
 
     def counter_set(
         self, name: str, value: int, fencing_token: int | None, ns: str | None
@@ -941,9 +1115,18 @@ class _Api:
 
     # leadership
 
-    def campaign(self, session_id: str, ns: str | None) -> _Call[Leadership]:
+    def campaign(self, session_id: str, wait: float, ns: str | None) -> _Call[Leadership]:
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < 1e9:
+            raise InvalidArgument(f"wait must be a number of seconds >= 0, got {wait!r}")
         headers = request_headers(session_id=session_id)
-        return _Call("POST", f"{self._ns_path(ns)}/leader", _leadership, headers=headers)
+        return _Call(
+            "POST",
+            f"{self._ns_path(ns)}/leader",
+            _leadership,
+            params={"wait": str(wait)} if wait else {},
+            headers=headers,
+            waits=wait,
+        )
 
     def leader(self, ns: str | None) -> _Call[Leadership | None]:
         path = f"{self._ns_path(ns)}/leader"
@@ -953,9 +1136,21 @@ class _Api:
         headers = request_headers(session_id=session_id)
         return _Call("DELETE", f"{self._ns_path(ns)}/leader", _nothing, headers=headers)
 
-    def leader_state(self, ns: str | None) -> _Call[tuple[Leadership, dict[str, Any]] | None]:
-        path = f"{self._ns_path(ns)}/leader"
-        return _Call("GET", path, lambda r: _leader_state(_body(r)), on_error=_none_if_not_found)
+    def _info_path(self, key: str, ns: str | None) -> str:
+        return f"{self._ns_path(ns)}/leader/info/{encode_segment(key, 'leader info key')}"
+
+    def put_leader_info(self, session_id: str, key: str, value: Any, ns: str | None) -> _Call[None]:
+        path = self._info_path(key, ns)
+        # plain JSON, as UTF-8; the size limit is the server's to enforce
+        body = encode_plain_json(value, f"leader info {key!r}", 2**62, ensure_ascii=False)
+        headers = request_headers(session_id=session_id)
+        headers["Content-Type"] = "application/json"
+        # Sent as bytes: ``json=None`` would send no body at all for a null value.
+        return _Call("PUT", path, _nothing, headers=headers, upload=_Upload(body.encode()))
+
+    def delete_leader_info(self, session_id: str, key: str, ns: str | None) -> _Call[None]:
+        headers = request_headers(session_id=session_id)
+        return _Call("DELETE", self._info_path(key, ns), _nothing, headers=headers)
 
     # watch
 
@@ -977,7 +1172,7 @@ class _Api:
         if kinds is not None:
             params["kinds"] = kinds if isinstance(kinds, str) else ",".join(kinds)
         path = f"{self._ns_path(ns)}/watch"
-        return _Call("GET", path, _watch_answer, params=params, hold=timeout + 2)
+        return _Call("GET", path, _watch_answer, params=params, waits=timeout + 2)
 
     # checkpoints
 
@@ -990,6 +1185,7 @@ class _Api:
         retain: int,
         savepoint: bool,
         fencing_token: int | None,
+        idempotency_key: str | None,
         ns: str | None,
     ) -> _Call[tuple[RestCheckpoint, list[int]]]:
         cid = _checked_int(checkpoint_id, "checkpoint_id")
@@ -998,7 +1194,11 @@ class _Api:
         params = {"retain": str(_checked_int(retain, "retain"))}
         if savepoint:
             params["savepoint"] = "true"
-        headers = request_headers(session_id=session_id, fencing_token=fencing_token)
+        headers = request_headers(
+            session_id=session_id,
+            fencing_token=fencing_token,
+            idempotency_key=_fresh_key(idempotency_key),
+        )
         upload = _Upload(data)
         upload.add_digest(headers)
 
@@ -1074,9 +1274,8 @@ class _Follower:
         self.since = since
         #: Versions of the handles this follower has seen (None: unknown).
         self.known: dict[str, int] | None = None
-        #: The leadership it last saw, as ``(Leadership, info)`` (None: nobody,
-        #: or not known yet).
-        self.leader: tuple[Leadership, dict[str, Any]] | None = None
+        #: The leadership it last saw (None: nobody, or not known yet).
+        self.leader: Leadership | None = None
         self._step = "list" if since is None else "watch"
         self._relisted = False
 
@@ -1089,7 +1288,7 @@ class _Follower:
         if self._step in ("list", "relist"):
             return self._api.listing(self._prefix, lock=False, session_id=None, ns=self._ns)
         if self._step == "leader":
-            return self._api.leader_state(self._ns)
+            return self._api.leader(self._ns)
         call = self._api.watch(self.since, self._timeout, self._prefix, self._kinds, self._ns)
         call.on_error = self._compacted
         return call
@@ -1108,7 +1307,7 @@ class _Follower:
             previous, self.leader = self.leader, result
             if not self._relisted or result == previous:
                 return []  # the starting point, or no difference
-            return [RestLeaderEvent(self.since or 0, *(result or (None, {})))]
+            return [RestLeaderEvent(self.since or 0, result)]
         listing: Listing = result
         self._relisted = step == "relist"
         events = self._differences(listing) if self._relisted else []
@@ -1133,7 +1332,7 @@ class _Follower:
     def _saw(self, events: Iterable[RestWatchEvent]) -> None:
         for e in events:
             if isinstance(e, RestLeaderEvent):
-                self.leader = None if e.leader is None else (e.leader, e.info)
+                self.leader = e.leader
             elif self.known is not None:
                 if e.type == "put":
                     self.known[e.name] = e.revision
@@ -1185,6 +1384,12 @@ def _after_session(session: Session, error: StateStoreError | None, *, body_fail
     raise error
 
 
+def _checked_retries(retries: Any) -> int:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidArgument(f"retries must be an integer >= 0, got {retries!r}")
+    return retries
+
+
 def _client_args(
     base_url: str, token: str | None, timeout: float, transport: Any
 ) -> dict[str, Any]:
@@ -1216,8 +1421,10 @@ class StateStoreClient:
     ``namespace`` is the default of every ``ns=`` argument; ``token`` is sent as
     ``Authorization: Bearer``; ``timeout`` (seconds) applies to connecting and
     to each read or write on the connection; ``transport`` replaces httpx's
-    (e.g. ``httpx.MockTransport`` in tests). Use as ``with StateStoreClient(...)
-    as client`` or call :meth:`close`. Safe to share between threads.
+    (e.g. ``httpx.MockTransport`` in tests); ``retries`` bounds the resends of
+    a call with an idempotency key after a broken connection (see the
+    module). Use as ``with StateStoreClient(...) as client`` or call
+    :meth:`close`. Safe to share between threads.
     """
 
     def __init__(
@@ -1228,8 +1435,10 @@ class StateStoreClient:
         namespace: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        retries: int = RETRIES,
     ) -> None:
         self._api = _Api(namespace)
+        self._retries = _checked_retries(retries)
         self._http = httpx.Client(**_client_args(base_url, token, timeout, transport))
 
     @property
@@ -1257,12 +1466,19 @@ class StateStoreClient:
         self._http.close()
 
     def _send(self, call: _Call[T]) -> T:
-        request = call.build(self._http, call.upload.sync_content() if call.upload else None)
-        try:
-            response = self._http.send(request)
-        except httpx.TransportError as e:
-            raise _unreachable(request, e) from e
-        return call.finish(response)
+        tries = 0
+        while True:
+            tries += 1
+            request = call.build(self._http, call.upload.sync_content() if call.upload else None)
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as e:
+                delay = call.retry_delay(e, tries, self._retries)
+                if delay is None:
+                    raise _unreachable(request, e, tries) from e
+                time.sleep(delay)
+                continue
+            return call.finish(response)
 
     # sessions
 
@@ -1280,7 +1496,8 @@ class StateStoreClient:
         self._send(self._api.delete_session(session_id))
 
     def list_sessions(self) -> builtins.list[dict[str, Any]]:
-        """Every live session: session_id, ttl_seconds, owner, created_at (admin)."""
+        """The live sessions this admin token may manage (every one for an admin
+        of namespace ``*``, else its own): session_id, ttl_seconds, owner, created_at."""
         return self._send(self._api.list_sessions())
 
     @contextmanager
@@ -1345,11 +1562,14 @@ class StateStoreClient:
         metadata: Mapping[str, Any] | None = None,
         sha256: str | None = None,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> RestHandle:
         """Create handle ``name`` with ``data`` (streamed unless bytes), locked by
         the session. ``AlreadyExists``, ``IntegrityError`` (``sha256`` does not
-        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``."""
+        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``.
+        Sent with ``idempotency_key`` (default: a fresh one) and resent with it
+        after a broken connection (see the module)."""
         return self._send(
             self._api.put(
                 name,
@@ -1359,6 +1579,7 @@ class StateStoreClient:
                 metadata=metadata,
                 sha256=sha256,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1373,10 +1594,13 @@ class StateStoreClient:
         metadata: Mapping[str, Any] | None = None,
         sha256: str | None = None,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> RestHandle:
         """Replace the state of ``name`` if it is still at ``expected_version``
-        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ..."""
+        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ...
+        Sent with ``idempotency_key`` (default: a fresh one) and resent with it
+        after a broken connection (see the module)."""
         return self._send(
             self._api.put(
                 name,
@@ -1386,6 +1610,7 @@ class StateStoreClient:
                 metadata=metadata,
                 sha256=sha256,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1400,14 +1625,16 @@ class StateStoreClient:
 
     def read(self, name: str, *, ns: str | None = None) -> bytes:
         """The state bytes, verified against ``X-Content-SHA256``
-        (``IntegrityError``); ``NotFound``."""
-        return self._send(self._api.state(name, ns))
+        (``IntegrityError``, also for a body the server cut off); ``NotFound``."""
+        return b"".join(self.open_read(name, ns=ns))
 
     def open_read(
         self, name: str, *, ns: str | None = None, chunk_size: int | None = None
     ) -> Iterator[bytes]:
-        """Iterate over the state in chunks as they arrive; ``IntegrityError``
-        after the last chunk if the bytes do not match ``X-Content-SHA256``.
+        """Iterate over the state in chunks as they arrive, the last one held
+        back until the body has matched ``X-Content-SHA256``: on a mismatch,
+        or a body cut off before its ``Content-Length``, ``IntegrityError``
+        comes in its place.
         The request is sent on the first ``next()``; close the iterator (or
         exhaust it) to free the connection."""
         call = self._api.state(name, ns)
@@ -1423,10 +1650,14 @@ class StateStoreClient:
             verifier = _Verifier(response)
             try:
                 for chunk in response.iter_bytes(chunk_size):
-                    yield verifier.update(chunk)
+                    if ready := verifier.pass_on(chunk):
+                        yield ready
+            except httpx.RemoteProtocolError as e:
+                raise verifier.cut_off(e) from e
             except httpx.TransportError as e:
                 raise _unreachable(request, e) from e
-            verifier.finish()
+            if last := verifier.finish():
+                yield last
         finally:
             response.close()
 
@@ -1456,6 +1687,31 @@ class StateStoreClient:
                 name, session_id, deferred=deferred, fencing_token=fencing_token, ns=ns
             )
         )
+
+    def remove_prefix(
+        self,
+        prefix: str,
+        session_id: str,
+        *,
+        deferred: bool = False,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> PrefixRemoval:
+        """``release_and_try_remove`` of every handle whose name starts with
+        ``prefix`` (``""``: all): ``(removed, kept)`` names, where ``kept`` are
+        those other sessions lock (with ``deferred=True``: pending removal,
+        done when they let go). ``Fenced`` (nothing removed) with a stale
+        ``fencing_token``."""
+        return self._send(
+            self._api.remove_prefix(
+                prefix, session_id, deferred=deferred, fencing_token=fencing_token, ns=ns
+            )
+        )
+
+    def release_prefix(self, prefix: str, session_id: str, *, ns: str | None = None) -> None:
+        """Drop every lock of the session on handles whose name starts with
+        ``prefix`` (``""``: all); the session stays alive."""
+        self._send(self._api.release_prefix(prefix, session_id, ns))
 
     def list(
         self,
@@ -1490,10 +1746,33 @@ class StateStoreClient:
         return self._send(self._api.counter_get(name, ns))
 
     def counter_increment(
-        self, name: str, *, fencing_token: int | None = None, ns: str | None = None
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        idempotency_key: str | None = None,
+        ns: str | None = None,
     ) -> int:
-        """Atomically add one; returns the value before the increment."""
-        return self._send(self._api.counter_increment(name, fencing_token, ns))
+        """Atomically add one; returns the value before the increment. With
+        ``session_id`` it is sent with ``idempotency_key`` (default: a fresh
+        one) and resent with it after a broken connection, so the counter
+        advances once (a key is per session: without one, no key, no resend)."""
+        return self._send(
+            self._api.counter_increment(name, session_id, fencing_token, idempotency_key, ns)
+        )
+
+    def counter_delete(
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> None:
+        """Delete the counter (fine when absent): the next read is 1 again.
+        ``Fenced`` (nothing deleted) with a stale ``fencing_token``."""
+        self._send(self._api.counter_delete(name, session_id, fencing_token, ns))
 
     def counter_set(
         self, name: str, value: int, *, fencing_token: int | None = None, ns: str | None = None
@@ -1503,18 +1782,34 @@ class StateStoreClient:
 
     # leadership
 
-    def campaign(self, session_id: str, *, ns: str | None = None) -> Leadership:
+    def campaign(self, session_id: str, *, wait: float = 0, ns: str | None = None) -> Leadership:
         """Lead the namespace (also if already leading): ``(leader,
-        fencing_token)``; ``NotLeader`` with ``details["leader"]`` otherwise."""
-        return self._send(self._api.campaign(session_id, ns))
+        fencing_token)``. When another session leads, wait up to ``wait``
+        seconds (server limit 60) for leadership; then ``NotLeader`` with
+        ``details["leader"]``. The call's read timeout grows by ``wait``."""
+        return self._send(self._api.campaign(session_id, wait, ns))
 
     def leader(self, *, ns: str | None = None) -> Leadership | None:
-        """The current ``(leader, fencing_token)``, or ``None`` if nobody leads."""
+        """The current ``(leader, fencing_token)`` with the leader's ``info``
+        (one read on the server), or ``None`` if nobody leads."""
         return self._send(self._api.leader(ns))
 
     def resign(self, session_id: str, *, ns: str | None = None) -> None:
-        """Give up leadership held by the session."""
+        """Give up leadership held by the session; its info goes with it."""
         self._send(self._api.resign(session_id, ns))
+
+    def put_leader_info(
+        self, session_id: str, key: str, value: Any, *, ns: str | None = None
+    ) -> None:
+        """Publish ``value`` (plain JSON, at most 16 KiB) under ``key`` for as
+        long as the session's leadership lasts. ``NotLeader`` (nothing
+        written) unless the session leads; ``TooLarge`` over the limits."""
+        self._send(self._api.put_leader_info(session_id, key, value, ns))
+
+    def delete_leader_info(self, session_id: str, key: str, *, ns: str | None = None) -> None:
+        """Remove the info entry ``key`` (also when absent); ``NotLeader``
+        unless the session leads."""
+        self._send(self._api.delete_leader_info(session_id, key, ns))
 
     # watch
 
@@ -1557,10 +1852,13 @@ class StateStoreClient:
         retain: int = 1,
         savepoint: bool = False,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> tuple[RestCheckpoint, builtins.list[int]]:
         """Store checkpoint ``checkpoint_id`` (locked by the session) and subsume
-        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``."""
+        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``. Sent with
+        ``idempotency_key`` (default: a fresh one) and resent with it after a
+        broken connection (see the module)."""
         return self._send(
             self._api.add_checkpoint(
                 checkpoint_id,
@@ -1569,6 +1867,7 @@ class StateStoreClient:
                 retain=retain,
                 savepoint=savepoint,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1614,8 +1913,10 @@ class AsyncStateStoreClient:
         namespace: str | None = None,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        retries: int = RETRIES,
     ) -> None:
         self._api = _Api(namespace)
+        self._retries = _checked_retries(retries)
         self._http = httpx.AsyncClient(**_client_args(base_url, token, timeout, transport))
 
     @property
@@ -1643,12 +1944,19 @@ class AsyncStateStoreClient:
         await self._http.aclose()
 
     async def _send(self, call: _Call[T]) -> T:
-        request = call.build(self._http, call.upload.async_content() if call.upload else None)
-        try:
-            response = await self._http.send(request)
-        except httpx.TransportError as e:
-            raise _unreachable(request, e) from e
-        return call.finish(response)
+        tries = 0
+        while True:
+            tries += 1
+            request = call.build(self._http, call.upload.async_content() if call.upload else None)
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as e:
+                delay = call.retry_delay(e, tries, self._retries)
+                if delay is None:
+                    raise _unreachable(request, e, tries) from e
+                await asyncio.sleep(delay)
+                continue
+            return call.finish(response)
 
     # sessions
 
@@ -1666,7 +1974,8 @@ class AsyncStateStoreClient:
         await self._send(self._api.delete_session(session_id))
 
     async def list_sessions(self) -> builtins.list[dict[str, Any]]:
-        """Every live session: session_id, ttl_seconds, owner, created_at (admin)."""
+        """The live sessions this admin token may manage (every one for an admin
+        of namespace ``*``, else its own): session_id, ttl_seconds, owner, created_at."""
         return await self._send(self._api.list_sessions())
 
     @asynccontextmanager
@@ -1727,11 +2036,14 @@ class AsyncStateStoreClient:
         metadata: Mapping[str, Any] | None = None,
         sha256: str | None = None,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> RestHandle:
         """Create handle ``name`` with ``data`` (streamed unless bytes), locked by
         the session. ``AlreadyExists``, ``IntegrityError`` (``sha256`` does not
-        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``."""
+        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``.
+        Sent with ``idempotency_key`` (default: a fresh one) and resent with it
+        after a broken connection (see the module)."""
         return await self._send(
             self._api.put(
                 name,
@@ -1741,6 +2053,7 @@ class AsyncStateStoreClient:
                 metadata=metadata,
                 sha256=sha256,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1755,10 +2068,13 @@ class AsyncStateStoreClient:
         metadata: Mapping[str, Any] | None = None,
         sha256: str | None = None,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> RestHandle:
         """Replace the state of ``name`` if it is still at ``expected_version``
-        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ..."""
+        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ...
+        Sent with ``idempotency_key`` (default: a fresh one) and resent with it
+        after a broken connection (see the module)."""
         return await self._send(
             self._api.put(
                 name,
@@ -1768,6 +2084,7 @@ class AsyncStateStoreClient:
                 metadata=metadata,
                 sha256=sha256,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1782,14 +2099,16 @@ class AsyncStateStoreClient:
 
     async def read(self, name: str, *, ns: str | None = None) -> bytes:
         """The state bytes, verified against ``X-Content-SHA256``
-        (``IntegrityError``); ``NotFound``."""
-        return await self._send(self._api.state(name, ns))
+        (``IntegrityError``, also for a body the server cut off); ``NotFound``."""
+        return b"".join([chunk async for chunk in self.open_read(name, ns=ns)])
 
     async def open_read(
         self, name: str, *, ns: str | None = None, chunk_size: int | None = None
     ) -> AsyncIterator[bytes]:
-        """Iterate over the state in chunks as they arrive; ``IntegrityError``
-        after the last chunk if the bytes do not match ``X-Content-SHA256``.
+        """Iterate over the state in chunks as they arrive, the last one held
+        back until the body has matched ``X-Content-SHA256``: on a mismatch,
+        or a body cut off before its ``Content-Length``, ``IntegrityError``
+        comes in its place.
         The request is sent on the first ``__anext__``; wrap the iterator in
         ``contextlib.aclosing`` when leaving the loop early."""
         call = self._api.state(name, ns)
@@ -1805,10 +2124,14 @@ class AsyncStateStoreClient:
             verifier = _Verifier(response)
             try:
                 async for chunk in response.aiter_bytes(chunk_size):
-                    yield verifier.update(chunk)
+                    if ready := verifier.pass_on(chunk):
+                        yield ready
+            except httpx.RemoteProtocolError as e:
+                raise verifier.cut_off(e) from e
             except httpx.TransportError as e:
                 raise _unreachable(request, e) from e
-            verifier.finish()
+            if last := verifier.finish():
+                yield last
         finally:
             await response.aclose()
 
@@ -1840,6 +2163,31 @@ class AsyncStateStoreClient:
                 name, session_id, deferred=deferred, fencing_token=fencing_token, ns=ns
             )
         )
+
+    async def remove_prefix(
+        self,
+        prefix: str,
+        session_id: str,
+        *,
+        deferred: bool = False,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> PrefixRemoval:
+        """``release_and_try_remove`` of every handle whose name starts with
+        ``prefix`` (``""``: all): ``(removed, kept)`` names, where ``kept`` are
+        those other sessions lock (with ``deferred=True``: pending removal,
+        done when they let go). ``Fenced`` (nothing removed) with a stale
+        ``fencing_token``."""
+        return await self._send(
+            self._api.remove_prefix(
+                prefix, session_id, deferred=deferred, fencing_token=fencing_token, ns=ns
+            )
+        )
+
+    async def release_prefix(self, prefix: str, session_id: str, *, ns: str | None = None) -> None:
+        """Drop every lock of the session on handles whose name starts with
+        ``prefix`` (``""``: all); the session stays alive."""
+        await self._send(self._api.release_prefix(prefix, session_id, ns))
 
     async def list(
         self,
@@ -1874,10 +2222,33 @@ class AsyncStateStoreClient:
         return await self._send(self._api.counter_get(name, ns))
 
     async def counter_increment(
-        self, name: str, *, fencing_token: int | None = None, ns: str | None = None
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        idempotency_key: str | None = None,
+        ns: str | None = None,
     ) -> int:
-        """Atomically add one; returns the value before the increment."""
-        return await self._send(self._api.counter_increment(name, fencing_token, ns))
+        """Atomically add one; returns the value before the increment. With
+        ``session_id`` it is sent with ``idempotency_key`` (default: a fresh
+        one) and resent with it after a broken connection, so the counter
+        advances once (a key is per session: without one, no key, no resend)."""
+        return await self._send(
+            self._api.counter_increment(name, session_id, fencing_token, idempotency_key, ns)
+        )
+
+    async def counter_delete(
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> None:
+        """Delete the counter (fine when absent): the next read is 1 again.
+        ``Fenced`` (nothing deleted) with a stale ``fencing_token``."""
+        await self._send(self._api.counter_delete(name, session_id, fencing_token, ns))
 
     async def counter_set(
         self, name: str, value: int, *, fencing_token: int | None = None, ns: str | None = None
@@ -1887,18 +2258,36 @@ class AsyncStateStoreClient:
 
     # leadership
 
-    async def campaign(self, session_id: str, *, ns: str | None = None) -> Leadership:
+    async def campaign(
+        self, session_id: str, *, wait: float = 0, ns: str | None = None
+    ) -> Leadership:
         """Lead the namespace (also if already leading): ``(leader,
-        fencing_token)``; ``NotLeader`` with ``details["leader"]`` otherwise."""
-        return await self._send(self._api.campaign(session_id, ns))
+        fencing_token)``. When another session leads, wait up to ``wait``
+        seconds (server limit 60) for leadership; then ``NotLeader`` with
+        ``details["leader"]``. The call's read timeout grows by ``wait``."""
+        return await self._send(self._api.campaign(session_id, wait, ns))
 
     async def leader(self, *, ns: str | None = None) -> Leadership | None:
-        """The current ``(leader, fencing_token)``, or ``None`` if nobody leads."""
+        """The current ``(leader, fencing_token)`` with the leader's ``info``
+        (one read on the server), or ``None`` if nobody leads."""
         return await self._send(self._api.leader(ns))
 
     async def resign(self, session_id: str, *, ns: str | None = None) -> None:
-        """Give up leadership held by the session."""
+        """Give up leadership held by the session; its info goes with it."""
         await self._send(self._api.resign(session_id, ns))
+
+    async def put_leader_info(
+        self, session_id: str, key: str, value: Any, *, ns: str | None = None
+    ) -> None:
+        """Publish ``value`` (plain JSON, at most 16 KiB) under ``key`` for as
+        long as the session's leadership lasts. ``NotLeader`` (nothing
+        written) unless the session leads; ``TooLarge`` over the limits."""
+        await self._send(self._api.put_leader_info(session_id, key, value, ns))
+
+    async def delete_leader_info(self, session_id: str, key: str, *, ns: str | None = None) -> None:
+        """Remove the info entry ``key`` (also when absent); ``NotLeader``
+        unless the session leads."""
+        await self._send(self._api.delete_leader_info(session_id, key, ns))
 
     # watch
 
@@ -1942,10 +2331,13 @@ class AsyncStateStoreClient:
         retain: int = 1,
         savepoint: bool = False,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> tuple[RestCheckpoint, builtins.list[int]]:
         """Store checkpoint ``checkpoint_id`` (locked by the session) and subsume
-        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``."""
+        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``. Sent with
+        ``idempotency_key`` (default: a fresh one) and resent with it after a
+        broken connection (see the module)."""
         return await self._send(
             self._api.add_checkpoint(
                 checkpoint_id,
@@ -1954,6 +2346,7 @@ class AsyncStateStoreClient:
                 retain=retain,
                 savepoint=savepoint,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1984,6 +2377,7 @@ __all__ = [
     "Forbidden",
     "Leadership",
     "Listing",
+    "PrefixRemoval",
     "RestCheckpoint",
     "RestHandle",
     "RestHandleEvent",

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from statestore.blobs import BlobStore, Data, new_blob_id
 from statestore.config import StoreConfig
@@ -37,8 +40,17 @@ from statestore.errors import (
     VersionConflict,
 )
 from statestore.etcd import KV, Ambiguous, EtcdClient, TooManyOps, Txn, TxnResult
-from statestore.handle import Handle, encode_metadata
-from statestore.keys import Layout, prefix_end, validate_name, validate_namespace
+from statestore.handle import Handle, PrefixRemoval, encode_metadata
+from statestore.idempotency import IdempotencyLeases, IdempotentCall, Replay
+from statestore.keys import (
+    READER_ID,
+    Layout,
+    prefix_end,
+    validate_idempotency_key,
+    validate_instance_id,
+    validate_name,
+    validate_namespace,
+)
 from statestore.records import (
     GcEntry,
     MalformedRecord,
@@ -53,6 +65,8 @@ from statestore.session import Session
 if TYPE_CHECKING:
     from statestore.watch import WatchEvent
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class _Staged:
@@ -65,10 +79,13 @@ class _Staged:
 
 #: A handle with its (encoded) etcd key, so hot loops need not re-encode names.
 _Keyed = tuple[bytes, Handle]
+_T = TypeVar("_T")
 
 # How many times an operation re-reads and retries after losing a race or an
 # ambiguous answer before giving up.
 _MAX_ROUNDS = 8
+# Removals one by one (``try_remove``) a bulk removal keeps in flight.
+_REMOVALS_IN_FLIGHT = 16
 
 
 #: Bytes up to this size go straight to the commit txn (no pre-upload
@@ -95,6 +112,17 @@ class TokenFence:
 
     leader_key: bytes
     token: int | None
+
+
+def leadership_compares(t: Txn, leader_prefix: bytes, leader_key: bytes, token: int) -> Txn:
+    """Add to ``t`` the compares that make it run only under the leadership
+    ``token``: ``leader_key`` exists with create revision ``token`` AND no
+    key under ``leader_prefix`` is older (a waiting candidate has a key too,
+    but not the lowest one). Every fenced write carries them, and so does
+    every write of the leader's own info (``LeaderElection.publish_info``)."""
+    t.compare("create", leader_key, "==", token)
+    t.compare("create", leader_prefix, ">", token - 1, range_end=prefix_end(leader_prefix))
+    return t
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +156,9 @@ class LeaseHolder(Protocol):
 
     async def report_lost(self, lease_id: int, why: str) -> None: ...
 
-    async def renew(self) -> None: ...
+    async def spare_lease(self) -> int: ...
+
+    def swap(self, new_id: int) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -148,8 +178,15 @@ class FixedLease:
     async def report_lost(self, lease_id: int, why: str) -> None:
         self.lost_count += 1
 
-    async def renew(self) -> None:
-        raise InvalidArgument(
+    async def spare_lease(self) -> int:
+        raise self._fixed()
+
+    def swap(self, new_id: int) -> int:
+        raise self._fixed()
+
+    @staticmethod
+    def _fixed() -> InvalidArgument:
+        return InvalidArgument(
             "a session's lease cannot be swapped; delete the session to drop all its locks"
         )
 
@@ -177,17 +214,31 @@ class StoreBackend:
             key_file=cfg.etcd_key_file,
             tls_server_name=cfg.etcd_tls_server_name,
             tls=cfg.etcd_tls,
+            page_size=cfg.etcd_page_size,
         )
         self.blobs = BlobStore(cfg.blob_root, cfg.storage_options, chunk_size=cfg.blob_chunk_size)
         # Learned from etcd when it refuses a txn as too large (--max-txn-ops).
         self.max_ops = cfg.max_txn_ops
+        #: The lease idempotency records hang on, shared by every identity of
+        #: this backend (``statestore.idempotency``).
+        self.idempotency = IdempotencyLeases(self.client, cfg.idempotency_window_seconds)
 
     async def close(self) -> None:
         await self.client.close()
         self.blobs.close()
 
     def store(self, namespace: str, instance_id: str, lease: LeaseHolder) -> StateHandleStore:
-        """A store for ``namespace`` acting as ``instance_id`` on ``lease``."""
+        """A store for ``namespace`` acting as ``instance_id`` (validated:
+        ``InvalidArgument`` for an unsafe or reserved one) on ``lease``."""
+        return self._view(namespace, validate_instance_id(instance_id), lease)
+
+    def reader(self, namespace: str) -> StateHandleStore:
+        """A store for ``namespace`` that takes no lock, acting as
+        ``READER_ID``, which no instance or session can be: its removals treat
+        every lock as someone else's."""
+        return self._view(namespace, READER_ID, FixedLease(0))
+
+    def _view(self, namespace: str, instance_id: str, lease: LeaseHolder) -> StateHandleStore:
         validate_namespace(namespace)
         cfg = (
             self.cfg
@@ -195,6 +246,59 @@ class StoreBackend:
             else self.cfg.model_copy(update={"namespace": namespace})
         )
         return StateHandleStore(cfg, _shared=_Shared(self, instance_id, lease, owns_backend=False))
+
+
+class _ReleaseGate:
+    """Orders ``release_all`` against the operations that put lock keys.
+
+    ``release_all`` runs inside :meth:`releasing` (one at a time); ``epoch``
+    is odd meanwhile. A lock operation runs between :meth:`enter` and
+    :meth:`leave`: it starts only while no release runs, and if ``epoch``
+    moved before it left, a release ran while its txn was in flight and may
+    have dropped the lock it put (revoked with the old lease, or deleted by
+    the slow path): the caller takes it again once the release is over.
+    :meth:`drained` waits for the operations in flight when the release began
+    (none can start meanwhile), so the slow path can delete what they put.
+    Nothing here waits on etcd: a release never waits for a paused lock txn
+    except in :meth:`drained`, and a lock operation waits only for a release
+    to end."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._one_at_a_time = asyncio.Lock()
+        self._in_flight = 0
+        self._none_in_flight = asyncio.Event()
+        self._none_in_flight.set()
+
+    async def enter(self) -> int:
+        """Wait until no release runs; count this operation in flight and
+        return the epoch it started in."""
+        while self.epoch % 2:
+            await self._idle.wait()
+        self._in_flight += 1
+        self._none_in_flight.clear()
+        return self.epoch
+
+    def leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._none_in_flight.set()
+
+    @contextlib.asynccontextmanager
+    async def releasing(self) -> AsyncIterator[None]:
+        async with self._one_at_a_time:
+            self.epoch += 1
+            self._idle.clear()
+            try:
+                yield
+            finally:
+                self.epoch += 1
+                self._idle.set()
+
+    async def drained(self) -> None:
+        await self._none_in_flight.wait()
 
 
 class _Shared:
@@ -211,6 +315,7 @@ class _Shared:
         self.session = session
         self.owns_backend = owns_backend
         self.writes_in_flight = 0
+        self.release_gate = _ReleaseGate()
         self.closed = False
         #: Namespaces this instance has views on (their removals may wait on us).
         self.namespaces: set[str] = {backend.cfg.namespace}
@@ -236,6 +341,8 @@ class StateHandleStore:
         _fence: Fence | None = None,
     ) -> None:
         validate_namespace(cfg.namespace)
+        if instance_id is not None:
+            validate_instance_id(instance_id)
         if _shared is None:
             backend = StoreBackend(cfg)
             session = Session(backend.client, cfg.lease_ttl)
@@ -354,28 +461,39 @@ class StateHandleStore:
             )
         return self._fence.leader_key, token
 
-    async def _txn(self, build: Callable[[int], Txn], what: str, *, fenced: bool) -> TxnResult:
+    async def _txn(
+        self,
+        build: Callable[[int], Txn],
+        what: str,
+        *,
+        fenced: bool,
+        idem: IdempotentCall | None = None,
+    ) -> TxnResult:
         """Run ``build(lease_id)`` as one txn, adding the fence compare.
 
         Retries transparently when our own ``release_all`` swapped the lease
         mid-call; raises :class:`SessionExpired` when the lease was lost.
+        With ``idem`` (a txn that puts an idempotency record), its lease is
+        taken before each attempt; "lease not found" for that lease (expired
+        while unused for longer than the window) takes a fresh one and
+        retries, never counting as the loss of our own lease.
         """
         for _ in range(3):
             fence = self._fence_token() if fenced else None
+            if idem is not None:
+                await idem.acquire()
             lease = self._s.session.lease_id
             lost = self._s.session.lost_count
             t = build(lease)
             if fence is not None:
-                # Leadership = our election key exists with this create revision
-                # AND no key under the leader prefix is older (a waiting
-                # candidate has a key too, but not the lowest one).
                 lp = self._keys.leader_prefix
-                t.compare("create", fence[0], "==", fence[1])
-                t.compare("create", lp, ">", fence[1] - 1, range_end=prefix_end(lp))
+                leadership_compares(t, lp, fence[0], fence[1])
                 t.orelse(Txn.get(lp, prefix_end(lp), keys_only=True))
             try:
                 res = await self._s.client.txn(t, what=what)
             except SessionExpired:
+                if idem is not None and await self._s.backend.idempotency.lost(idem.lease):
+                    continue
                 if await self._lease_was_renewed(lease, lost, what):
                     continue
                 self._fence_token()  # leadership went with the lease: say Fenced
@@ -399,12 +517,72 @@ class StateHandleStore:
             return res
         raise SessionExpired(f"{what}: the lease changed repeatedly while the call ran; retry")
 
-    async def fenced_txn(self, build: Callable[[int], Txn], what: str) -> TxnResult:
+    async def fenced_txn(
+        self, build: Callable[[int], Txn], what: str, *, idem: IdempotentCall | None = None
+    ) -> TxnResult:
         """Run ``build(lease_id)`` as one txn carrying this store's fence (if any).
 
         For the coordinator modules (counter, checkpoints) that write keys of
-        their own: with fencing on they raise :class:`Fenced` like the store."""
-        return await self._txn(build, what, fenced=True)
+        their own: with fencing on they raise :class:`Fenced` like the store.
+        ``idem``: the txn puts that call's idempotency record (see ``_txn``)."""
+        return await self._txn(build, what, fenced=True, idem=idem)
+
+    # -- idempotency keys (statestore.idempotency) --------------------------------
+
+    def idempotent_call(self, key: str | None, op: str, target: str) -> IdempotentCall | None:
+        """The call of operation ``op`` on ``target`` sent with idempotency key
+        ``key`` by this instance (``None`` without a key). ``InvalidArgument``
+        for a key that is not 1..128 printable ASCII."""
+        if key is None:
+            return None
+        key = validate_idempotency_key(key)
+        return IdempotentCall(
+            self._keys.idempotency(self._s.instance_id, key),
+            key,
+            op,
+            target,
+            self._s.backend.idempotency,
+        )
+
+    async def lookup(self, call: IdempotentCall, cause: Exception | None = None) -> Replay | None:
+        """The answer stored under ``call``'s key, if any. After an ambiguous
+        write (``cause``) etcd is asked again while unreachable, for up to
+        two request deadlines (``_resolve``)."""
+        if cause is None:
+            kv = await self._s.client.get(call.key)
+        else:
+            (kv,) = await self._resolve_many([call.key], cause)
+        return call.replay_of([kv] if kv is not None else [])
+
+    async def _fence_or_replay(self, call: IdempotentCall | None) -> Replay | None:
+        """Fail fast when this store is fenced and knows it does not lead
+        (before uploading anything), unless ``call`` has an answer stored: a
+        retry answers the first attempt's result, whoever leads now."""
+        try:
+            self._fence_token()
+        except Fenced:
+            if call is not None and (replay := await self.lookup(call)) is not None:
+                return replay
+            raise
+        return None
+
+    async def replay_if_fenced(self, call: IdempotentCall | None, error: Fenced) -> Replay:
+        """After a txn refused ``Fenced``: the answer stored under ``call``'s
+        key (a first attempt that took effect while we led), else ``error``."""
+        if call is not None and (replay := await self.lookup(call)) is not None:
+            return replay
+        raise error
+
+    async def read_with(
+        self, key: bytes, call: IdempotentCall | None
+    ) -> tuple[KV | None, Replay | None]:
+        """``key`` and, with ``call``, its stored answer, in ONE read."""
+        if call is None:
+            return await self._s.client.get(key), None
+        res = await self._s.client.txn(
+            Txn().then(Txn.get(key), call.get()), what="read with idempotency key", read_only=True
+        )
+        return (res.results[0][0] if res.results[0] else None), call.replay_of(res.results[1])
 
     @staticmethod
     async def _until_definite(send: Callable[[], Awaitable[TxnResult]], what: str) -> TxnResult:
@@ -416,6 +594,31 @@ class StateHandleStore:
             except Ambiguous:
                 continue
         raise Unavailable(f"{what}: etcd gave no definite answer; retry")
+
+    async def _locking(
+        self, take: Callable[[], Awaitable[_T]], again: Callable[[_T], Awaitable[_T]], what: str
+    ) -> _T:
+        """Run ``take``, an operation that puts our lock keys, so that the locks
+        it reports are held when it returns.
+
+        A ``release_all`` of this instance may run while its txn is in flight
+        and drop what it put (the old lease revoked, or the lock deleted). The
+        operation notices (``_ReleaseGate``) and, once the release is over,
+        runs ``again(result)`` to take the locks anew (on the current lease),
+        repeatedly if releases keep coming; a lock operation never overlaps
+        one, so it is ordered after it."""
+        gate = self._s.release_gate
+        step: Callable[[], Awaitable[_T]] = take
+        for _ in range(_MAX_ROUNDS):
+            epoch = await gate.enter()
+            try:
+                result = await step()
+            finally:
+                gate.leave()
+            if gate.epoch == epoch:
+                return result
+            step = functools.partial(again, result)
+        raise Unavailable(f"{what}: release_all kept running while it took its locks; retry")
 
     async def _lease_was_renewed(self, lease: int, lost: int, what: str) -> bool:
         """After etcd said "lease not found" for ``lease``: True when our own
@@ -479,6 +682,7 @@ class StateHandleStore:
         request_id: str | None = None,
         expected_sha256: str | None = None,
         max_size: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Handle:
         """Store ``data`` under a new handle ``name`` and lock it.
 
@@ -489,7 +693,9 @@ class StateHandleStore:
            becomes sweepable when the lease expires);
         3. stream the data to a fresh blob, hashing it;
         4. ONE txn: ``If(create_revision(handle) == 0 [and fence]) Then(put
-           handle, put own lock on own lease, delete upload intent)``.
+           handle, put own lock on own lease, delete upload intent, delete
+           removal marker)`` (a marker without its handle removes nothing;
+           the new handle must not inherit it).
 
         Failures:
 
@@ -504,22 +710,105 @@ class StateHandleStore:
           again (safe: it still compares that the handle is absent). Another
           request id, or etcd still unreachable -> ``PossibleInconsistentState``
           and the blob is kept for the GC to resolve.
+        - Whenever the handle is found under our request id (retry, ambiguous
+          answer), its lock may have gone meanwhile: it is taken again by a
+          txn comparing the version written (:meth:`_lock_own_write`), so a
+          success always holds the lock. Replaced, removed or pending removal
+          since -> ``PossibleInconsistentState``; lease lost ->
+          ``SessionExpired``. The same relock follows a ``release_all`` of
+          this instance that ran while the commit was in flight (it may have
+          dropped the lock the commit put: ``_locking``).
+
+        ``idempotency_key`` (``statestore.idempotency``): the txn of step 4
+        also compares that the key has no record and puts one holding the
+        handle written. A call with a key that already has one (a retry whose
+        first attempt took effect, or a duplicate that won) answers the
+        stored handle instead, at the version first written: found before
+        uploading when the data is streamed or large (one read with the
+        existence check), else by the else branch of step 4 (the new blob is
+        deleted), by the re-read of an ambiguous answer (the blob is deleted
+        unless it is the one recorded), or after ``Fenced``. Our lock is
+        taken again if the handle is still that version (``_lock_own_write``);
+        if it changed since, the stored answer still stands and nothing is
+        locked.
         """
         name = validate_name(name)
+        call = self.idempotent_call(idempotency_key, "add", name)
+        h, _ = await self.add_and_lock_answer(
+            call,
+            name,
+            data,
+            metadata,
+            request_id=request_id,
+            expected_sha256=expected_sha256,
+            max_size=max_size,
+        )
+        return h
+
+    async def add_and_lock_answer(
+        self,
+        call: IdempotentCall | None,
+        name: str,
+        data: Data,
+        metadata: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        expected_sha256: str | None = None,
+        max_size: int | None = None,
+    ) -> tuple[Handle, Replay | None]:
+        """:meth:`add_and_lock` sent as ``call`` (from :meth:`idempotent_call`,
+        or ``None``), also returning the stored answer when it was one (for
+        the checkpoint store, whose answer holds more than the handle)."""
+        name = validate_name(name)
         meta = encode_metadata(metadata, self._cfg.max_metadata_bytes)
-        self._fence_token()  # fail fast before uploading anything
+        replay = await self._fence_or_replay(call)  # fail fast before uploading anything
+        if replay is not None:
+            return await self._lock_replayed(name, replay), replay
         rid = request_id or uuid.uuid4().hex
         hkey = self._keys.handle(name)
         if self._precheck_wanted(data):
-            existing = await self._s.client.get(hkey)
+            existing, replay = await self.read_with(hkey, call)
+            if replay is not None:
+                return await self._lock_replayed(name, replay), replay
             if existing is not None:
                 h = _read_handle(existing.value, existing.mod_revision, existing.create_revision)
                 if h.request_id == rid:
-                    return h
+                    return await self._locking(
+                        lambda: self._lock_own_write(name, h), self._relock(name), "add_and_lock"
+                    ), None
                 raise self._already_exists(name, h)
 
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
-            return await self._commit_add(name, hkey, st.blob_id, st.url, st.record, rid)
+            return await self._locking(
+                lambda: self._commit_add(name, hkey, st, rid, call),
+                lambda done: self._lock_added(name, done),
+                "add_and_lock",
+            )
+
+    def _relock(self, name: str) -> Callable[[Handle], Awaitable[Handle]]:
+        """``again`` of :meth:`_locking` for an add: the handle is committed,
+        only our lock on it may be gone."""
+        return lambda h: self._lock_own_write(name, h)
+
+    async def _lock_added(
+        self, name: str, done: tuple[Handle, Replay | None]
+    ) -> tuple[Handle, Replay | None]:
+        """``again`` of :meth:`_locking` for :meth:`_commit_add`'s answer."""
+        h, replay = done
+        if replay is not None:
+            return await self._lock_replayed(name, replay), replay
+        return await self._lock_own_write(name, h), None
+
+    async def _lock_replayed(self, name: str, replay: Replay) -> Handle:
+        """The handle a stored add answer holds, with our lock on it again
+        when it is still at the version written (the lock may have gone with a
+        lost lease). Changed since (or leadership lost meanwhile): the stored
+        answer still stands, as the first attempt's; nothing is locked."""
+        h = replay.handle()
+        try:
+            return await self._lock_own_write(name, h)
+        except (PossibleInconsistentState, Fenced):
+            return h
 
     @contextlib.asynccontextmanager
     async def _staged(
@@ -580,13 +869,16 @@ class StateHandleStore:
         )
 
     async def _commit_add(
-        self, name: str, hkey: bytes, blob_id: str, url: str, record: bytes, rid: str
-    ) -> Handle:
+        self, name: str, hkey: bytes, st: _Staged, rid: str, call: IdempotentCall | None
+    ) -> tuple[Handle, Replay | None]:
+        blob_id, url, record = st.blob_id, st.url, st.record
         lock_key = self._keys.lock(name, self._s.instance_id)
         upload_key = self._keys.upload(blob_id)
+        rkey = self._keys.removal(name)
+        answer = json.loads(record) if call is not None else None
 
         def build(lease: int) -> Txn:
-            return (
+            t = (
                 Txn()
                 .compare("create", hkey, "==", 0)
                 # The intent went with a lost lease: the GC may have swept the blob.
@@ -595,20 +887,29 @@ class StateHandleStore:
                     Txn.put(hkey, record),
                     Txn.put(lock_key, encode_holder(self._s.instance_id), lease),
                     Txn.delete(upload_key),
+                    # A marker without its handle (deleted by hand) removes
+                    # nothing; the new handle must not inherit it.
+                    Txn.delete(rkey),
                 )
                 .orelse(Txn.get(hkey), Txn.get(upload_key))
             )
+            if call is not None:
+                call.guard(t).then(call.put(handle=answer)).orelse(call.get())
+            return t
 
         for _ in range(_MAX_ROUNDS):
             try:
-                res = await self._txn(build, "add_and_lock", fenced=True)
+                res = await self._txn(build, "add_and_lock", fenced=True, idem=call)
             except Ambiguous as e:
-                found = await self._resolve(hkey, e)
+                found, replay = await self._settle(hkey, call, e, blob_id, url)
+                if replay is not None:
+                    return await self._lock_replayed(name, replay), replay
                 if found is None:
                     continue  # definitely not applied: send it again
                 h = _read_handle(found.value, found.mod_revision, found.create_revision)
                 if h.request_id == rid:
-                    return h
+                    # Applied; but the lock it put may have gone before we knew.
+                    return await self._lock_own_write(name, h), None
                 await self._forget_intent(upload_key)
                 raise PossibleInconsistentState(
                     f"add_and_lock({name!r}): etcd did not confirm the write and the handle now "
@@ -616,25 +917,105 @@ class StateHandleStore:
                     f"{url} is kept for the GC to resolve. Re-read the handle before retrying",
                     blob_url=url,
                 ) from None
-            except StateStoreError:  # definite: Fenced, SessionExpired, refused, too large
+            except Fenced as e:
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                replay = await self.replay_if_fenced(call, e)
+                return await self._lock_replayed(name, replay), replay
+            except StateStoreError:  # definite: SessionExpired, refused, too large
                 await asyncio.shield(self._drop_blob(blob_id, url))
                 raise
             if res.succeeded:
-                return _read_handle(record, res.revision, res.revision)
+                return _read_handle(record, res.revision, res.revision), None
             existing, intent = res.results[0], res.results[1]
             await asyncio.shield(self._drop_blob(blob_id, url))
+            if call is not None and (replay := call.replay_of(res.results[2])) is not None:
+                return await self._lock_replayed(name, replay), replay
             if not existing and not intent:
                 raise self._intent_lost(name)
             h = _read_handle(
                 existing[0].value, existing[0].mod_revision, existing[0].create_revision
             )
-            if h.request_id == rid:
-                return h  # an earlier attempt of this very request succeeded
+            if h.request_id == rid:  # an earlier attempt of this very request succeeded
+                return await self._lock_own_write(name, h), None
             raise self._already_exists(name, h)
         raise PossibleInconsistentState(
             f"add_and_lock({name!r}) could not get a definite answer from etcd after "
             f"{_MAX_ROUNDS} attempts; the blob {url} is kept for the GC to resolve",
             blob_url=url,
+        )
+
+    async def _settle(
+        self, hkey: bytes, call: IdempotentCall | None, cause: Ambiguous, blob_id: str, url: str
+    ) -> tuple[KV | None, Replay | None]:
+        """After an ambiguous commit of an add or replace writing blob
+        ``blob_id``: the handle as it is now and, with ``call``, the answer
+        stored under its key, read at one revision (``_resolve``). A stored
+        answer settles the outcome: it names our blob when our txn is the one
+        that landed; otherwise our txn definitely did not (the record it
+        compares absent already existed), so our blob is unreferenced and
+        deleted now."""
+        if call is None:
+            return await self._resolve(hkey, cause), None
+        found, stored = await self._resolve_many([hkey, call.key], cause)
+        replay = call.replay_of([stored] if stored else [])
+        if replay is not None and replay.handle().blob_ref != blob_id:
+            await asyncio.shield(self._drop_blob(blob_id, url))
+        return found, replay
+
+    async def _lock_own_write(self, name: str, h: Handle) -> Handle:
+        """``h``, found committed under our request id, with our lock on it.
+
+        The lock the commit put may be gone by the time we learn the commit
+        landed (an ambiguous answer resolved by reading, or a retry of the
+        request): our lease expired, or the lock was released. ONE txn
+        ``If(mod_revision(handle) == h.version, no removal marker [and fence])
+        Then(put own lock on own lease) Else(get handle, get marker)`` puts it
+        again (idempotent when it is still there).
+
+        Failures: the handle was replaced, removed or marked for removal
+        since -> ``PossibleInconsistentState`` (the write landed, but it is
+        no longer ours to lock; nothing is locked); lease lost ->
+        ``SessionExpired``; leadership lost -> ``Fenced``; ambiguous -> sent
+        again."""
+        hkey, rkey = self._keys.handle(name), self._keys.removal(name)
+        lock_key = self._keys.lock(name, self._s.instance_id)
+
+        def build(lease: int) -> Txn:
+            return (
+                Txn()
+                .compare("mod", hkey, "==", h.version)
+                .compare("create", rkey, "==", 0)
+                .then(Txn.put(lock_key, encode_holder(self._s.instance_id), lease))
+                .orelse(Txn.get(hkey), Txn.get(rkey))
+            )
+
+        what = f"add_and_lock({name!r}) taking its lock again"
+        try:
+            res = await self._until_definite(
+                lambda: self._txn(build, "add_and_lock (lock own write)", fenced=True), what
+            )
+        except Fenced as e:
+            raise Fenced(
+                f"add_and_lock({name!r}): the write was applied (version {h.version}) while this "
+                "store led, but leadership was lost before its lock could be taken again; "
+                "nothing is locked. Stop acting as leader",
+                **e.details,
+            ) from None
+        if res.succeeded:
+            return h
+        current, marker = res.results
+        if not current:
+            since = "was removed since"
+        elif marker:
+            since = "was marked for removal since"
+        else:
+            since = f"was changed since (now version {current[0].mod_revision})"
+        raise PossibleInconsistentState(
+            f"add_and_lock({name!r}): the write was applied (version {h.version}), but this "
+            "instance's lock on it was gone by the time that was known (its lease expired or "
+            f"the lock was released) and the handle {since}, so it cannot be locked again; "
+            "nothing is locked. Re-read the handle before acting",
+            version=h.version,
         )
 
     async def _forget_intent(self, upload_key: bytes) -> None:
@@ -648,10 +1029,17 @@ class StateHandleStore:
     async def _resolve(self, key: bytes, cause: Exception) -> KV | None:
         """Re-read ``key`` after an ambiguous write, retrying while etcd is
         unreachable for up to two request deadlines."""
+        (kv,) = await self._resolve_many([key], cause)
+        return kv
+
+    async def _resolve_many(self, keys: list[bytes], cause: Exception) -> list[KV | None]:
+        """:meth:`_resolve` of several keys, read at one revision."""
         deadline = time.monotonic() + 2 * self._cfg.etcd_timeout
+        read = Txn().then(*(Txn.get(k) for k in keys))
         while True:
             try:
-                return await self._s.client.get(key)
+                res = await self._s.client.txn(read, what="re-read", read_only=True)
+                return [kvs[0] if kvs else None for kvs in res.results]
             except Unavailable as e:
                 if time.monotonic() >= deadline:
                     raise PossibleInconsistentState(
@@ -673,6 +1061,7 @@ class StateHandleStore:
         request_id: str | None = None,
         expected_sha256: str | None = None,
         max_size: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Handle:
         """Point handle ``name`` at new state, if it is still at ``expected_version``.
 
@@ -689,15 +1078,25 @@ class StateHandleStore:
         ``NotFound`` / ``Fenced``. Ambiguous -> re-read: our request id ->
         success; still at ``expected_version`` -> send again; otherwise
         ``PossibleInconsistentState`` (new blob kept for the GC).
+
+        ``idempotency_key``: as for :meth:`add_and_lock`, the txn also puts
+        the key's record (the handle written), and a call whose key has one
+        answers the stored handle, at the version first written, whatever
+        the handle is now: found by the first read (before uploading, so a
+        retry never fails ``VersionConflict`` on its own write), by the else
+        branch, by the re-read of an ambiguous answer or after ``Fenced``.
         """
         name = validate_name(name)
+        call = self.idempotent_call(idempotency_key, "replace", name)
         # Bad metadata is refused before etcd is called (protocol.md s6).
         limit = self._cfg.max_metadata_bytes
         new_meta = None if metadata is None else encode_metadata(metadata, limit)
-        self._fence_token()
+        if (replay := await self._fence_or_replay(call)) is not None:
+            return replay.handle()
         hkey = self._keys.handle(name)
-        rkey = self._keys.removal(name)
-        kv = await self._s.client.get(hkey)
+        kv, replay = await self.read_with(hkey, call)
+        if replay is not None:
+            return replay.handle()
         if kv is None:
             raise NotFound(f"cannot replace handle {name!r}: it does not exist; use add_and_lock")
         old = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
@@ -706,65 +1105,91 @@ class StateHandleStore:
         meta = old.metadata if new_meta is None else new_meta
         rid = request_id or uuid.uuid4().hex
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
-            blob_id, url, record = st.blob_id, st.url, st.record
-            upload_key = self._keys.upload(blob_id)
-            gc_key = self._keys.gc(old.blob_ref)
+            return await self._commit_replace(name, expected_version, old, st, rid, call)
 
-            def build(lease: int) -> Txn:
-                return (
-                    Txn()
-                    .compare("mod", hkey, "==", expected_version)
-                    .compare("create", rkey, "==", 0)
-                    .compare("create", upload_key, ">", 0)  # see _commit_add
-                    .then(
-                        Txn.put(hkey, record),
-                        Txn.put(gc_key, self._gc_entry(old, "replaced")),
-                        Txn.delete(upload_key),
-                    )
-                    .orelse(Txn.get(hkey), Txn.get(rkey), Txn.get(upload_key))
+    async def _commit_replace(
+        self,
+        name: str,
+        expected_version: int,
+        old: Handle,
+        st: _Staged,
+        rid: str,
+        call: IdempotentCall | None,
+    ) -> Handle:
+        """The commit txn of :meth:`replace` (its last step), and what each of
+        its answers means."""
+        blob_id, url, record = st.blob_id, st.url, st.record
+        hkey, rkey = self._keys.handle(name), self._keys.removal(name)
+        upload_key = self._keys.upload(blob_id)
+        gc_key = self._keys.gc(old.blob_ref)
+        answer = json.loads(record) if call is not None else None
+
+        def build(lease: int) -> Txn:
+            t = (
+                Txn()
+                .compare("mod", hkey, "==", expected_version)
+                .compare("create", rkey, "==", 0)
+                .compare("create", upload_key, ">", 0)  # see _commit_add
+                .then(
+                    Txn.put(hkey, record),
+                    Txn.put(gc_key, self._gc_entry(old, "replaced")),
+                    Txn.delete(upload_key),
                 )
-
-            for _ in range(_MAX_ROUNDS):
-                try:
-                    res = await self._txn(build, "replace", fenced=True)
-                except Ambiguous as e:
-                    found = await self._resolve(hkey, e)
-                    if found is not None and found.mod_revision == expected_version:
-                        continue
-                    if found is not None:
-                        h = _read_handle(found.value, found.mod_revision, found.create_revision)
-                        if h.request_id == rid:
-                            return h
-                    await self._forget_intent(upload_key)
-                    raise PossibleInconsistentState(
-                        f"replace({name!r}): etcd did not confirm the write and the handle has "
-                        "changed since; the new blob is kept for the GC to resolve. Re-read "
-                        "the handle before retrying",
-                        blob_url=url,
-                    ) from None
-                except StateStoreError:  # definite: Fenced, SessionExpired, refused, too large
-                    await asyncio.shield(self._drop_blob(blob_id, url))
-                    raise
-                if res.succeeded:
-                    return _read_handle(record, res.revision, old.create_revision)
-                await asyncio.shield(self._drop_blob(blob_id, url))
-                current, removal, intent = res.results[0], res.results[1], res.results[2]
-                if not intent:
-                    raise self._intent_lost(name)
-                if not current:
-                    raise NotFound(f"cannot replace handle {name!r}: it was removed meanwhile")
-                if removal:
-                    raise NotFound(
-                        f"cannot replace handle {name!r}: its removal is pending (it is removed "
-                        "as soon as the last lock is released)"
-                    )
-                h = _read_handle(current[0].value, current[0].mod_revision)
-                if h.request_id == rid:
-                    return h
-                raise self._conflict(name, expected_version, current[0].mod_revision)
-            raise PossibleInconsistentState(
-                f"replace({name!r}) could not get a definite answer from etcd", blob_url=url
+                .orelse(Txn.get(hkey), Txn.get(rkey), Txn.get(upload_key))
             )
+            if call is not None:
+                put = call.put(handle=answer, handle_created=old.create_revision)
+                call.guard(t).then(put).orelse(call.get())
+            return t
+
+        for _ in range(_MAX_ROUNDS):
+            try:
+                res = await self._txn(build, "replace", fenced=True, idem=call)
+            except Ambiguous as e:
+                found, replay = await self._settle(hkey, call, e, blob_id, url)
+                if replay is not None:
+                    return replay.handle()
+                if found is not None and found.mod_revision == expected_version:
+                    continue
+                if found is not None:
+                    h = _read_handle(found.value, found.mod_revision, found.create_revision)
+                    if h.request_id == rid:
+                        return h
+                await self._forget_intent(upload_key)
+                raise PossibleInconsistentState(
+                    f"replace({name!r}): etcd did not confirm the write and the handle has "
+                    "changed since; the new blob is kept for the GC to resolve. Re-read "
+                    "the handle before retrying",
+                    blob_url=url,
+                ) from None
+            except Fenced as e:
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                return (await self.replay_if_fenced(call, e)).handle()
+            except StateStoreError:  # definite: SessionExpired, refused, too large
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                raise
+            if res.succeeded:
+                return _read_handle(record, res.revision, old.create_revision)
+            await asyncio.shield(self._drop_blob(blob_id, url))
+            current, removal, intent = res.results[0], res.results[1], res.results[2]
+            if call is not None and (replay := call.replay_of(res.results[3])) is not None:
+                return replay.handle()
+            if not intent:
+                raise self._intent_lost(name)
+            if not current:
+                raise NotFound(f"cannot replace handle {name!r}: it was removed meanwhile")
+            if removal:
+                raise NotFound(
+                    f"cannot replace handle {name!r}: its removal is pending (it is removed "
+                    "as soon as the last lock is released)"
+                )
+            h = _read_handle(current[0].value, current[0].mod_revision)
+            if h.request_id == rid:
+                return h
+            raise self._conflict(name, expected_version, current[0].mod_revision)
+        raise PossibleInconsistentState(
+            f"replace({name!r}) could not get a definite answer from etcd", blob_url=url
+        )
 
     @staticmethod
     def _conflict(name: str, expected: int, found: int) -> VersionConflict:
@@ -812,7 +1237,9 @@ class StateHandleStore:
         return await self._s.blobs.read(h.blob_url, h.size, h.sha256)
 
     async def open_read(self, handle_or_name: Handle | str) -> AsyncIterator[bytes]:
-        """The state as chunks; ``IntegrityError`` after the last chunk on mismatch."""
+        """The state as chunks, the last one held back until the whole blob is
+        verified: on a size or SHA-256 mismatch ``IntegrityError`` comes in
+        its place, so a consumer never receives every byte of a bad blob."""
         h = await self._resolve_handle(handle_or_name)
         async for chunk in self._s.blobs.open_read(h.blob_url, h.size, h.sha256):
             yield chunk
@@ -825,11 +1252,11 @@ class StateHandleStore:
 
     async def _read_all(self, start: bytes) -> tuple[list[KV], set[bytes], int]:
         """All keys under ``start`` (handles and their locks) and the handle keys
-        pending removal, at ONE revision."""
-        kvs, rev = await self._s.client.range_all(start, prefix_end(start))
+        pending removal, at ONE revision (read again at a fresh one when etcd
+        compacts under the read: ``EtcdClient.read_ranges``)."""
         rp = self._keys.removals_prefix
-        removals, _ = await self._s.client.range_all(
-            rp, prefix_end(rp), revision=rev, keys_only=True
+        (kvs, removals), rev = await self._s.client.read_ranges(
+            [(start, prefix_end(start), False), (rp, prefix_end(rp), True)]
         )
         pending = {self._keys.handle_of_removal(kv.key) for kv in removals}
         return kvs, pending, rev
@@ -898,7 +1325,9 @@ class StateHandleStore:
         and no removal pending [and fence]) Then(put own lock, get handle)``.
 
         ``NotFound`` when absent or pending removal. An ambiguous answer is
-        resolved by sending it again (putting our own lock twice is harmless).
+        resolved by sending it again (putting our own lock twice is harmless),
+        and so is an answer that came back after a ``release_all`` of this
+        instance ran meanwhile (``_locking``: the lock may have gone with it).
         """
         h, _ = await self.get_and_lock_described(name)
         return h
@@ -924,9 +1353,12 @@ class StateHandleStore:
                 .orelse(Txn.get(hkey), Txn.get(rkey))
             )
 
-        res = await self._until_definite(
-            lambda: self._txn(build, "get_and_lock", fenced=True), f"get_and_lock({name!r})"
-        )
+        def send() -> Awaitable[TxnResult]:
+            return self._until_definite(
+                lambda: self._txn(build, "get_and_lock", fenced=True), f"get_and_lock({name!r})"
+            )
+
+        res = await self._locking(send, lambda _: send(), f"get_and_lock({name!r})")
         if res.succeeded:
             kv = res.results[1][0]
             holders = sorted(Layout.holder_of(lp, k.key) for k in res.results[2])
@@ -944,10 +1376,13 @@ class StateHandleStore:
 
         Reads all handles at one revision, then locks them in txns of at most
         ``max_txn_ops`` operations, each comparing that its handles are still
-        at the snapshot's version; a batch that lost a race is re-read and
-        sent again without the handles that vanished. Handles pending removal
-        are not returned (they are logically deleted). If etcd refuses a txn
-        as too large, the batch size is halved and remembered.
+        at the snapshot's version and have no removal marker; a batch that
+        lost a race is re-read and sent again without the handles that
+        vanished or became pending removal. Handles pending removal are not
+        returned and not locked, whether the removal was requested before the
+        snapshot or while locking (they are logically deleted, and
+        ``get_and_lock`` refuses them too). If etcd refuses a txn as too
+        large, the batch size is halved and remembered.
         """
         return (await self._lock_all(None, None, with_holders=False))[0]
 
@@ -1001,8 +1436,12 @@ class StateHandleStore:
         return handles, holders, rev
 
     def _batch_size(self) -> int:
-        # One compare per handle plus the two fence compares must fit the limit.
-        return max(1, self._s.max_ops - (2 if self._fence is not None else 0))
+        """Handles per lock txn: two compares each (its version, no removal
+        marker) plus the two fence compares must fit the ops limit."""
+        return max(1, (self._s.max_ops - self._fence_compares()) // 2)
+
+    def _fence_compares(self) -> int:
+        return 2 if self._fence is not None else 0
 
     async def _lock_batch(self, batch: list[_Keyed]) -> list[_Keyed]:
         me = self._s.instance_id
@@ -1021,16 +1460,24 @@ class StateHandleStore:
             def build(lease: int, current: list[_Keyed] = current) -> Txn:
                 t = Txn()
                 for key, h in current:
+                    # A removal requested since the snapshot makes the handle
+                    # unlockable (rest-v1: "no longer lockable meanwhile"): the
+                    # check must be in the locking txn, as in get_and_lock.
                     t.compare("mod", key, "==", h.version)
+                    t.compare("create", self._keys.removal_of(key), "==", 0)
                     t.then(Txn.put(Layout.lock_of(key, me), value, lease))
                 return t
 
+            def send(build: Callable[[int], Txn] = build) -> Awaitable[TxnResult]:
+                return self._txn(build, "get_all_and_lock", fenced=True)
+
             try:
-                res = await self._txn(build, "get_all_and_lock", fenced=True)
+                res = await self._locking(send, lambda _: send(), "get_all_and_lock")
             except TooManyOps:
                 # Shrink from the size etcd refused, not from the current limit:
                 # concurrent batches refused at the same size must not compound.
-                self._s.max_ops = max(1, min(self._s.max_ops, len(current) // 2))
+                refused = 2 * len(current) + self._fence_compares()
+                self._s.max_ops = max(1, min(self._s.max_ops, refused // 2))
                 continue
             except Ambiguous:
                 continue  # lock puts are idempotent: send again
@@ -1075,27 +1522,55 @@ class StateHandleStore:
             await self.complete_removal(name)
 
     async def release_all(self) -> None:
-        """Drop every lock of this instance.
+        """Drop every lock of this instance, in every namespace it has views on.
 
         Fast path: take a new lease and revoke the old one, which deletes all
         its keys at once. Other keys on the same lease must survive when a
         write is in flight (its upload intent) or the instance leads or waits
         in an election (its leader key): then the lock keys are deleted in txn
-        batches instead.
+        batches instead (slow path).
+
+        Ordering: read the election keys; grant the new lease; then, without
+        waiting in between, check for writes in flight and swap the lease (a
+        write starting later puts its intent on the new lease, one already
+        running keeps the old lease: slow path); revoke the old lease. The
+        slow path deletes our lock keys, waits for the lock operations that
+        were in flight when it began, and deletes again what they put.
+
+        Lock operations running meanwhile (``_locking``) are ordered against
+        it: one whose txn was in flight takes its lock again afterwards, one
+        that starts waits for it. So after it returns no lock taken before it
+        is held, and every lock operation that returns success holds its
+        lock, on the current lease.
         """
+        session = self._s.session
+        spare: int | None = None
         if self._s.writes_in_flight == 0 and not await self._holds_election_key():
-            await self._s.session.renew()
-            await self._complete_pending_removals()
-            return
-        kvs, _ = await self._s.client.range_all(
-            self._keys.handles_prefix, prefix_end(self._keys.handles_prefix), keys_only=True
-        )
-        suffix = Layout.lock_suffix(self._s.instance_id)
-        mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
-        for i in range(0, len(mine), self._s.max_ops):
-            t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
-            await self._s.client.txn(t, what="release_all")
+            spare = await session.spare_lease()
+        async with self._s.release_gate.releasing():
+            if spare is not None and self._s.writes_in_flight == 0:
+                await self._s.client.lease_revoke(session.swap(spare))
+            else:
+                if spare is not None:  # a write began while the lease was granted
+                    await self._s.client.lease_revoke(spare)
+                await self._delete_own_locks()
+                await self._s.release_gate.drained()
+                await self._delete_own_locks()
         await self._complete_pending_removals()
+
+    async def _delete_own_locks(self) -> None:
+        """Delete this instance's lock keys in every namespace it has views
+        on, in txns of deletes that fit the ops limit."""
+        suffix = Layout.lock_suffix(self._s.instance_id)
+        for ns in sorted(self._s.namespaces):
+            hp = Layout(self._cfg.root, ns).handles_prefix
+            kvs, _ = await self._s.client.range_all(hp, prefix_end(hp), keys_only=True)
+            mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
+            for i in range(0, len(mine), self._s.max_ops):
+                t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
+                await self._until_definite(
+                    lambda t=t: self._s.client.txn(t, what="release_all"), "release_all"
+                )
 
     # -- removal -----------------------------------------------------------------
 
@@ -1112,6 +1587,12 @@ class StateHandleStore:
         With ``deferred=True`` the removal is recorded
         (``removals/<name>``) and completes as soon as the last lock goes, by
         release or lease expiry; meanwhile the handle cannot be locked.
+
+        The removal is of the handle as first read: a replace meanwhile makes
+        it decide again on the new version, but a handle removed and added
+        again meanwhile is a new one that this call does not touch (True: the
+        one asked for is gone). So the marker is put only by a txn comparing
+        the version it decided on: a removal can never land on a later write.
         """
         return (await self.try_remove(name, deferred=deferred)).removed
 
@@ -1125,11 +1606,18 @@ class StateHandleStore:
         # The handle as the last txn's else branch returned it: a retry after
         # a lost race decides on that instead of reading it again.
         seen: list[KV] | None = None
+        # The create revision of the handle first read: the one asked for.
+        generation: int | None = None
         for _ in range(_MAX_ROUNDS):
             if seen is None:
                 kv = await self._s.client.get(hkey)
             else:
                 kv, seen = (seen[0] if seen else None), None
+            if kv is not None and generation not in (None, kv.create_revision):
+                # Removed and added again meanwhile: that is a later write, and
+                # the handle this removal was asked for is gone (own lock: let go
+                # by the else branch that showed the new one).
+                return Removal(True, [])
             if kv is None:
                 # Nothing to remove; still, a fenced caller must prove leadership
                 # (a deposed leader learns it is deposed, not "removed").
@@ -1139,6 +1627,7 @@ class StateHandleStore:
                     fenced=True,
                 )
                 return Removal(True, [])
+            generation = kv.create_revision
             h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
             gc_key = self._keys.gc(h.blob_ref)
             gc_value = self._gc_entry(h, "removed")
@@ -1189,17 +1678,29 @@ class StateHandleStore:
                 continue  # they let go meanwhile: try again
             if not deferred:
                 return Removal(False, holders)
-            return await self._defer_removal(name, h, holders)
+            marked = await self._defer_removal(name, h, holders)
+            if isinstance(marked, Removal):
+                return marked
+            seen = marked  # replaced (or gone) since our removal txn: decide again
         raise Unavailable(f"release_and_try_remove({name!r}): no definite answer; retry")
 
-    async def _defer_removal(self, name: str, h: Handle, holders: list[str]) -> Removal:
+    async def _defer_removal(self, name: str, h: Handle, holders: list[str]) -> Removal | list[KV]:
+        """Record the removal of ``h`` for later: ONE txn ``If(mod_revision(handle)
+        == h.version [and fence]) Then(put removals/<name>) Else(get handle)``.
+
+        The compare is on the version the removal decided on: the handle may
+        have been removed and written again since, and a marker on that new
+        write would remove it once its writer lets go (invariant 3). Returns
+        the outcome, or the handle as it is now when it is no longer ``h``
+        (the caller decides again). Safe to send again after an ambiguous
+        answer: the compare still holds only for ``h``."""
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
-        marker = RemovalMarker(name, time.time(), self._s.instance_id).encode()
+        marker = RemovalMarker(name, time.time(), self._s.instance_id, h.version).encode()
 
         def build(lease: int) -> Txn:
             return (
                 Txn()
-                .compare("create", hkey, ">", 0)
+                .compare("mod", hkey, "==", h.version)
                 .then(Txn.put(rkey, marker))
                 .orelse(Txn.get(hkey))
             )
@@ -1209,38 +1710,63 @@ class StateHandleStore:
             f"deferred removal of {name!r}",
         )
         if not res.succeeded:
-            return Removal(True, [])
+            current: list[KV] = res.results[0]
+            return current
         # The holders may have let go between our two txns: finish now if so.
         if await self.complete_removal(name):
             return Removal(True, [])
         return Removal(False, holders, pending=True)
 
     async def complete_removal(self, name: str) -> bool:
-        """Finish a pending removal if no lock remains: ONE txn
-        ``If(removal pending, handle at the version read, no lock key at all)
-        Then(delete handle, delete marker, put gc/<blob>)``. Returns True when
-        the handle is gone. Not fenced: it completes what a leader decided."""
+        """Finish a pending removal if no lock remains. Returns True when the
+        handle is gone. Not fenced: it completes what a leader decided.
+
+        Ordering: read the marker and the handle (one txn of gets, one
+        revision); then ONE txn ``If(mod_revision(marker) == read,
+        mod_revision(handle) == the version the marker names, no lock key at
+        all) Then(delete handle, delete marker, put gc/<blob>) Else(range
+        lock prefix)``.
+
+        A marker removes only the handle version it was put for. One whose
+        handle is gone or at another version (a handle deleted by hand, a
+        restored backup) removes nothing: it is dropped by a txn comparing the
+        marker's own mod_revision, so a marker put meanwhile, for a handle
+        written since, is never the one deleted.
+
+        Failures: locks remain -> False (the last one's release, or the
+        reconciler on its expiry, completes it); marker or handle changed
+        between read and txn -> read again; ambiguous -> read again (both txns
+        compare what they read). No definite answer in ``_MAX_ROUNDS`` -> False.
+        """
         name = validate_name(name)
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
         lp = self._keys.lock_prefix(name)
+        read = Txn().then(Txn.get(rkey), Txn.get(hkey))
         for _ in range(_MAX_ROUNDS):
-            kv = await self._s.client.get(hkey)
-            if kv is None:
-                await self._s.client.delete(rkey)
-                return True
+            res = await self._until_definite(
+                lambda: self._s.client.txn(read, what="complete removal read"),
+                f"complete_removal({name!r})",
+            )
+            markers, handles = res.results
+            if not markers:
+                return not handles
+            marker, kv = markers[0], (handles[0] if handles else None)
+            if kv is None or not _removes(marker.value, kv.mod_revision):
+                if await self._drop_stale_marker(rkey, marker):
+                    return kv is None
+                continue
             h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
-            gc_key = self._keys.gc(h.blob_ref)
             t = (
                 Txn()
-                .compare("create", rkey, ">", 0)
+                .compare("mod", rkey, "==", marker.mod_revision)
                 .compare("mod", hkey, "==", kv.mod_revision)
                 .compare("create", lp, "==", 0, range_end=prefix_end(lp))
                 .then(
                     Txn.delete(hkey),
                     Txn.delete(rkey),
-                    Txn.put(gc_key, self._gc_entry(h, "removed")),
+                    Txn.put(self._keys.gc(h.blob_ref), self._gc_entry(h, "removed")),
                 )
-                .orelse(Txn.get(rkey), Txn.get(hkey), Txn.get(lp, prefix_end(lp), keys_only=True))
+                .orelse(Txn.get(lp, prefix_end(lp), keys_only=True))
             )
             try:
                 res = await self._s.client.txn(t, what="complete removal")
@@ -1248,12 +1774,26 @@ class StateHandleStore:
                 continue
             if res.succeeded:
                 return True
-            marker, current, locks = res.results
-            if not current:
-                return True
-            if not marker or locks:
-                return False
+            if res.results[0]:
+                return False  # still locked
+            # The marker or the handle changed since the read: read again.
         return False
+
+    async def _drop_stale_marker(self, rkey: bytes, marker: KV) -> bool:
+        """Delete ``marker`` if it is still the very marker read (its
+        mod_revision): True when it is gone. Ambiguous -> False (read again)."""
+        t = Txn().compare("mod", rkey, "==", marker.mod_revision).then(Txn.delete(rkey))
+        try:
+            res = await self._s.client.txn(t, what="drop stale removal marker")
+        except Ambiguous:
+            return False
+        if res.succeeded:
+            log.warning(
+                "dropped the removal marker %r: its handle is gone or at another version "
+                "than the one it was put for, so it removes nothing",
+                rkey.decode(errors="replace"),
+            )
+        return res.succeeded
 
     async def clear_entries(self) -> None:
         """Release our locks and remove every handle of the namespace.
@@ -1269,13 +1809,173 @@ class StateHandleStore:
         handles nobody else locks go at once, the others are marked for
         deferred removal. The first error cancels the removals still running
         and is raised (those not yet done stay; calling again is safe)."""
-        sem = asyncio.Semaphore(16)
+        await self._try_remove_each(names, deferred=True)
+
+    async def _try_remove_each(self, names: Iterable[str], *, deferred: bool) -> dict[str, Removal]:
+        """``try_remove`` of every name, ``_REMOVALS_IN_FLIGHT`` at a time; the
+        first error cancels the others and is raised."""
+        sem = asyncio.Semaphore(_REMOVALS_IN_FLIGHT)
+        out: dict[str, Removal] = {}
 
         async def one(n: str) -> None:
             async with sem:
-                await self.try_remove(n, deferred=True)
+                out[n] = await self.try_remove(n, deferred=deferred)
 
         await _gather([one(n) for n in names])
+        return out
+
+    # -- bulk calls (rest-v1.md "Bulk calls") -------------------------------------
+
+    async def remove_prefix(self, prefix: str = "", *, deferred: bool = False) -> PrefixRemoval:
+        """``release_and_try_remove`` of every handle whose name starts with
+        ``prefix`` (empty: every handle): ``(removed, kept)``, where ``kept``
+        are the names others still lock (our lock released, handle kept; with
+        ``deferred=True`` their removal is pending and completes when the last
+        lock goes, as for ``release_and_try_remove``).
+
+        Ordering: read the handles under the prefix and their locks at ONE
+        revision (:meth:`snapshot`). Those no one else locks are removed in
+        txns of several handles, each within ``max_txn_ops``: ``If(for each:
+        mod_revision(handle) == version read, no lock key in [lock prefix,
+        own lock), none in (own lock, prefix end) [and fence]) Then(for each:
+        delete handle, delete own lock, delete removal marker, put
+        gc/<blob>)`` (``release_and_try_remove``'s compares, batched; 4
+        operations per handle, 3 compares). The others, and every handle of a
+        batch that lost a race (a lock taken, a replace since the read) or
+        got an ambiguous answer, go through :meth:`try_remove` one by one
+        (16 in flight), which decides each again; a handle removed meanwhile
+        counts as removed. A batch etcd refuses as too large is split.
+
+        Fencing: every txn carries the fence compare, so a stale token fails
+        the first one: ``Fenced`` and nothing removed (with no handle under
+        the prefix, a txn of the fence alone still proves leadership).
+        Leadership lost midway: ``Fenced``, after what earlier txns removed.
+        Other errors end the call too; what is not yet removed stays, and
+        calling again is safe.
+
+        Batches rather than one txn per handle (docs/design.md, "Bulk
+        calls"): removing 300 unlocked handles takes ~10 round trips at the
+        default ``max_txn_ops``, instead of two per handle.
+        """
+        if prefix:
+            validate_name(prefix)
+        snap = await self.snapshot(prefix or None)
+        me = self._s.instance_id
+        free = [h for h in snap.handles if set(snap.locks.get(h.name, ())) <= {me}]
+        held = [h.name for h in snap.handles if not set(snap.locks.get(h.name, ())) <= {me}]
+        if not snap.handles and self._fence is not None:
+            await self._txn(lambda lease: Txn(), "remove_prefix", fenced=True)
+        removed: list[str] = []
+        again: list[str] = list(held)
+        sem = asyncio.Semaphore(self._cfg.lock_concurrency)
+
+        async def run(batch: list[Handle]) -> None:
+            async with sem:
+                gone = await self._remove_batch(batch)
+            if gone:
+                removed.extend(h.name for h in batch)
+            else:
+                again.extend(h.name for h in batch)
+
+        n = self._removal_batch_size()
+        await _gather([run(free[i : i + n]) for i in range(0, len(free), n)])
+        for name, outcome in (await self._try_remove_each(again, deferred=deferred)).items():
+            (removed if outcome.removed else held).append(name)
+        kept = sorted(set(held) - set(removed))
+        return PrefixRemoval(sorted(removed), kept)
+
+    def _removal_batch_size(self) -> int:
+        """Handles per bulk removal txn: 3 compares each plus the fence's,
+        and 4 operations each, must fit the ops limit."""
+        limit = self._s.max_ops
+        return max(1, min((limit - self._fence_compares()) // 3, limit // 4))
+
+    async def _remove_batch(self, batch: list[Handle]) -> bool:
+        """Remove every handle of ``batch`` in txns within the ops limit (see
+        :meth:`remove_prefix`). True when all are gone; False when a txn lost
+        a race or got no definite answer (the caller decides each again).
+        ``Fenced`` and other definite errors are raised."""
+        me = self._s.instance_id
+        n = self._removal_batch_size()
+        if len(batch) > n:  # the limit shrank while we waited
+            parts = [batch[i : i + n] for i in range(0, len(batch), n)]
+            return all([await self._remove_batch(part) for part in parts])
+
+        def build(lease: int) -> Txn:
+            t = Txn()
+            for h in batch:
+                hkey = self._keys.handle(h.name)
+                lp, own = hkey + b"/locks/", Layout.lock_of(hkey, me)
+                t.compare("mod", hkey, "==", h.version)
+                t.compare("create", lp, "==", 0, range_end=own)
+                t.compare("create", own + b"\0", "==", 0, range_end=prefix_end(lp))
+                t.then(
+                    Txn.delete(hkey),
+                    Txn.delete(own),
+                    Txn.delete(self._keys.removal_of(hkey)),
+                    Txn.put(self._keys.gc(h.blob_ref), self._gc_entry(h, "removed")),
+                )
+            return t
+
+        try:
+            res = await self._txn(build, "remove_prefix", fenced=True)
+        except TooManyOps:
+            if len(batch) == 1:
+                raise  # etcd's limit is below what one removal needs
+            # Shrink from the size refused, as _lock_batch does.
+            refused = 4 * len(batch)
+            self._s.max_ops = max(2, min(self._s.max_ops, refused // 2))
+            return await self._remove_batch(batch)
+        except Ambiguous:
+            return False  # try_remove re-reads each: safe whichever way it went
+        return res.succeeded
+
+    async def release_prefix(self, prefix: str = "") -> list[str]:
+        """Drop every lock of ours on handles whose name starts with ``prefix``
+        (empty: every handle); returns their names, sorted. Other instances'
+        locks, other names and our lease are untouched.
+
+        Ordering: ``range(handles under the prefix, keys only)``, keep our
+        lock keys; then txns of ``Then(delete own lock, get removal marker)``
+        per handle, within ``max_txn_ops`` (safe to send again after an
+        ambiguous answer); then, as :meth:`release`, complete each pending
+        removal that our lock was blocking.
+        """
+        start = self._keys.handle(validate_name(prefix)) if prefix else self._keys.handles_prefix
+        kvs, _ = await self._s.client.range_all(start, prefix_end(start), keys_only=True)
+        suffix = Layout.lock_suffix(self._s.instance_id)
+        mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
+        names: list[str] = []
+        pending: list[str] = []
+        step = max(1, self._s.max_ops // 2)
+        for i in range(0, len(mine), step):
+            part = mine[i : i + step]
+            handle_keys = [k[: -len(suffix)] for k in part]
+            t = Txn().then(
+                *(Txn.delete(k) for k in part),
+                *(Txn.get(self._keys.removal_of(k)) for k in handle_keys),
+            )
+            res = await self._until_definite(
+                lambda t=t: self._s.client.txn(t, what="release_prefix"), "release_prefix"
+            )
+            for j, hkey in enumerate(handle_keys):
+                name = self._keys.parse_handles_key(hkey)[0]
+                names.append(name)
+                if res.results[len(part) + j]:
+                    pending.append(name)
+        for name in pending:
+            await self.complete_removal(name)
+        return sorted(names)
+
+
+def _removes(marker_value: bytes, handle_version: int) -> bool:
+    """Whether a removal marker's value applies to the handle at
+    ``handle_version``. An unreadable marker (not written by statestore)
+    removes nothing: it is treated as stale rather than trusted to delete."""
+    try:
+        return RemovalMarker.decode(marker_value).applies_to(handle_version)
+    except MalformedRecord:
+        return False
 
 
 def _read_handle(value: bytes, version: int, create_revision: int = 0) -> Handle:
@@ -1315,4 +2015,12 @@ class _Opener:
         await self._store.close()
 
 
-__all__ = ["Fence", "Handle", "InvalidArgument", "Removal", "Snapshot", "StateHandleStore"]
+__all__ = [
+    "Fence",
+    "Handle",
+    "InvalidArgument",
+    "PrefixRemoval",
+    "Removal",
+    "Snapshot",
+    "StateHandleStore",
+]

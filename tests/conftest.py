@@ -23,26 +23,11 @@ from statestore import StateHandleStore
 from statestore.config import StoreConfig
 from statestore.local.etcd_process import EtcdCluster, EtcdProcess
 
+#: No silent skips (tests/no_skips.py): a skip fails the run.
+pytest_plugins = ["no_skips"]
+
 # Short enough that expiry tests stay quick, long enough for a loaded CI box.
 DEFAULT_TEST_LEASE_TTL = 5
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """No silent skips: a skipped test is reported as failed.
-
-    This suite has no test that may legitimately skip. A skip has only ever
-    meant "the machine lacks something" (etcdctl once), and CI passed on the
-    developer's machine where it had been installed by hand while a fresh
-    machine did not run those tests at all. Whatever a test needs, ``make
-    test`` installs; if it is missing, the run must say so by failing.
-    """
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
-    if report.skipped and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"skipped tests count as failures in this suite: {reason}"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -162,7 +147,11 @@ def namespace() -> str:
 @pytest.fixture
 def make_config(etcd: EtcdProcess, tmp_path: Path, namespace: str) -> Callable[..., StoreConfig]:
     """``make_config(**overrides)``: a ``StoreConfig`` on the session etcd, with
-    blobs under this test's ``tmp_path`` and this test's ``namespace``."""
+    blobs under this test's ``tmp_path`` and this test's ``namespace``.
+
+    A test that sets ``gc_grace_seconds`` also gets ``allow_short_gc_grace``
+    (unless it says otherwise): it shortens the grace period to see blobs
+    collected quickly, with no reader outliving its lock."""
 
     def factory(**overrides: Any) -> StoreConfig:
         settings: dict[str, Any] = {
@@ -172,6 +161,8 @@ def make_config(etcd: EtcdProcess, tmp_path: Path, namespace: str) -> Callable[.
             "lease_ttl": DEFAULT_TEST_LEASE_TTL,
         }
         settings.update(overrides)
+        if "gc_grace_seconds" in overrides:
+            settings.setdefault("allow_short_gc_grace", True)
         return StoreConfig(**settings)
 
     return factory
@@ -184,11 +175,14 @@ def service_factory(
     """``service_factory(**env)``: start a real ``statestore serve`` on the session
     etcd (blobs in a temp dir unless ``STATESTORE_BLOB_ROOT`` is given), wait
     until it answers, stop it at teardown. Extra keyword arguments are
-    ``STATESTORE_*`` settings without the prefix, e.g. ``auth_tokens_file=...``."""
+    ``STATESTORE_*`` settings without the prefix, e.g. ``auth_tokens_file=...``;
+    ``gc_grace_seconds`` brings ``allow_short_gc_grace`` (as ``make_config``)."""
     started: list[ServiceProcess] = []
     base = tmp_path_factory.mktemp("service")
 
     def factory(workers: int = 1, **settings: Any) -> ServiceProcess:
+        if "gc_grace_seconds" in settings:
+            settings.setdefault("allow_short_gc_grace", True)
         env = {
             "STATESTORE_ETCD_ENDPOINTS": etcd.endpoint,
             "STATESTORE_BLOB_ROOT": f"file://{base}/blobs",

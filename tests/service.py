@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -19,6 +23,7 @@ class ServiceProcess:
 
     def __init__(self, env: dict[str, str], log_file: Path, workers: int = 1) -> None:
         self.port = free_port()
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = log_file
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
@@ -78,3 +83,25 @@ class ServiceProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+@contextmanager
+def serving_with_tokens(
+    etcd_endpoint: str, base: Path, tokens: dict[str, Any]
+) -> Iterator[ServiceProcess]:
+    """A ready ``statestore serve`` with auth on, stopped on exit: ``tokens`` is
+    the tokens file's document (written to ``base/tokens.json``), blobs go
+    to ``base/blobs`` and the log to ``base/service.log``."""
+    tokens_file = base / "tokens.json"
+    tokens_file.write_text(json.dumps(tokens))
+    env = {
+        "STATESTORE_ETCD_ENDPOINTS": etcd_endpoint,
+        "STATESTORE_BLOB_ROOT": f"file://{base}/blobs",
+        "STATESTORE_AUTH_TOKENS_FILE": str(tokens_file),
+    }
+    svc = ServiceProcess(env, base / "service.log")
+    try:
+        svc.wait_ready()
+        yield svc
+    finally:
+        svc.stop()

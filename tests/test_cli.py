@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import signal
@@ -233,3 +234,122 @@ def _read_until(lines: queue.Queue[str], last: Any, parse: Any, timeout: float =
     while not out or not last(out[-1]):
         out.append(parse(lines.get(timeout=max(deadline - time.monotonic(), 0.01))))
     return out
+
+
+def serve_in(cwd: Path, port: int) -> subprocess.Popen[str]:
+    """`statestore serve` on the embedded default of ``cwd``."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
+    env["STATESTORE_PORT"] = str(port)
+    return subprocess.Popen(
+        [*CLI, "serve"], cwd=cwd, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def wait_serving(port: int) -> None:
+    import httpx
+
+    wait_until(
+        lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", trust_env=False).status_code == 200,
+        timeout=60,
+        ignore=(httpx.HTTPError,),
+        message="serve never became ready",
+    )
+
+
+def refused_fast(cwd: Path) -> str:
+    """Run a second serve in ``cwd``: it must exit non-zero within 15 s; its stderr."""
+    import time
+
+    from statestore.local.etcd_process import free_port
+
+    started = time.monotonic()
+    second = serve_in(cwd, free_port())
+    try:
+        out, err = second.communicate(timeout=60)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    elapsed = time.monotonic() - started
+    assert second.returncode not in (0, None), (second.returncode, out, err)
+    assert elapsed < 15, f"the second serve took {elapsed:.1f}s to give up"
+    assert "Traceback" not in err
+    return " ".join(err.split())  # rich wraps long lines
+
+
+def test_second_serve_in_the_same_directory_refuses_at_once(tmp_path: Path) -> None:
+    """A second `statestore serve` on the same ./.statestore says that the
+    first one runs the embedded etcd (and where) and exits non-zero at once,
+    leaving the first instance serving and its ports.json as it was."""
+    import httpx
+
+    from statestore.local.etcd_process import free_port
+
+    port = free_port()
+    first = serve_in(tmp_path, port)
+    try:
+        wait_serving(port)
+        ports_file = tmp_path / ".statestore" / "etcd" / "ports.json"
+        ports_before = ports_file.read_bytes()
+        client_port = json.loads(ports_before)["client"]
+
+        text = refused_fast(tmp_path)
+        assert "already" in text and f"127.0.0.1:{client_port}" in text, text
+        assert f"pid {first.pid}" in text, text
+
+        assert ports_file.read_bytes() == ports_before
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as c:
+            assert c.get("/readyz").status_code == 200
+            assert c.post("/v1/sessions", json={"ttl_seconds": 10}).status_code == 201
+
+        # A drill on the same directory still joins the running member.
+        from statestore.config import StoreConfig
+        from statestore.drill.target import DeploymentSettings, open_target
+
+        no_endpoints = DeploymentSettings(StoreConfig(), gc_interval_seconds=60)
+        with open_target(settings=no_endpoints, home=tmp_path / ".statestore") as target:
+            assert f"embedded default (etcd 127.0.0.1:{client_port})" in target.description
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    # Once the first has stopped, the directory is free again, on the same ports.
+    again = start_embedded_etcd(tmp_path / ".statestore")
+    try:
+        assert again.client_port == client_port
+    finally:
+        again.stop()
+
+
+def test_etcd_left_running_by_a_killed_serve_is_named(tmp_path: Path) -> None:
+    """SIGKILL a serve: its etcd (in a session of its own) lives on, holding
+    the data dir. The next serve names that etcd at once instead of waiting
+    30 s for a member that cannot open the data dir; ports.json stays."""
+    import os
+
+    from statestore.local.etcd_process import free_port
+
+    port = free_port()
+    first = serve_in(tmp_path, port)
+    record = tmp_path / ".statestore" / "etcd" / "owner.lock"
+    etcd_pid = None
+    try:
+        wait_serving(port)
+        etcd_pid = json.loads(record.read_text())["etcd_pid"]
+        first.kill()  # only the serve process: its etcd is left behind
+        first.communicate(timeout=30)
+        ports_file = tmp_path / ".statestore" / "etcd" / "ports.json"
+        ports_before = ports_file.read_bytes()
+
+        for _ in range(2):  # and again: the refusal keeps what names the leftover
+            text = refused_fast(tmp_path)
+            assert f"etcd pid {etcd_pid}" in text and f"kill {etcd_pid}" in text, text
+            assert ports_file.read_bytes() == ports_before
+    finally:
+        if first.poll() is None:  # failed before the kill: a graceful stop stops its etcd
+            first.send_signal(signal.SIGTERM)
+            first.communicate(timeout=30)
+        if etcd_pid is not None:  # the etcd our serve started, by its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(etcd_pid, signal.SIGKILL)

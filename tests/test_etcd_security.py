@@ -441,6 +441,102 @@ def test_endpoint_schemes(pki: Pki) -> None:
         load_config(etcd_endpoints="http://127.0.0.1:1", etcd_ca_file=pki.ca)
 
 
+@pytest.mark.parametrize(
+    ("scheme", "settings", "names"),
+    [
+        ("", {"etcd_tls_server_name": "localhost"}, ["etcd_tls_server_name", "etcd_ca_file"]),
+        ("http://", {"etcd_tls_server_name": "localhost"}, ["etcd_tls_server_name", "https://"]),
+        ("http://", {"etcd_cert_file": "client", "etcd_key_file": "key"}, ["https://"]),
+        ("http://", {"etcd_ca_file": "ca"}, ["https://"]),
+    ],
+    ids=["server-name-host-port", "server-name-http", "client-cert-http", "ca-http"],
+)
+def test_tls_setting_that_would_be_ignored_is_refused(
+    etcd: EtcdProcess, pki: Pki, scheme: str, settings: dict[str, str], names: list[str]
+) -> None:
+    """A TLS setting on a connection that would be plaintext is refused with
+    what to set, never dropped: with etcd_tls_server_name alone the store
+    used to talk to etcd in plaintext, credentials included."""
+    files = {"client": pki.client.cert, "key": pki.client.key, "ca": pki.ca}
+    values = {k: files.get(v, v) for k, v in settings.items()}
+    with pytest.raises(InvalidArgument) as exc:
+        load_config(etcd_endpoints=scheme + etcd.endpoint, **values)
+    for name in names:
+        assert name in str(exc.value), exc.value
+
+
+def test_empty_tls_server_name_is_unset(etcd: EtcdProcess) -> None:
+    """An empty variable (a config map's blank entry) is no setting."""
+    cfg = load_config(etcd_endpoints=etcd.endpoint, etcd_tls_server_name="")
+    assert cfg.etcd_tls_server_name is None and not cfg.etcd_tls
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "kwargs"),
+    [
+        ("127.0.0.1:2379", {"tls_server_name": "localhost"}),
+        ("127.0.0.1:2379", {"tls": False, "tls_server_name": "localhost"}),
+        ("127.0.0.1:2379", {"tls": False, "ca_file": "ca"}),
+        ("127.0.0.1:2379", {"tls": False, "cert_file": "client", "key_file": "key"}),
+        ("https://127.0.0.1:2379", {"tls": False}),
+    ],
+    ids=["server-name", "forced-off-server-name", "forced-off-ca", "forced-off-cert", "https-off"],
+)
+def test_etcd_client_refuses_tls_settings_it_would_ignore(
+    pki: Pki, endpoint: str, kwargs: dict[str, Any]
+) -> None:
+    files = {"client": pki.client.cert, "key": pki.client.key, "ca": pki.ca}
+    values = {k: files.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(InvalidArgument, match="TLS"):
+        EtcdClient([endpoint], **values)
+
+
+def test_serve_refuses_tls_server_name_on_a_plaintext_etcd(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    """``statestore serve`` with STATESTORE_ETCD_TLS_SERVER_NAME and a plain
+    endpoint exits at once naming the settings, instead of serving over a
+    plaintext etcd connection."""
+    import sys
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
+    env.update(
+        STATESTORE_ETCD_ENDPOINTS=etcd.endpoint,
+        STATESTORE_ETCD_TLS_SERVER_NAME="localhost",
+        STATESTORE_BLOB_ROOT=f"file://{tmp_path}/blobs",
+        STATESTORE_PORT=str(port),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "statestore.cli", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def serving() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            assert not serving(), "serve runs with etcd_tls_server_name over plaintext"
+            time.sleep(0.05)
+        assert proc.poll() == 2, proc.poll()
+        err = proc.communicate(timeout=10)[1]
+        assert "etcd_tls_server_name" in err and "etcd_ca_file" in err, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_store_backend_passes_tls_settings(pki: Pki) -> None:
     from statestore.store import StoreBackend
 

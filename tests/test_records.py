@@ -26,6 +26,7 @@ from statestore.errors import StateStoreError
 from statestore.handle import Handle, blob_id_of
 from statestore.records import (
     GcEntry,
+    IdempotencyRecord,
     MalformedRecord,
     RemovalMarker,
     SessionRecord,
@@ -96,8 +97,8 @@ def stored_handle(*, without: tuple[str, ...] = (), **overrides: Any) -> bytes:
         ),
         pytest.param(encode_holder("inst-1"), b"inst-1", id="lock-and-leader-value"),
         pytest.param(
-            RemovalMarker("chk-1", 1700000000.5, "inst-1").encode(),
-            b'{"name":"chk-1","requested_at":1700000000.5,"by":"inst-1"}',
+            RemovalMarker("chk-1", 1700000000.5, "inst-1", 42).encode(),
+            b'{"name":"chk-1","requested_at":1700000000.5,"by":"inst-1","version":42}',
             id="removal-marker",
         ),
         pytest.param(
@@ -113,15 +114,35 @@ def stored_handle(*, without: tuple[str, ...] = (), **overrides: Any) -> bytes:
             id="upload-intent",
         ),
         pytest.param(encode_counter(18, "5f0c"), b"18 5f0c", id="counter"),
+        pytest.param(
+            IdempotencyRecord("add", "chk-1", 1700000000.5, {"name": "chk-1", "size": 5}).encode(),
+            b'{"op":"add","target":"chk-1","created_at":1700000000.5,'
+            b'"handle":{"name":"chk-1","size":5},"handle_created":0,"value":null,'
+            b'"subsumed":null}',
+            id="idempotency-add",
+        ),
+        pytest.param(
+            IdempotencyRecord("checkpoint", "c", 1.5, {"size": 1}, 7, None, [1, 2]).encode(),
+            b'{"op":"checkpoint","target":"c","created_at":1.5,"handle":{"size":1},'
+            b'"handle_created":7,"value":null,"subsumed":[1,2]}',
+            id="idempotency-checkpoint",
+        ),
+        pytest.param(
+            IdempotencyRecord("increment", "checkpoint-id", 2.0, value=17).encode(),
+            b'{"op":"increment","target":"checkpoint-id","created_at":2.0,"handle":null,'
+            b'"handle_created":0,"value":17,"subsumed":null}',
+            id="idempotency-increment",
+        ),
         pytest.param(encode_compactor_revision(1234), b"1234", id="compactor"),
         pytest.param(
-            SessionRecord("jm-1", 10, 1700000000.5).encode(),
-            b'{"owner": "jm-1", "ttl_seconds": 10, "created_at": 1700000000.5}',
+            SessionRecord("jm-1", 10, 1700000000.5, "9f86d0").encode(),
+            b'{"owner": "jm-1", "ttl_seconds": 10, "created_at": 1700000000.5, '
+            b'"token_id": "9f86d0"}',
             id="session",
         ),
         pytest.param(
             SessionRecord(None, 10, 1700000000.0).encode(),
-            b'{"owner": null, "ttl_seconds": 10, "created_at": 1700000000.0}',
+            b'{"owner": null, "ttl_seconds": 10, "created_at": 1700000000.0, "token_id": null}',
             id="session-without-owner",
         ),
     ],
@@ -176,9 +197,20 @@ def test_holder_round_trip(instance_id: str) -> None:
     assert decode_holder(value) == instance_id
 
 
-@given(st.builds(RemovalMarker, text, times, text))
+@given(st.builds(RemovalMarker, text, times, text, st.integers(0, 2**63 - 1)))
 def test_removal_marker_round_trip(marker: RemovalMarker) -> None:
     assert RemovalMarker.decode(marker.encode()) == marker
+
+
+def test_removal_marker_without_version_applies_to_any_handle() -> None:
+    """Markers of statestore versions that did not record the handle version
+    still read, and remove whatever handle is there, as they always did; a
+    marker with a version removes only that version."""
+    old = RemovalMarker.decode(b'{"name":"chk-1","requested_at":1700000000.5,"by":"inst-1"}')
+    assert old == RemovalMarker("chk-1", 1700000000.5, "inst-1", 0)
+    assert old.applies_to(7) and old.applies_to(8)
+    new = RemovalMarker("chk-1", 1700000000.5, "inst-1", 7)
+    assert new.applies_to(7) and not new.applies_to(8)
 
 
 @given(st.builds(GcEntry, text, text, st.sampled_from(["replaced", "removed"]), times, text))
@@ -191,9 +223,39 @@ def test_upload_intent_round_trip(intent: UploadIntent) -> None:
     assert UploadIntent.decode(intent.encode()) == intent
 
 
-@given(st.builds(SessionRecord, st.none() | text, st.integers(2, 3600), times))
+@given(st.builds(SessionRecord, st.none() | text, st.integers(2, 3600), times, st.none() | text))
 def test_session_record_round_trip(record: SessionRecord) -> None:
     assert SessionRecord.decode(record.encode()) == record
+
+
+@given(
+    st.builds(
+        IdempotencyRecord,
+        st.sampled_from(["add", "replace", "checkpoint", "increment"]),
+        text,
+        times,
+        st.none() | st.dictionaries(text, json_values, max_size=4),
+        st.integers(0, 2**63 - 1),
+        st.none() | st.integers(-(2**63), 2**63 - 1),
+        st.none() | st.lists(st.integers(0, 2**63 - 1), max_size=5),
+    )
+)
+def test_idempotency_record_round_trip(record: IdempotencyRecord) -> None:
+    assert IdempotencyRecord.decode(record.encode()) == record
+
+
+def test_an_idempotency_record_answers_the_handle_at_its_keys_revision() -> None:
+    """The handle's version is not stored: it is the record key's
+    create_revision (the txn that wrote both); a replace keeps the handle's
+    own create_revision."""
+    fields = json.loads(encode_handle(**HANDLE_FIELDS))
+    added = IdempotencyRecord.decode(IdempotencyRecord("add", "chk-1", 1.0, fields).encode())
+    h = added.handle_at(42)
+    assert h == decode_handle(encode_handle(**HANDLE_FIELDS), 42) and h.create_revision == 42
+    replaced = IdempotencyRecord("replace", "chk-1", 1.0, fields, handle_created=7)
+    assert replaced.handle_at(42).create_revision == 7
+    with pytest.raises(MalformedRecord, match="holds no handle"):
+        IdempotencyRecord("increment", "c", 1.0, value=1).handle_at(42)
 
 
 @given(st.integers(0, 2**63 - 1), st.text("0123456789abcdef", min_size=32, max_size=32))
@@ -220,6 +282,7 @@ DECODERS: dict[str, Decoder] = {
     "counter": decode_counter,
     "compactor": decode_compactor_revision,
     "session": SessionRecord.decode,
+    "idempotency": IdempotencyRecord.decode,
 }
 
 NOT_JSON_OBJECTS = [b"", b"{not json", b"\xff\xfe", b"[]", b"null", b'"a string"', b"42", b"{}"]
@@ -235,9 +298,13 @@ MALFORMED = [
     ("holder", b"\xff"),
     *[
         (kind, v)
-        for kind in ("removal-marker", "gc-entry", "upload-intent", "session")
+        for kind in ("removal-marker", "gc-entry", "upload-intent", "session", "idempotency")
         for v in NOT_JSON_OBJECTS
     ],
+    ("idempotency", b'{"target": "h"}'),
+    ("idempotency", b'{"op": "add", "target": "h", "handle": [1]}'),
+    ("idempotency", b'{"op": "increment", "target": "c", "value": "seven"}'),
+    ("idempotency", b'{"op": "checkpoint", "target": "c", "subsumed": ["x"]}'),
     ("removal-marker", b'{"name": "x", "requested_at": "soon", "by": "i"}'),
     ("gc-entry", b'{"handle": "x", "queued_at": 1.0}'),
     ("gc-entry", b'{"blob_url": "u", "queued_at": null}'),

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from rest import assert_problem, hpath, lpath
-from service import ServiceProcess
+from rest import assert_problem, bearer, hpath, lpath
+from service import ServiceProcess, serving_with_tokens
 
 from statestore.local.etcd_process import EtcdProcess, free_port
 
@@ -35,30 +35,14 @@ TOKENS = {
 }
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture(scope="module")
 def auth_service(
     etcd: EtcdProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
     """What ``service_factory(auth_tokens_file=path)`` starts, shared by this module
     (one process for the whole matrix keeps the suite fast)."""
-    base = tmp_path_factory.mktemp("auth-service")
-    tokens = base / "tokens.json"
-    tokens.write_text(json.dumps(TOKENS))
-    env = {
-        "STATESTORE_ETCD_ENDPOINTS": etcd.endpoint,
-        "STATESTORE_BLOB_ROOT": f"file://{base}/blobs",
-        "STATESTORE_AUTH_TOKENS_FILE": str(tokens),
-    }
-    svc = ServiceProcess(env, base / "service.log")
-    try:
-        svc.wait_ready()
+    with serving_with_tokens(etcd.endpoint, tmp_path_factory.mktemp("auth-service"), TOKENS) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture
@@ -162,8 +146,12 @@ def test_namespace_not_allowed_is_403(
     api: httpx.Client, writer_sid: str, call: Call, token: str
 ) -> None:
     other = f"other-{uuid.uuid4().hex[:8]}"
+    # The admin writes with a session of its own: a session belongs to its token.
+    r = api.post("/v1/sessions", json={"ttl_seconds": 30}, headers=bearer(ADMIN))
+    assert r.status_code == 201, r.text
+    admin_sid = r.json()["session_id"]
     r = api.put(
-        hpath(other, "h"), content=b"x", headers={**bearer(ADMIN), "X-Session-Id": writer_sid}
+        hpath(other, "h"), content=b"x", headers={**bearer(ADMIN), "X-Session-Id": admin_sid}
     )
     assert r.status_code == 201, r.text
     before = r.json()

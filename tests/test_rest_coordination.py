@@ -20,7 +20,20 @@ from typing import Any
 import httpx
 import pytest
 from helpers import wait_until
-from rest import HANDLE_FIELDS, assert_problem, client, enc, hpath, lpath, new_session, sess
+from rest import (
+    HANDLE_FIELDS,
+    assert_problem,
+    ckpath,
+    client,
+    cpath,
+    enc,
+    hpath,
+    leader_path,
+    leadership_body,
+    lpath,
+    new_session,
+    sess,
+)
 from service import ServiceProcess
 
 from statestore import StateHandleStore, StoreConfig
@@ -43,18 +56,6 @@ ANY_TOKEN: Any = _AnyToken()
 CHECKPOINT_FIELDS = HANDLE_FIELDS | {"checkpoint_id", "savepoint"}
 
 # -- paths and helpers ---------------------------------------------------------------
-
-
-def cpath(ns: str, name: str, sub: str = "") -> str:
-    return f"/v1/namespaces/{enc(ns)}/counters/{enc(name)}{sub}"
-
-
-def leader_path(ns: str) -> str:
-    return f"/v1/namespaces/{enc(ns)}/leader"
-
-
-def ckpath(ns: str, sub: str = "") -> str:
-    return f"/v1/namespaces/{enc(ns)}/checkpoints{sub}"
 
 
 def ns_path(ns: str) -> str:
@@ -96,12 +97,8 @@ def campaign(c: httpx.Client, ns: str, sid: str) -> int:
 
 
 def current_leader(c: httpx.Client, ns: str) -> tuple[str, int] | None:
-    r = c.get(leader_path(ns))
-    if r.status_code == 404:
-        assert_problem(r, 404, "not-found")
-        return None
-    assert r.status_code == 200, r.text
-    return r.json()["leader"], r.json()["fencing_token"]
+    body = leadership_body(c, ns)
+    return None if body is None else (body["leader"], body["fencing_token"])
 
 
 def post_checkpoint(

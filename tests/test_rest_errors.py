@@ -8,6 +8,8 @@ a request id; ``/healthz``, ``/readyz`` and ``/metrics`` behave as stated.
 
 from __future__ import annotations
 
+import inspect
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +18,12 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from rest import assert_problem, client, hpath, lpath, new_session
+from rest import PROBLEM_TYPES, assert_problem, client, hpath, lpath, new_session
 from service import ServiceProcess
+
+from statestore.errors import StateStoreError
+from statestore.etcd import Compacted
+from statestore_api import problems
 
 
 @pytest.fixture
@@ -318,3 +324,54 @@ def test_openapi_describes_this_api(api: httpx.Client) -> None:
     for path, methods in want.items():
         assert path in paths, path
         assert methods <= set(paths[path]), (path, set(paths[path]))
+
+
+# -- every store error has its answer --------------------------------------------------
+
+
+def _all_store_errors() -> list[type[StateStoreError]]:
+    """Every StateStoreError subclass of statestore and the service (all modules imported)."""
+    import importlib
+    import pkgutil
+
+    import statestore
+    import statestore_api
+
+    for pkg in (statestore, statestore_api):
+        for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            importlib.import_module(mod.name)
+    found: list[type[StateStoreError]] = []
+    todo: list[type[StateStoreError]] = [StateStoreError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _instance(cls: type[StateStoreError]) -> StateStoreError:
+    params = inspect.signature(cls).parameters
+    extra = {name: 7 for name, p in params.items() if name != "message" and p.default is p.empty}
+    extra = {k: v for k, v in extra.items() if params[k].kind is not params[k].VAR_KEYWORD}
+    return cls("what happened", **extra)
+
+
+def test_every_store_error_has_an_explicit_non_500_status() -> None:
+    """Each StateStoreError subclass (statestore/errors.py, statestore/etcd.py,
+    the SDK's own) is named in statestore_api.problems.STATUS with a status
+    that is not 500 and a type word of rest-v1.md, and answers with it."""
+    errors = _all_store_errors()
+    assert len(errors) >= 17, [c.__name__ for c in errors]
+    for cls in errors:
+        assert cls in problems.STATUS, f"{cls.__module__}.{cls.__name__} has no explicit status"
+        status, type_ = problems.STATUS[cls]
+        assert status != 500 and 400 <= status < 600, (cls, status)
+        assert type_ in PROBLEM_TYPES, (cls, type_)
+        for reading in (False, True):
+            r = problems.store_error_response(_instance(cls), reading=reading)
+            body = json.loads(bytes(r.body))
+            assert r.status_code != 500 and body["status"] == r.status_code, (cls, body)
+            assert body["type"] in PROBLEM_TYPES, (cls, body)
+    assert problems.STATUS[Compacted] == (410, "compacted")
+    compacted = problems.store_error_response(Compacted("gone", compact_revision=42))
+    assert json.loads(bytes(compacted.body))["compact_revision"] == 42

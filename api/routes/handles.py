@@ -7,6 +7,7 @@ back, so memory stays bounded whatever the state's size.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -14,11 +15,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from statestore.errors import StateStoreError
 from statestore_api.auth import Role
-from statestore_api.problems import ApiError, problem
+from statestore_api.problems import ApiError, ResponseAborted, problem
 from statestore_api.service import (
     SMALL_BODY,
     FencingHeader,
+    IdempotencyHeader,
     SessionHeader,
     Svc,
     handle_json,
@@ -27,6 +30,8 @@ from statestore_api.service import (
     path_namespace,
     state_body,
 )
+
+log = logging.getLogger("statestore.api")
 
 router = APIRouter(prefix="/v1/namespaces/{ns}/handles", tags=["handles"])
 
@@ -78,10 +83,16 @@ async def put_handle(
     if_match: Annotated[str | None, Header(description='"<version>": replace')] = None,
     x_handle_metadata: Annotated[str | None, Header(description="JSON object")] = None,
     x_content_sha256: Annotated[str | None, Header(description="hex SHA-256 of the body")] = None,
+    idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse:
-    """add_and_lock (201), or replace with ``If-Match`` (200). The body is the raw state."""
+    """add_and_lock (201), or replace with ``If-Match`` (200). The body is the raw state.
+
+    With ``Idempotency-Key`` a retry answers the first attempt's result when
+    it took effect: the same status and handle (version, sha256, created_at,
+    metadata). ``locks`` is read when answering, as for the first answer:
+    the session's own for an add, the current holders for a replace."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
+    caller = svc.authorize(request, ns, Role.write)
     metadata = parse_metadata(x_handle_metadata)
     if x_content_sha256 is not None and not _HEX64.match(x_content_sha256.strip()):
         raise ApiError(400, "invalid-argument", "X-Content-SHA256 must be 64 hex digits")
@@ -94,13 +105,14 @@ async def put_handle(
         if m is None:
             raise ApiError(400, "invalid-argument", 'If-Match must be a version: "<integer>"')
         version = int(m.group(1))
-    session = await svc.session(request)
+    session = await svc.session(request, caller)
     store = svc.store(ns, session, request)
+    write = {"expected_sha256": digest, "max_size": limit, "idempotency_key": idempotency_key}
     if version is None:
-        h = await store.add_and_lock(name, body, metadata, expected_sha256=digest, max_size=limit)
+        h = await store.add_and_lock(name, body, metadata, **write)
         svc.metrics.locks.labels("acquire").inc()
         return JSONResponse(handle_json(h, [session.session_id]), 201, headers=_etag(h.version))
-    h = await store.replace(name, version, body, metadata, expected_sha256=digest, max_size=limit)
+    h = await store.replace(name, version, body, metadata, **write)
     locks = await store.holders(name)
     return JSONResponse(handle_json(h, locks), 200, headers=_etag(h.version))
 
@@ -128,10 +140,15 @@ async def get_state(ns: str, name: str, request: Request, svc: Svc) -> Response:
     """The exact state bytes, with ``Content-Length`` and ``X-Content-SHA256``.
 
     Up to 1 MiB the state is read and verified before answering (a mismatch
-    is a 502 problem). Larger states stream; the first chunk is read before
-    answering, so a missing blob is still a proper 502, and a mismatch found
-    at the end aborts the stream (the client sees fewer bytes than
-    ``Content-Length``)."""
+    is a 502 problem). Larger states stream, and the store's ``open_read``
+    holds the last chunk back until the whole blob is verified (size and
+    SHA-256). So a state of one chunk is still verified before answering (a
+    mismatch or missing blob is a 502), and a mismatch found later ends the
+    response as an error before its last byte: the connection is dropped,
+    the client receives fewer bytes than ``Content-Length`` (and, were the
+    body chunked, no terminating chunk), never a complete 200 with wrong
+    bytes. Each such abort is logged and counted in
+    ``statestore_state_streams_aborted_total``."""
     ns, name = path_namespace(ns), path_name(name)
     svc.authorize(request, ns, Role.read)
     store = svc.store(ns)
@@ -147,10 +164,26 @@ async def get_state(ns: str, name: str, request: Request, svc: Svc) -> Response:
         first = b""
 
     async def stream() -> AsyncIterator[bytes]:
-        if first:
-            yield first
-        async for chunk in chunks:
-            yield chunk
+        sent = 0
+        try:
+            if first:
+                sent += len(first)
+                yield first
+            async for chunk in chunks:
+                sent += len(chunk)
+                yield chunk
+        except StateStoreError as e:  # the status line is out: all that is left is to abort
+            svc.metrics.state_streams_aborted.labels(e.kind).inc()
+            log.error(
+                "GET state of %r in namespace %r aborted after %d of %d bytes: %s",
+                name,
+                ns,
+                sent,
+                h.size,
+                e,
+                extra={"request_id": request.state.request_id},
+            )
+            raise ResponseAborted(e.message) from e
 
     return StreamingResponse(stream(), media_type="application/octet-stream", headers=headers)
 
@@ -166,8 +199,8 @@ async def lock_handle(
 ) -> JSONResponse:
     """get_and_lock: lock the handle for the session and return it."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
-    session = await svc.session(request)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
     store = svc.store(ns, session, request)
     h, locks = await store.get_and_lock_described(name)
     svc.metrics.locks.labels("acquire").inc()
@@ -180,8 +213,8 @@ async def release_lock(
 ) -> Response:
     """release: drop the session's lock (204 also when it was not held)."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
-    session = await svc.session(request)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
     await svc.store(ns, session).release(name)
     svc.metrics.locks.labels("release").inc()
     return Response(status_code=204)
@@ -204,8 +237,8 @@ async def remove_handle(
     """release_and_try_remove: 204 removed (or never existed); 409 ``locked`` with
     ``holders`` (own lock released, handle kept); with ``?deferred=true`` 202."""
     ns, name = path_namespace(ns), path_name(name)
-    svc.authorize(request, ns, Role.write)
-    session = await svc.session(request)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
     outcome = await svc.store(ns, session, request).try_remove(name, deferred=deferred)
     if outcome.removed:
         svc.metrics.locks.labels("remove").inc()
@@ -237,10 +270,10 @@ async def list_handles(
 ) -> JSONResponse:
     """Every handle, sorted by name, from one consistent snapshot."""
     ns = path_namespace(ns)
-    svc.authorize(request, ns, Role.write if lock else Role.read)
+    caller = svc.authorize(request, ns, Role.write if lock else Role.read)
     body: dict[str, Any]
     if lock:
-        session = await svc.session(request)
+        session = await svc.session(request, caller)
         handles, locks, rev = await svc.store(ns, session, request).lock_all(prefix)
         svc.metrics.locks.labels("acquire").inc(len(handles))
     else:
@@ -251,3 +284,69 @@ async def list_handles(
         "revision": rev,
     }
     return JSONResponse(body)
+
+
+@list_router.delete(
+    "/handles",
+    responses={
+        200: {
+            "description": "what was removed, and what others still lock (with deferred=true: "
+            "pending removal)",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["removed"],
+                        "properties": {
+                            "removed": {"type": "array", "items": {"type": "string"}},
+                            "locked": {"type": "array", "items": {"type": "string"}},
+                            "pending": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                    "example": {"removed": ["chk-1", "chk-2"], "locked": ["chk-3"]},
+                }
+            },
+        }
+    },
+)
+async def remove_handles(
+    ns: str,
+    request: Request,
+    svc: Svc,
+    prefix: Annotated[str, Query(description="only names starting with this; empty: all")] = "",
+    deferred: Annotated[
+        bool, Query(description="complete each removal when others let go")
+    ] = False,
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+) -> JSONResponse:
+    """release_and_try_remove of every handle whose name starts with ``prefix``:
+    200 ``{"removed": [names], "locked": [names]}`` (``"pending"`` instead of
+    ``"locked"`` with ``?deferred=true``). With ``X-Fencing-Token`` every txn
+    carries the leadership compare: a stale token is 409 ``fenced`` and
+    nothing is removed."""
+    ns = path_namespace(ns)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
+    removed, kept = await svc.store(ns, session, request).remove_prefix(prefix, deferred=deferred)
+    svc.metrics.locks.labels("remove").inc(len(removed))
+    svc.metrics.locks.labels("remove_deferred" if deferred else "remove_refused").inc(len(kept))
+    return JSONResponse({"removed": removed, "pending" if deferred else "locked": kept})
+
+
+@list_router.delete("/locks", status_code=204)
+async def release_locks(
+    ns: str,
+    request: Request,
+    svc: Svc,
+    prefix: Annotated[str, Query(description="only names starting with this; empty: all")] = "",
+    x_session_id: SessionHeader = None,
+) -> Response:
+    """Release every lock the session holds on handles whose name starts with
+    ``prefix``; the session stays alive (204)."""
+    ns = path_namespace(ns)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
+    released = await svc.store(ns, session).release_prefix(prefix)
+    svc.metrics.locks.labels("release").inc(len(released))
+    return Response(status_code=204)
