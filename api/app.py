@@ -68,6 +68,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             buffer_bytes=settings.watch_buffer_bytes,
             idle_seconds=settings.watch_idle_seconds,
         )
+        hub = app.state.watches
+        metrics.watch_polls.set_function(lambda: sum(f.waiters for f in hub.feeds.values()))
         if not auth.enabled:
             log.warning(
                 "AUTH IS OFF: no STATESTORE_AUTH_TOKENS_FILE is configured, so anyone who can "

@@ -64,6 +64,11 @@ class Metrics:
         self.sessions = Gauge(
             "statestore_sessions", "Live sessions (etcd, all replicas).", registry=r
         )
+        self.watch_polls = Gauge(
+            "statestore_watch_polls_waiting",
+            "Watch long polls held by this process right now.",
+            registry=r,
+        )
         self.sessions_created = Counter(
             "statestore_sessions_created_total", "Sessions created here.", registry=r
         )

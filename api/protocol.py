@@ -61,6 +61,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from statestore_api.watch import drain_all
+
 log = logging.getLogger("statestore.api.http")
 
 #: How long a refused connection is drained before it is closed.
@@ -82,6 +84,13 @@ class HeadTooLarge(Exception):
 
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with the request head bounded (see the module)."""
+
+    def shutdown(self) -> None:
+        """The server begins a graceful shutdown: waiting watch polls are
+        answered now (``watch.drain_all``), so that they end with their
+        connections instead of holding the exit up to their timeout."""
+        drain_all()
+        super().shutdown()
 
     def __init__(
         self,

@@ -56,6 +56,7 @@ import itertools
 import json
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,6 +74,22 @@ MAX_EVENTS = 1000
 GAP_QUIET = 0.2
 #: How long past ``timeout`` a poll may wait for etcd (the spec allows 2 s).
 HARD_MARGIN = 1.5
+
+#: The hubs of this process, so that the HTTP protocol can drain them when the
+#: server begins a graceful shutdown (see :func:`drain_all`).
+_HUBS: weakref.WeakSet[WatchHub] = weakref.WeakSet()
+
+
+def drain_all() -> None:
+    """The server is shutting down: answer every waiting poll of this process
+    now (its events so far, else ``[]`` with its revision) instead of holding
+    it to its timeout. uvicorn waits for requests in flight before it exits,
+    so a held poll would keep a restarting service down for up to 300 s and
+    outlast the sessions of the job managers it serves. Idempotent."""
+    for hub in list(_HUBS):
+        hub.drain()
+
+
 # Bytes counted per buffered event beside its JSON (the objects holding it).
 _EVENT_OVERHEAD = 200
 # Backoff while the feed cannot restart after its position was compacted.
@@ -345,7 +362,7 @@ class NamespaceFeed:
                     return answer.body(since)
             since = self._scan(since, answer)
             remaining = deadline - time.monotonic()
-            if answer.bodies or remaining <= 0:
+            if answer.bodies or remaining <= 0 or self._hub.draining:
                 return answer.body(since)
             await asyncio.wait([self._changed], timeout=remaining)
 
@@ -355,7 +372,7 @@ class NamespaceFeed:
         stream = await EventStream.open(self._hub.etcd, self.layout, since)
         batches = stream.batches()
         async with contextlib.aclosing(batches):
-            while stream.revision < self.floor:
+            while stream.revision < self.floor and not self._hub.draining:
                 wait = deadline - time.monotonic()
                 if answer.bodies:
                     wait = min(wait, GAP_QUIET)
@@ -383,6 +400,16 @@ class WatchHub:
         self.buffer_bytes = buffer_bytes
         self.idle_seconds = idle_seconds
         self._feeds: dict[str, NamespaceFeed] = {}
+        #: Set once the server shuts down: polls answer at once from then on.
+        self.draining = False
+        _HUBS.add(self)
+
+    def drain(self) -> None:
+        """Answer every waiting poll now, and every later one at once."""
+        if not self.draining:
+            self.draining = True
+            for feed in self._feeds.values():
+                feed._wake()
 
     @property
     def feeds(self) -> dict[str, NamespaceFeed]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -668,3 +669,43 @@ def service_on(endpoint: str, tmp_path: Path) -> Iterator[ServiceProcess]:
         yield svc
     finally:
         svc.stop()
+
+
+def test_shutdown_answers_waiting_polls_at_once(
+    service_factory: Callable[..., ServiceProcess], namespace: str
+) -> None:
+    """SIGTERM while polls wait: they are answered at once (200, no events)
+    and the service exits in seconds, not after their 300 s timeout. (A held
+    poll kept a restarting service down past the job managers' session TTL:
+    the Flink end-to-end test of a statestore restart found it.)"""
+    svc = service_factory()
+    answers: list[tuple[int, float]] = []
+
+    def poll() -> None:
+        started = time.monotonic()
+        with client(svc.url) as api:
+            r = api.get(f"/v1/namespaces/{enc(namespace)}/watch", params={"timeout": 300},
+                        timeout=320)  # fmt: skip
+            answers.append((r.status_code, time.monotonic() - started))
+            assert r.json()["events"] == []
+
+    threads = [threading.Thread(target=poll) for _ in range(3)]
+    for t in threads:
+        t.start()
+    with client(svc.url) as api:
+
+        def waiting() -> float:
+            for line in api.get("/metrics").text.splitlines():
+                if line.startswith("statestore_watch_polls_waiting "):
+                    return float(line.split()[1])
+            raise AssertionError("no statestore_watch_polls_waiting metric")
+
+        wait_until(lambda: waiting() == 3, 10, message="the polls never all waited")
+    stopping = time.monotonic()
+    svc.proc.send_signal(15)
+    svc.proc.wait(timeout=15)
+    exited = time.monotonic() - stopping
+    for t in threads:
+        t.join(timeout=15)
+    assert [status for status, _ in answers] == [200, 200, 200], answers
+    assert exited < 10, f"the service took {exited:.1f} s to exit with polls waiting"
