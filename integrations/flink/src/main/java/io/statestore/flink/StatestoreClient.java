@@ -358,15 +358,36 @@ public final class StatestoreClient implements AutoCloseable {
 
     /** Registers a listener of leadership changes (called from the watch thread; null = nobody leads). */
     public void addLeaderListener(Consumer<LeaderState> l) {
-        leaderListeners.add(l);
         synchronized (this) {
+            leaderListeners.add(l);
             if (watcher == null) {
                 watcher = new Thread(this::watchLoop, "statestore-leader-watch");
                 watcher.setDaemon(true);
                 watcher.start();
             } else if (leaderKnown) {
-                l.accept(lastLeader);
+                // never call back inside the caller's registration (Flink ignores notifications
+                // that arrive before its start() returns): deliver in order on the dispatch thread
+                LeaderState s = lastLeader;
+                dispatch.execute(() -> deliver(l, s));
             }
+        }
+    }
+
+    private final java.util.concurrent.ExecutorService dispatch =
+            java.util.concurrent.Executors.newSingleThreadExecutor(r -> {
+                Thread t = new Thread(r, "statestore-leader-dispatch");
+                t.setDaemon(true);
+                return t;
+            });
+
+    private void deliver(Consumer<LeaderState> l, LeaderState s) {
+        if (!leaderListeners.contains(l)) {
+            return;
+        }
+        try {
+            l.accept(s);
+        } catch (Throwable t) {
+            LOG.error("leader listener failed", t);
         }
     }
 
@@ -383,27 +404,45 @@ public final class StatestoreClient implements AutoCloseable {
         if (r.status != 200) {
             throw new StatestoreException("GET leader", r);
         }
-        return new LeaderState(r.json());
+        JsonNode body = r.json();
+        if (!body.has("info")) {
+            // a server without leader info (before rest-v1 "For job managers"): see LEGACY_INFO
+            legacyLeaderInfo = true;
+            ObjectNode info = ((ObjectNode) body).putObject("info");
+            long token = body.get("fencing_token").asLong();
+            for (JsonNode h : list(LEGACY_INFO, false)) {
+                JsonNode m = h.path("metadata");
+                if (m.path("fencing_token").asLong(-1) == token) {
+                    info.set(h.get("name").asText().substring(LEGACY_INFO.length()), m);
+                }
+            }
+        }
+        return new LeaderState(body);
     }
 
-    private void publish(LeaderState s) {
+    /**
+     * Compatibility with a statestore that predates leader info: the leader keeps each component's
+     * info as the metadata of handle {@code leader-info/<component>} (written with its fencing
+     * token, and carrying it), and readers accept only entries of the current leadership's token.
+     */
+    static final String LEGACY_INFO = "leader-info/";
+
+    volatile boolean legacyLeaderInfo;
+
+    private synchronized void publish(LeaderState s) {
         if (leaderKnown && (s == null ? lastLeader == null : s.sameAs(lastLeader))) {
             return;
         }
         lastLeader = s;
         leaderKnown = true;
         for (Consumer<LeaderState> l : leaderListeners) {
-            try {
-                l.accept(s);
-            } catch (Throwable t) {
-                LOG.error("leader listener failed", t);
-            }
+            dispatch.execute(() -> deliver(l, s));
         }
     }
 
     private long currentRevision() throws IOException {
         // an empty listing is one consistent snapshot and names its revision (rest-v1 Watch: list-then-watch)
-        Resp r = call("GET", "/handles?prefix=" + enc("\u007fstatestore-flink-none/"), null, null, null);
+        Resp r = call("GET", "/handles?prefix=" + enc("statestore-flink/revision-probe/"), null, null, null);
         if (r.status != 200) {
             throw new StatestoreException("GET handles (revision)", r);
         }
@@ -536,6 +575,7 @@ public final class StatestoreClient implements AutoCloseable {
         if (watcher != null) {
             watcher.interrupt();
         }
+        dispatch.shutdownNow();
         if (keeper != null) {
             keeper.interrupt();
         }
