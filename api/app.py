@@ -43,7 +43,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         app.state.service = Service(
             settings=settings,
             backend=backend,
-            sessions=SessionRegistry(backend.client, settings.root),
+            sessions=SessionRegistry(
+                backend.client, settings.root, max_ttl=settings.max_session_ttl_seconds
+            ),
             auth=auth,
             metrics=metrics,
         )

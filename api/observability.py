@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from statestore_api.problems import unexpected
+from statestore_api.problems import ResponseAborted, unexpected
 
 log = logging.getLogger("statestore.api")
 
@@ -98,6 +98,14 @@ class Metrics:
             "1 while this replica runs the reconciler and GC.",
             registry=r,
         )
+        self.state_streams_aborted = Counter(
+            "statestore_state_streams_aborted_total",
+            "GET .../state responses cut off before their last byte, by the error kind "
+            "(integrity: the blob does not match its handle; unavailable: the blob store "
+            "failed mid-stream).",
+            ["reason"],
+            registry=r,
+        )
         self.lease_lost = Gauge(
             "statestore_service_lease_losses",
             "Times the service's own lease was found lost.",
@@ -127,6 +135,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, separators=(",", ":"))
 
 
+class _DropAbortedResponseTracebacks(logging.Filter):
+    """uvicorn logs any exception an app raises after its response started as
+    "Exception in ASGI application" with a traceback. A ``ResponseAborted``
+    is the app's deliberate way of having the connection dropped, and was
+    logged (without a traceback) where it was raised: not a second time."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, ResponseAborted)
+
+
 def configure_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if as_json:
@@ -137,6 +156,9 @@ def configure_logging(level: str, as_json: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DropAbortedResponseTracebacks) for f in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(_DropAbortedResponseTracebacks())
 
 
 class RequestContext:
@@ -158,7 +180,7 @@ class RequestContext:
         rid = rid or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         status = 500
-        started = False
+        started = aborted = False
         start = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
@@ -171,6 +193,9 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ResponseAborted:
+            aborted = True  # logged where it was raised; the server drops the connection
+            raise
         except ClientDisconnect:
             status = 499  # the client went away; nobody is left to answer
             log.info(
@@ -198,10 +223,11 @@ class RequestContext:
             self.metrics.latency.labels(template, method).observe(elapsed)
             if template not in ("/healthz", "/readyz", "/metrics"):
                 log.info(
-                    "%s %s -> %s",
+                    "%s %s -> %s%s",
                     method,
                     scope.get("path", ""),
                     status,
+                    ", aborted before the last byte" if aborted else "",
                     extra={
                         "request_id": rid,
                         "method": method,

@@ -93,6 +93,16 @@ _BY_STATUS = {
 }
 
 
+class ResponseAborted(Exception):
+    """Raised by a response body that found, after its status line went out,
+    that it cannot be completed (a state blob that does not match its
+    handle). It is already logged and counted where it was raised; letting it
+    reach the server is how an ASGI app ends a response as an error: the
+    server closes the connection without the missing bytes (with
+    ``Content-Length``) or the terminating chunk (chunked encoding), so no
+    client can take the partial body for a complete one."""
+
+
 def problem(
     status: int, type_: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:

@@ -34,6 +34,7 @@ from statestore.keys import RootLayout, is_lock_key, prefix_end
 from statestore.records import SessionRecord
 
 MIN_TTL = 2
+#: The highest ``max_session_ttl_seconds`` a service may be configured with.
 MAX_TTL = 3600
 _SID = re.compile(r"^([0-9a-f]{1,16})-([0-9a-f]{16})$")
 
@@ -56,9 +57,12 @@ class SessionInfo:
 
 
 class SessionRegistry:
-    def __init__(self, client: EtcdClient, root: str) -> None:
+    def __init__(self, client: EtcdClient, root: str, *, max_ttl: int = MAX_TTL) -> None:
+        """``max_ttl``: the longest TTL a session may ask for (the service's
+        ``max_session_ttl_seconds``, which its GC grace period covers)."""
         self._client = client
         self._keys = RootLayout(root)
+        self.max_ttl = max_ttl
 
     @staticmethod
     def lease_of(sid: str) -> int:
@@ -74,9 +78,10 @@ class SessionRegistry:
         self, ttl_seconds: int = 10, owner: str | None = None, token_id: str | None = None
     ) -> SessionInfo:
         """Grant a lease and attach the session record to it."""
-        if not isinstance(ttl_seconds, int) or not MIN_TTL <= ttl_seconds <= MAX_TTL:
+        if not isinstance(ttl_seconds, int) or not MIN_TTL <= ttl_seconds <= self.max_ttl:
             raise InvalidArgument(
-                f"ttl_seconds must be an integer from {MIN_TTL} to {MAX_TTL}, got {ttl_seconds!r}"
+                f"ttl_seconds must be an integer from {MIN_TTL} to {self.max_ttl} (this "
+                f"service's STATESTORE_MAX_SESSION_TTL_SECONDS), got {ttl_seconds!r}"
             )
         if owner is not None and (not isinstance(owner, str) or len(owner) > 256):
             raise InvalidArgument("owner must be a string of at most 256 characters")

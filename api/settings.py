@@ -8,6 +8,7 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from statestore.config import StoreConfig
+from statestore_api.session_registry import MAX_TTL, MIN_TTL
 
 #: Head room for everything but X-Handle-Metadata: request line, auth, session and
 #: client headers (a few hundred bytes in practice; a 512-byte name encodes to <= 1.5 KiB).
@@ -43,6 +44,13 @@ class ServiceSettings(StoreConfig):
         description="Idle keep-alive of client connections; keep it above any load "
         "balancer's idle timeout, or pooled clients race the server's close.",
     )
+    max_session_ttl_seconds: int = Field(
+        default=120,
+        ge=MIN_TTL,
+        le=MAX_TTL,
+        description="Longest TTL a REST session may ask for (400 above). The GC grace "
+        "period must be at least this long: the service refuses to start otherwise.",
+    )
     maintenance: bool = Field(
         default=True, description="Run the reconciler, blob GC and compactor in this process."
     )
@@ -72,3 +80,11 @@ class ServiceSettings(StoreConfig):
     def header_limit(self) -> int:
         """The request head limit in force (``max_header_bytes`` or its default)."""
         return self.max_header_bytes if self.max_header_bytes is not None else self._metadata_head
+
+    def _longest_reader_lease(self) -> tuple[int, str]:
+        """REST sessions hold locks too, on leases of up to
+        ``max_session_ttl_seconds``; SDK instances on ``lease_ttl``."""
+        return max(
+            (self.max_session_ttl_seconds, "max_session_ttl_seconds"),
+            super()._longest_reader_lease(),
+        )

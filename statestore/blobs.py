@@ -25,8 +25,10 @@ Failure behaviour:
   effort) and :class:`~statestore.errors.Unavailable` is raised;
 - the data exceeds ``max_size`` or does not match ``expected_sha256``: the
   partial object is deleted and ``TooLarge`` / ``IntegrityError`` is raised;
-- a read whose bytes do not match size and SHA-256: ``IntegrityError`` after
-  the last chunk (an iterator cannot take back chunks already yielded);
+- a read whose bytes do not match size and SHA-256: ``IntegrityError`` in
+  place of the last chunk (``open_read`` holds each chunk back until the next
+  one is read, so a consumer never receives all the bytes of a blob that does
+  not match; it cannot take back the chunks before);
 - delete of a missing blob succeeds (deletes are idempotent).
 """
 
@@ -96,18 +98,20 @@ class BlobEntry:
     mtime: float | None
 
 
-def blob_age(blob_id: str, mtime: float | None, now: float) -> float | None:
-    """Seconds since the blob was started: from the timestamp in its id (see
-    :func:`new_blob_id`), else from the store's mtime; None when unknown."""
-    head = blob_id.split("-", 1)[0]
-    if len(head) == 13 and head.isdigit():
-        return now - int(head) / 1000
-    return None if mtime is None else now - mtime
+def _fsync_dir(path: str) -> None:
+    """fsync a directory, which makes the names in it durable (POSIX: a
+    file's fsync covers its data, not its entry in the directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def new_blob_id() -> str:
-    """A fresh id: a millisecond timestamp (for people reading listings) and
-    128 random bits (for uniqueness)."""
+    """A fresh id: a millisecond timestamp (for people reading listings; on
+    the writer's clock, so the GC never ages a blob by it) and 128 random
+    bits (for uniqueness)."""
     return f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex}"
 
 
@@ -235,12 +239,12 @@ class BlobStore:
             return self.fs.open(path, "wb", block_size=block_size)
         parent = path.rsplit("/", 1)[0]
         if parent not in self._made_dirs:
-            self.fs.makedirs(parent, exist_ok=True)
+            self._make_dirs(parent)
             self._made_dirs.add(parent)
         try:
             return self.fs.open(path, "wb", block_size=block_size)
         except FileNotFoundError:
-            self.fs.makedirs(parent, exist_ok=True)
+            self._make_dirs(parent)
         try:
             return self.fs.open(path, "wb", block_size=block_size)
         except FileNotFoundError as e:  # removed again at once: not the caller's fault
@@ -249,10 +253,35 @@ class BlobStore:
                 "keeps disappearing, check what removes it"
             ) from None
 
-    def _finish(self, f: Any) -> None:
+    def _make_dirs(self, directory: str) -> None:
+        """Make ``directory`` (local file system) and make its entry durable.
+
+        A blob's directory entry is only as durable as the entries of the
+        directories above it: a crash after a commit must not lose a new
+        namespace directory (and with it every committed blob in it,
+        invariant 3). So the parent of every directory that was missing is
+        fsynced, and the directory's own parent always on its first use in
+        this process: another writer may have just made it and not yet
+        fsynced its parent when we commit."""
+        missing, d = [], directory
+        while d and not os.path.isdir(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        self.fs.makedirs(directory, exist_ok=True)
+        parents = {os.path.dirname(m) for m in missing} | {os.path.dirname(directory)}
+        for parent in sorted(parents):  # top down
+            _fsync_dir(parent)
+
+    def _finish(self, f: Any, path: str) -> None:
+        """Complete a write; on a local file system make it durable before the
+        caller commits a handle to it (invariant 3): fsync the file's data,
+        then its directory, which holds the file's name."""
         if self._local:
             f.flush()
-            os.fsync(f.fileno())  # acknowledged state must survive a crash
+            os.fsync(f.fileno())
+            f.close()
+            _fsync_dir(os.path.dirname(path))
+            return
         f.close()
 
     def _discard(self, f: Any, path: str) -> None:
@@ -305,7 +334,7 @@ class BlobStore:
                 f = self._open_write(path)
                 try:
                     f.write(buf)
-                    self._finish(f)
+                    self._finish(f, path)
                 except BaseException:
                     self._discard(f, path)
                     raise
@@ -332,7 +361,7 @@ class BlobStore:
                 h.update(chunk)
                 f.write(chunk)
             info = verify(BlobInfo(self.url_of(path), size, h.hexdigest()))
-            self._finish(f)
+            self._finish(f, path)
         except BaseException:
             self._discard(f, path)
             raise
@@ -386,7 +415,7 @@ class BlobStore:
             if pending:
                 await self._run("write", flush, pending)
             info = verify(BlobInfo(self.url_of(path), size, h.hexdigest()))
-            await self._run("write", self._finish, f)
+            await self._run("write", self._finish, f, path)
         except BaseException:
             await asyncio.shield(self._run("discard", self._discard, f, path))
             raise
@@ -395,26 +424,39 @@ class BlobStore:
     # -- read --------------------------------------------------------------------
 
     async def open_read(self, url: str, size: int, sha256: str) -> AsyncIterator[bytes]:
-        """Yield the blob's chunks; raise IntegrityError at the end on mismatch."""
+        """Yield the blob's chunks, verified: the last chunk is held back
+        until every byte has been hashed and counted.
+
+        A consumer therefore never receives all of a blob's bytes unless they
+        match: on a SHA-256 mismatch, or a blob shorter than ``size``,
+        IntegrityError is raised in place of the last chunk; a blob longer
+        than ``size`` raises as soon as a chunk crosses it. One read ahead
+        keeps at most two chunks in memory. A blob of one chunk is thus
+        verified before its first (only) chunk is yielded."""
         path = self.path_of(url)
         try:
             f = await self._run("open", self._open_read, path)
         except FileNotFoundError:
             raise self._missing(url) from None
         h, seen = hashlib.sha256(), 0
+        held: bytes | None = None
         try:
             while True:
                 chunk = await self._run("read", f.read, self.chunk_size)
                 if not chunk:
                     break
                 seen += len(chunk)
-                h.update(chunk)
-                if seen > size:
+                if seen > size:  # longer than its record: no need to read on
                     break
-                yield chunk
+                h.update(chunk)
+                if held is not None:
+                    yield held
+                held = chunk
         finally:
             await self._run("close", f.close)
         self._verify(url, size, sha256, seen, h.hexdigest())
+        if held is not None:
+            yield held
 
     async def read(self, url: str, size: int, sha256: str) -> bytes:
         """The whole blob, verified. Up to one chunk it is one blocking call
@@ -446,12 +488,18 @@ class BlobStore:
 
     @staticmethod
     def _verify(url: str, size: int, sha256: str, seen: int, digest: str) -> None:
-        if seen != size or digest != sha256:
-            raise IntegrityError(
-                f"the blob {url} does not match its handle (expected {size} bytes with SHA-256 "
-                f"{sha256}, read {seen} bytes with SHA-256 {digest}); the state was "
-                "altered or truncated outside statestore"
-            )
+        """Raise IntegrityError unless ``seen`` bytes with ``digest`` are what
+        the handle records (``seen`` over ``size``: the read stopped early)."""
+        if seen > size:
+            found = f"more than {size} bytes (at least {seen})"
+        elif seen != size or digest != sha256:
+            found = f"{seen} bytes with SHA-256 {digest}"
+        else:
+            return
+        raise IntegrityError(
+            f"the blob {url} does not match its handle (expected {size} bytes with SHA-256 "
+            f"{sha256}, read {found}); the state was altered or truncated outside statestore"
+        )
 
     # -- delete, list, ping ------------------------------------------------------
 
@@ -576,7 +624,7 @@ class BlobStore:
                 f = self._open_write(path)
                 try:
                     f.write(b"statestore readiness probe\n")
-                    self._finish(f)
+                    self._finish(f, path)
                 except BaseException:
                     self._discard(f, path)
                     raise

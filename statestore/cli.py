@@ -174,14 +174,18 @@ def gc(
 
     Connects with the STATESTORE_* settings (as `serve`); safe to run while
     the service runs (every deletion is guarded as in the service's own GC).
+    Queued blobs are aged on this run's own clock (never on the writers'), so
+    when some are queued the run waits out the grace period once, then
+    deletes those it has seen for that long. Orphans are aged on the blob
+    store's clock.
     """
     from rich.progress import Progress
 
     from statestore.config import load_config
-    from statestore.maintenance.gc import gc_pass
+    from statestore.maintenance.gc import GcReport, gc_pass
     from statestore.store import StateHandleStore
 
-    async def run() -> Any:
+    async def run() -> GcReport:
         try:
             cfg = load_config()
         except StateStoreError as e:
@@ -194,12 +198,32 @@ def gc(
                 def progress(ns: str, done: int, total: int) -> None:
                     bar.update(task, total=total, completed=done, description=f"gc {ns}")
 
-                return await gc_pass(
-                    store,
-                    orphan_min_age=cfg.orphan_min_age_seconds,
-                    dry_run=dry_run,
-                    progress=progress,
+                async def one_pass() -> GcReport:
+                    return await gc_pass(
+                        store,
+                        orphan_min_age=cfg.orphan_min_age_seconds,
+                        dry_run=dry_run,
+                        progress=progress,
+                    )
+
+                first = await one_pass()
+                grace = cfg.gc_grace_seconds
+                if dry_run or not first.pending or grace <= 0:
+                    return first
+                bar.update(
+                    task,
+                    total=None,
+                    description=f"{first.pending} queued blob(s) first seen now: waiting "
+                    f"the {grace:g}s grace period (the writers' clocks are not trusted)",
                 )
+                await asyncio.sleep(grace)
+                report = await one_pass()
+                report.deleted += first.deleted
+                report.orphans_found += first.orphans_found
+                report.orphans_deleted += first.orphans_deleted
+                report.uploads_aborted += first.uploads_aborted
+                report.orphans[:0] = first.orphans
+                return report
 
     try:
         report = asyncio.run(run())

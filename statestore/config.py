@@ -94,10 +94,18 @@ class StoreConfig(BaseSettings):
         default=4 * 1024 * 1024, ge=64 * 1024, description="Streaming chunk size."
     )
     gc_grace_seconds: float = Field(
-        default=20.0,
+        default=120.0,
         ge=0,
-        description="How long a blob outlives its handle before deletion (>= lease_ttl: a "
-        "reader whose lock silently expired may still be reading).",
+        description="How long a blob outlives its handle before deletion, on the GC's own "
+        "clock. At least the longest lease a reader may hold (lease_ttl; in the service "
+        "also max_session_ttl_seconds): a reader whose lock silently expired may still be "
+        "reading. Shorter is refused unless allow_short_gc_grace.",
+    )
+    allow_short_gc_grace: bool = Field(
+        default=False,
+        description="Accept a gc_grace_seconds shorter than the longest reader lease (tests "
+        "and drills only): a reader whose lock silently expired can then have its blob "
+        "deleted while it still reads.",
     )
     orphan_min_age_seconds: float = Field(
         default=3600.0,
@@ -176,6 +184,25 @@ class StoreConfig(BaseSettings):
             raise ValueError("etcd_password is set without etcd_username")
         return self
 
+    def _longest_reader_lease(self) -> tuple[int, str]:
+        """The longest lease a reader may hold, and the setting that bounds it:
+        an SDK instance's locks live on its lease (protocol.md s4)."""
+        return self.lease_ttl, "lease_ttl"
+
+    @model_validator(mode="after")
+    def _check_gc_grace(self) -> Self:
+        """protocol.md s4/s5: the grace period covers the longest lease a reader
+        may hold; refuse a shorter one (start-up fails with this message)."""
+        longest, setting = self._longest_reader_lease()
+        if self.gc_grace_seconds < longest and not self.allow_short_gc_grace:
+            raise ValueError(
+                f"gc_grace_seconds ({self.gc_grace_seconds:g} s) is shorter than {setting} "
+                f"({longest} s): a reader whose lock silently expired could still be reading "
+                "a blob the GC deletes (protocol.md s4/s5). Set STATESTORE_GC_GRACE_SECONDS to "
+                f"at least {longest}, or lower STATESTORE_{setting.upper()}"
+            )
+        return self
+
     @property
     def etcd_tls(self) -> bool:
         """Whether etcd is reached over TLS (https endpoints or any TLS file set)."""
@@ -214,7 +241,13 @@ def load_config(cls: type[C] = StoreConfig, **overrides: Any) -> C:  # type: ign
     try:
         return cls(**overrides)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
+        problems = "; ".join(_describe(err) for err in e.errors())
         raise InvalidArgument(f"invalid statestore settings: {problems}") from None
+
+
+def _describe(err: Any) -> str:
+    """One pydantic error as ``setting: message`` (just the message for a
+    check across settings, without pydantic's "Value error, " prefix)."""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {msg}" if where else msg

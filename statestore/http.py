@@ -34,8 +34,11 @@ Behaviour common to both faces:
   server answers with must have the size and SHA-256 of what was sent, else
   ``IntegrityError``.
 - Reads (``read`` / ``open_read``) verify the body against the response's
-  ``X-Content-SHA256``; ``open_read`` can only tell after the last chunk, so it
-  raises ``IntegrityError`` at the end of the iteration.
+  ``X-Content-SHA256``. ``open_read`` holds the last chunk back until the
+  whole body has matched and raises ``IntegrityError`` in its place
+  otherwise, so no caller passes on all the bytes of a state that does not
+  match. A body that ends before its ``Content-Length`` (the server cuts off
+  a state whose blob does not match its handle) is an ``IntegrityError`` too.
 """
 
 from __future__ import annotations
@@ -522,15 +525,23 @@ class _Verifier:
                 "cannot be verified; the server does not follow rest-v1"
             )
         self._expected = expected.strip().lower()
+        self._length = response.headers.get("content-length")
         self._sha = hashlib.sha256()
+        self._held = b""
         self.size = 0
 
-    def update(self, chunk: bytes) -> bytes:
+    def pass_on(self, chunk: bytes) -> bytes:
+        """Hash ``chunk`` and hold it back; returns the chunk held before
+        (``b""`` at first). The last chunk is thus only released by
+        :meth:`finish`, so a caller never passes on every byte of a state
+        that does not match."""
         self._sha.update(chunk)
         self.size += len(chunk)
-        return chunk
+        ready, self._held = self._held, chunk
+        return ready
 
-    def finish(self) -> None:
+    def finish(self) -> bytes:
+        """The held-back last chunk, once the whole body matches."""
         got = self._sha.hexdigest()
         if got != self._expected:
             raise IntegrityError(
@@ -540,13 +551,23 @@ class _Verifier:
                 expected_sha256=self._expected,
                 sha256=got,
             )
+        return self._held
 
+    def cut_off(self, exc: httpx.RemoteProtocolError) -> IntegrityError:
+        """The error for a body that ended before its ``Content-Length``.
 
-def _verified_body(response: httpx.Response) -> bytes:
-    verifier = _Verifier(response)
-    verifier.update(response.content)
-    verifier.finish()
-    return response.content
+        The server ends a state response this way when it finds, mid-stream,
+        that the blob does not match its handle (it cannot change the 200
+        already sent); a connection broken on the way looks the same. Either
+        way the bytes received are not the state."""
+        return IntegrityError(
+            f"{self._what}: the body ended after {self.size} of {self._length or '?'} bytes "
+            f"({exc or 'no detail'}); the server cuts a state off before its last byte when "
+            "the blob does not match its handle (see its log), or the connection broke: "
+            "these bytes are not the state, read it again",
+            expected_sha256=self._expected,
+            received=self.size,
+        )
 
 
 # -- calls ----------------------------------------------------------------------------------
@@ -749,8 +770,11 @@ class _Api:
         path = self._handle_path(name, ns)
         return _Call("GET", path, lambda r: _handle(r).locks, on_error=_empty_if_not_found)
 
-    def state(self, name: str, ns: str | None) -> _Call[bytes]:
-        return _Call("GET", f"{self._handle_path(name, ns)}/state", _verified_body)
+    def state(self, name: str, ns: str | None) -> _Call[None]:
+        """GET of the state bytes. The faces' ``open_read`` streams and
+        verifies the body itself (a body cut off mid-way is an integrity
+        error, not an unreachable server); ``finish`` only maps errors."""
+        return _Call("GET", f"{self._handle_path(name, ns)}/state", _nothing)
 
     def get_and_lock(self, name: str, session_id: str, ns: str | None) -> _Call[RestHandle]:
         headers = request_headers(session_id=session_id)
@@ -1144,14 +1168,16 @@ class StateStoreClient:
 
     def read(self, name: str, *, ns: str | None = None) -> bytes:
         """The state bytes, verified against ``X-Content-SHA256``
-        (``IntegrityError``); ``NotFound``."""
-        return self._send(self._api.state(name, ns))
+        (``IntegrityError``, also for a body the server cut off); ``NotFound``."""
+        return b"".join(self.open_read(name, ns=ns))
 
     def open_read(
         self, name: str, *, ns: str | None = None, chunk_size: int | None = None
     ) -> Iterator[bytes]:
-        """Iterate over the state in chunks as they arrive; ``IntegrityError``
-        after the last chunk if the bytes do not match ``X-Content-SHA256``.
+        """Iterate over the state in chunks as they arrive, the last one held
+        back until the body has matched ``X-Content-SHA256``: on a mismatch,
+        or a body cut off before its ``Content-Length``, ``IntegrityError``
+        comes in its place.
         The request is sent on the first ``next()``; close the iterator (or
         exhaust it) to free the connection."""
         call = self._api.state(name, ns)
@@ -1167,10 +1193,14 @@ class StateStoreClient:
             verifier = _Verifier(response)
             try:
                 for chunk in response.iter_bytes(chunk_size):
-                    yield verifier.update(chunk)
+                    if ready := verifier.pass_on(chunk):
+                        yield ready
+            except httpx.RemoteProtocolError as e:
+                raise verifier.cut_off(e) from e
             except httpx.TransportError as e:
                 raise _unreachable(request, e) from e
-            verifier.finish()
+            if last := verifier.finish():
+                yield last
         finally:
             response.close()
 
@@ -1497,14 +1527,16 @@ class AsyncStateStoreClient:
 
     async def read(self, name: str, *, ns: str | None = None) -> bytes:
         """The state bytes, verified against ``X-Content-SHA256``
-        (``IntegrityError``); ``NotFound``."""
-        return await self._send(self._api.state(name, ns))
+        (``IntegrityError``, also for a body the server cut off); ``NotFound``."""
+        return b"".join([chunk async for chunk in self.open_read(name, ns=ns)])
 
     async def open_read(
         self, name: str, *, ns: str | None = None, chunk_size: int | None = None
     ) -> AsyncIterator[bytes]:
-        """Iterate over the state in chunks as they arrive; ``IntegrityError``
-        after the last chunk if the bytes do not match ``X-Content-SHA256``.
+        """Iterate over the state in chunks as they arrive, the last one held
+        back until the body has matched ``X-Content-SHA256``: on a mismatch,
+        or a body cut off before its ``Content-Length``, ``IntegrityError``
+        comes in its place.
         The request is sent on the first ``__anext__``; wrap the iterator in
         ``contextlib.aclosing`` when leaving the loop early."""
         call = self._api.state(name, ns)
@@ -1520,10 +1552,14 @@ class AsyncStateStoreClient:
             verifier = _Verifier(response)
             try:
                 async for chunk in response.aiter_bytes(chunk_size):
-                    yield verifier.update(chunk)
+                    if ready := verifier.pass_on(chunk):
+                        yield ready
+            except httpx.RemoteProtocolError as e:
+                raise verifier.cut_off(e) from e
             except httpx.TransportError as e:
                 raise _unreachable(request, e) from e
-            verifier.finish()
+            if last := verifier.finish():
+                yield last
         finally:
             await response.aclose()
 

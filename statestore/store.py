@@ -810,7 +810,9 @@ class StateHandleStore:
         return await self._s.blobs.read(h.blob_url, h.size, h.sha256)
 
     async def open_read(self, handle_or_name: Handle | str) -> AsyncIterator[bytes]:
-        """The state as chunks; ``IntegrityError`` after the last chunk on mismatch."""
+        """The state as chunks, the last one held back until the whole blob is
+        verified: on a size or SHA-256 mismatch ``IntegrityError`` comes in
+        its place, so a consumer never receives every byte of a bad blob."""
         h = await self._resolve_handle(handle_or_name)
         async for chunk in self._s.blobs.open_read(h.blob_url, h.size, h.sha256):
             yield chunk

@@ -162,7 +162,11 @@ def namespace() -> str:
 @pytest.fixture
 def make_config(etcd: EtcdProcess, tmp_path: Path, namespace: str) -> Callable[..., StoreConfig]:
     """``make_config(**overrides)``: a ``StoreConfig`` on the session etcd, with
-    blobs under this test's ``tmp_path`` and this test's ``namespace``."""
+    blobs under this test's ``tmp_path`` and this test's ``namespace``.
+
+    A test that sets ``gc_grace_seconds`` also gets ``allow_short_gc_grace``
+    (unless it says otherwise): it shortens the grace period to see blobs
+    collected quickly, with no reader outliving its lock."""
 
     def factory(**overrides: Any) -> StoreConfig:
         settings: dict[str, Any] = {
@@ -172,6 +176,8 @@ def make_config(etcd: EtcdProcess, tmp_path: Path, namespace: str) -> Callable[.
             "lease_ttl": DEFAULT_TEST_LEASE_TTL,
         }
         settings.update(overrides)
+        if "gc_grace_seconds" in overrides:
+            settings.setdefault("allow_short_gc_grace", True)
         return StoreConfig(**settings)
 
     return factory
@@ -184,11 +190,14 @@ def service_factory(
     """``service_factory(**env)``: start a real ``statestore serve`` on the session
     etcd (blobs in a temp dir unless ``STATESTORE_BLOB_ROOT`` is given), wait
     until it answers, stop it at teardown. Extra keyword arguments are
-    ``STATESTORE_*`` settings without the prefix, e.g. ``auth_tokens_file=...``."""
+    ``STATESTORE_*`` settings without the prefix, e.g. ``auth_tokens_file=...``;
+    ``gc_grace_seconds`` brings ``allow_short_gc_grace`` (as ``make_config``)."""
     started: list[ServiceProcess] = []
     base = tmp_path_factory.mktemp("service")
 
     def factory(workers: int = 1, **settings: Any) -> ServiceProcess:
+        if "gc_grace_seconds" in settings:
+            settings.setdefault("allow_short_gc_grace", True)
         env = {
             "STATESTORE_ETCD_ENDPOINTS": etcd.endpoint,
             "STATESTORE_BLOB_ROOT": f"file://{base}/blobs",

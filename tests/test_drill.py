@@ -51,10 +51,12 @@ MARKER = "DRILL_TEST_RUN_MARKER"
 
 def drill_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     """The parent's environment without ``STATESTORE_*``, plus ``settings``
-    (``STATESTORE_*`` names), a 1 s blob grace period, a private TMPDIR and a
-    marker that identifies this run's processes."""
+    (``STATESTORE_*`` names), a 1 s blob grace period (shorter than any lease:
+    allowed explicitly), a private TMPDIR and a marker that identifies this
+    run's processes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
     env["STATESTORE_GC_GRACE_SECONDS"] = "1"
+    env["STATESTORE_ALLOW_SHORT_GC_GRACE"] = "true"
     env.update(settings)
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
@@ -404,6 +406,7 @@ def test_service_without_maintenance_fails_lease_expiry(etcd_factory, tmp_path: 
             "STATESTORE_BLOB_ROOT": f"file://{tmp_path}/service-blobs",
             "STATESTORE_MAINTENANCE": "false",
             "STATESTORE_GC_GRACE_SECONDS": "1",
+            "STATESTORE_ALLOW_SHORT_GC_GRACE": "true",
         },
         tmp_path / "service.log",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,8 +34,9 @@ from statestore import StateHandleStore, StoreConfig
 from statestore.blobs import new_blob_id
 from statestore.errors import AlreadyExists, NotFound, StateStoreError
 from statestore.keys import encode, prefix_end
-from statestore.maintenance.gc import collect_due, gc_pass
+from statestore.maintenance.gc import Sightings, collect_due, gc_pass
 from statestore.maintenance.reconciler import RemovalReconciler
+from statestore.records import GcEntry
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = 64 * 1024  # the smallest streaming chunk: partial blobs reach the disk early
@@ -316,7 +318,12 @@ async def test_collect_due_waits_for_the_grace_period(
     due_at = float(entry["queued_at"]) + grace
     assert entry["blob_url"] == first.blob_url
 
-    dry = await collect_due(store, dry_run=True, now=due_at + 1)
+    # A dry run counts what is due on its sweeper's clock, and deletes nothing.
+    clock = [0.0]
+    sweeper = Sightings(lambda: clock[0])
+    assert (await collect_due(store, dry_run=True, sightings=sweeper)).deleted == 0
+    clock[0] += grace
+    dry = await collect_due(store, dry_run=True, sightings=sweeper)
     assert dry.deleted == 1 and (directory / first.blob_id).exists(), "dry run deleted"
 
     passes = 0
@@ -337,7 +344,8 @@ async def test_collect_due_waits_for_the_grace_period(
     assert await store.etcd.get(store.keys.gc(first.blob_id)) is None, "gc entry left behind"
     # The handle's current blob is never touched, however often the GC runs.
     for _ in range(3):
-        assert (await collect_due(store, now=time.time() + 3600)).deleted == 0
+        clock[0] += 3600
+        assert (await collect_due(store, sightings=sweeper)).deleted == 0
     assert (directory / second.blob_id).exists()
     assert await store.read("chk") == b"second"
 
@@ -351,6 +359,143 @@ async def test_collect_due_waits_for_the_grace_period(
 
     await async_wait_until(collected, grace + 5, interval=0.1, message="removed blob kept")
     assert blob_files(directory) == set()
+
+
+# -- (c') ages run on clocks the writer does not control (protocol.md s5) ------------
+
+#: A writer whose clock is an hour off writes its times an hour off.
+WRITER_SKEW = pytest.mark.parametrize(
+    "skew", [-3600.0, 3600.0], ids=["written-1h-in-the-past", "written-1h-in-the-future"]
+)
+
+
+@WRITER_SKEW
+async def test_grace_period_runs_on_the_sweepers_clock_not_the_writers(
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+    tmp_path: Path,
+    namespace: str,
+    skew: float,
+) -> None:
+    """The gc entry's ``queued_at`` is an hour off: the blob is still deleted
+    no earlier than the grace period after the sweeper first saw the entry,
+    and no later than a few passes after that."""
+    grace = 1.5
+    store = await open_store(make_config(root=unique_root(), gc_grace_seconds=grace))
+    directory = blob_dir(tmp_path, namespace)
+    first = await store.add_and_lock("chk", b"first")
+    await store.replace("chk", first.version, b"second")
+    key = store.keys.gc(first.blob_id)
+    kv = await store.etcd.get(key)
+    assert kv is not None
+    entry = GcEntry.decode(kv.value)
+    await store.etcd.put(key, dataclasses.replace(entry, queued_at=entry.queued_at + skew).encode())
+
+    watching_since = time.monotonic()  # the sweeper's first sighting is after this
+    while True:
+        result = await collect_due(store)
+        watched = time.monotonic() - watching_since
+        if result.deleted:
+            break
+        assert (directory / first.blob_id).exists(), "queued blob gone without collect_due"
+        assert watched < grace + 5, f"not collected {watched:.1f}s after the sweeper saw it"
+        await asyncio.sleep(0.05)
+    assert watched >= grace, (
+        f"deleted {watched:.2f}s after the sweeper first saw its entry, before the {grace}s "
+        f"grace period: the writer's queued_at ({skew:+.0f}s) decided"
+    )
+    assert not (directory / first.blob_id).exists()
+    assert await store.etcd.get(key) is None
+
+
+async def test_a_restarted_sweeper_starts_the_grace_period_again(
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+    tmp_path: Path,
+    namespace: str,
+) -> None:
+    """Sightings live in the sweeper's memory: a new sweeper (a restart) has
+    seen nothing yet, so it waits a whole grace period (later, never sooner)."""
+    grace = 60.0
+    store = await open_store(make_config(root=unique_root(), gc_grace_seconds=grace))
+    first = await store.add_and_lock("chk", b"first")
+    await store.replace("chk", first.version, b"second")
+    clock = [1000.0]
+    before_restart = Sightings(lambda: clock[0])
+    assert (await collect_due(store, sightings=before_restart)).pending == 1
+    clock[0] += grace - 1
+    after_restart = Sightings(lambda: clock[0])
+    for sweeper in (before_restart, after_restart):
+        assert (await collect_due(store, sightings=sweeper)).deleted == 0
+    clock[0] += 1  # the first sweeper has now watched it for the grace period
+    assert (await collect_due(store, sightings=after_restart)).deleted == 0
+    assert (blob_dir(tmp_path, namespace) / first.blob_id).exists()
+    clock[0] += grace
+    assert (await collect_due(store, sightings=after_restart)).deleted == 1
+
+
+def skewed_blob_id(skew: float) -> str:
+    """A blob id as a writer whose clock is ``skew`` seconds off makes it."""
+    return f"{int((time.time() + skew) * 1000):013d}-{uuid.uuid4().hex}"
+
+
+@WRITER_SKEW
+async def test_orphan_age_runs_on_the_blob_stores_clock_not_the_blob_id(
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+    tmp_path: Path,
+    namespace: str,
+    skew: float,
+) -> None:
+    """An orphan whose id says it was started an hour off: a one-shot sweep
+    (no sightings) goes by the blob store's modification time, so the blob is
+    swept once it is ``min_age`` old there, not before and not an hour late."""
+    min_age = 1.5
+    store = await open_store(make_config(root=unique_root()))
+    await store.add_and_lock("chk", b"state")
+    orphan = blob_dir(tmp_path, namespace) / skewed_blob_id(skew)
+    written = time.monotonic()
+    orphan.write_bytes(b"nobody's")
+    while True:
+        report = await gc_pass(store, orphan_min_age=min_age)
+        age = time.monotonic() - written
+        if not orphan.exists():
+            break
+        assert report.orphans == [], report
+        assert age < min_age + 5, f"orphan not swept {age:.1f}s after it was written"
+        await asyncio.sleep(0.05)
+    assert age >= min_age, (
+        f"swept {age:.2f}s after it was written, before the minimum age of {min_age}s: "
+        f"the timestamp in its id ({skew:+.0f}s) decided"
+    )
+    assert report.orphans_deleted == 1 and report.orphans[0].endswith(orphan.name), report
+    assert await store.read("chk") == b"state"
+
+
+async def test_a_running_sweeper_caps_orphan_ages_at_its_own_sightings(
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+    tmp_path: Path,
+    namespace: str,
+) -> None:
+    """The blob store's clock says an hour (its clock, or the sweeper's wall
+    clock, jumped): a sweeper that keeps sightings still waits ``min_age``
+    from its first sighting of the orphan."""
+    min_age = 1.5
+    store = await open_store(make_config(root=unique_root()))
+    await store.add_and_lock("chk", b"state")
+    orphan = blob_dir(tmp_path, namespace) / skewed_blob_id(-3600)
+    orphan.write_bytes(b"nobody's")
+    an_hour_ago = time.time() - 3600
+    os.utime(orphan, (an_hour_ago, an_hour_ago))
+    sweeper = Sightings()
+    watching_since = time.monotonic()
+    while orphan.exists():
+        watched = time.monotonic() - watching_since
+        assert watched < min_age + 5, "orphan never swept"
+        await gc_pass(store, orphan_min_age=min_age, sightings=sweeper)
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - watching_since >= min_age, "swept before the sweeper saw it age"
 
 
 @pytest.mark.parametrize(
@@ -375,7 +520,7 @@ async def test_an_unreadable_gc_entry_stays_and_the_others_are_collected(
     unreadable = store.keys.gc(new_blob_id())
     await store.etcd.put(unreadable, garbage)
 
-    result = await collect_due(store, now=time.time() + 1)
+    result = await collect_due(store)
     assert (result.deleted, result.pending) == (1, 1), result
     assert not (blob_dir(tmp_path, namespace) / first.blob_id).exists()
     assert await store.etcd.get(store.keys.gc(first.blob_id)) is None
@@ -716,6 +861,31 @@ async def test_s3_crashed_first_writers_multipart_upload_is_aborted(
 # -- (f) the CLI ------------------------------------------------------------------
 
 
+def gc_cli(cfg: StoreConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    """``statestore gc *args`` with ``cfg``'s etcd, roots, grace period and
+    no minimum orphan age."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
+    env.update(
+        STATESTORE_ETCD_ENDPOINTS=",".join(cfg.etcd_endpoints),
+        STATESTORE_BLOB_ROOT=cfg.blob_root,
+        STATESTORE_ROOT=cfg.root,
+        STATESTORE_ORPHAN_MIN_AGE_SECONDS="0",
+        STATESTORE_GC_GRACE_SECONDS=str(cfg.gc_grace_seconds),
+        STATESTORE_ALLOW_SHORT_GC_GRACE="true",
+        COLUMNS="1000",
+        TERM="dumb",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "statestore.cli", "gc", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 async def test_gc_cli_dry_run_then_real_run(
     make_config: Callable[..., StoreConfig],
     open_store: OpenStore,
@@ -729,27 +899,9 @@ async def test_gc_cli_dry_run_then_real_run(
     current = await store.replace("chk", first.version, b"v2")  # queues first's blob
     orphan = directory / new_blob_id()  # as left by an unresolved ambiguous commit
     orphan.write_bytes(b"nobody's state")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
-    env.update(
-        STATESTORE_ETCD_ENDPOINTS=",".join(cfg.etcd_endpoints),
-        STATESTORE_BLOB_ROOT=cfg.blob_root,
-        STATESTORE_ROOT=cfg.root,
-        STATESTORE_ORPHAN_MIN_AGE_SECONDS="0",
-        STATESTORE_GC_GRACE_SECONDS="0",
-        COLUMNS="1000",
-        TERM="dumb",
-    )
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "statestore.cli", "gc", *args],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return gc_cli(cfg, *args)
 
     dry = await asyncio.to_thread(cli, "--dry-run")
     out = dry.stdout + dry.stderr
@@ -771,4 +923,28 @@ async def test_gc_cli_dry_run_then_real_run(
     assert not (directory / first.blob_id).exists(), "queued blob not deleted"
     assert await store.etcd.get(store.keys.gc(first.blob_id)) is None
     assert blob_files(directory) == {current.blob_id}
+    assert await store.read("chk") == b"v2"
+
+
+async def test_gc_cli_waits_out_the_grace_period_of_what_it_sees_queued(
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+    tmp_path: Path,
+    namespace: str,
+) -> None:
+    """A one-shot run has seen no gc entry before and trusts no writer's
+    ``queued_at``: it waits the grace period once, then deletes the blob."""
+    grace = 1.5
+    cfg = make_config(root=unique_root(), gc_grace_seconds=grace)
+    store = await open_store(cfg)
+    first = await store.add_and_lock("chk", b"v1")
+    await store.replace("chk", first.version, b"v2")  # queues first's blob
+    started = time.monotonic()
+    run = await asyncio.to_thread(gc_cli, cfg)
+    took = time.monotonic() - started
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "reclaimed 1 queued blob(s) and 0 orphan(s); 0 queued blob(s) still in" in out, out
+    assert took >= grace, f"reclaimed after {took:.2f}s, within the {grace}s grace period"
+    assert not (blob_dir(tmp_path, namespace) / first.blob_id).exists()
     assert await store.read("chk") == b"v2"

@@ -84,7 +84,7 @@ def test_listing_across_compactions_is_200_and_consistent(
     svc = service_factory(etcd_endpoints=member.endpoint, etcd_page_size=1, maintenance=False)
     names = [f"chk-{i:03d}" for i in range(30)]
     with client(svc.url) as c:
-        sid = new_session(c, ttl=600)  # outlives the test: its locks are part of the check
+        sid = new_session(c, ttl=120)  # outlives the test: its locks are part of the check
         for n in names:
             r = c.put(hpath(namespace, n), content=n.encode(), headers={"X-Session-Id": sid})
             assert r.status_code == 201, r.text

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -181,6 +182,35 @@ def test_service_completes_removals_collects_blobs_and_compacts(
     )
     gp = layout.gc_prefix
     assert raw(etcd.endpoint, lambda c: c.count(gp, prefix_end(gp))) == 0
+
+
+def test_service_gc_ages_an_orphan_from_its_own_first_sighting(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path, namespace: str
+) -> None:
+    """protocol.md s5: ages are measured on clocks the writer does not
+    control. An orphan whose blob id (the writer's clock) and modification
+    time both say an hour: the service's GC, which keeps its own sightings,
+    still sweeps it only once it has seen it for the minimum age."""
+    min_age = 3
+    blobs = tmp_path / "blobs"
+    svc = service_factory(
+        root=f"/t-{uuid.uuid4().hex}",
+        blob_root=f"file://{blobs}",
+        gc_interval_seconds=0.2,
+        orphan_min_age_seconds=min_age,
+        lease_ttl=SERVICE_LEASE_TTL,
+    )
+    wait_until(lambda: metric(svc, "statestore_maintenance_leader") == 1, 10)
+    orphan = blobs / encode(namespace) / old_blob_id(age=3600)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    created = time.monotonic()
+    orphan.write_bytes(b"nobody's")
+    an_hour_ago = time.time() - 3600
+    os.utime(orphan, (an_hour_ago, an_hour_ago))
+    wait_until(lambda: not orphan.exists(), min_age + 10, message="orphan never swept")
+    swept = time.monotonic() - created
+    print(f"\norphan that claimed to be an hour old swept {swept:.2f}s after it appeared")
+    assert swept >= min_age, f"swept {swept:.2f}s after it appeared, before the {min_age}s minimum"
 
 
 def test_pending_removals_metric_counts_a_waiting_removal(

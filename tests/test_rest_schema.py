@@ -96,7 +96,7 @@ def api_schema(rest_service: ServiceProcess) -> schemathesis.BaseSchema:
 @pytest.fixture
 def live_session(rest_service: ServiceProcess) -> Iterator[str]:
     with httpx.Client(base_url=rest_service.url, trust_env=False, timeout=10) as client:
-        r = client.post("/v1/sessions", json={"ttl_seconds": 300, "owner": "schemathesis"})
+        r = client.post("/v1/sessions", json={"ttl_seconds": 120, "owner": "schemathesis"})
         assert r.status_code == 201, r.text
         sid = str(r.json()["session_id"])
         yield sid

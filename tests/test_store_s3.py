@@ -243,3 +243,35 @@ async def test_tampered_s3_object_is_an_integrity_error(
     with pytest.raises(IntegrityError):
         async for _ in store.open_read(h):
             pass
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_flip_last_byte, lambda b: b[:7] + bytes([b[7] ^ 1]) + b[8:], lambda b: b[:-1]],
+    ids=["flipped-last-byte", "flipped-early-byte", "truncated"],
+)
+async def test_open_read_of_a_tampered_s3_object_never_yields_every_byte(
+    make_config: Callable[..., StoreConfig],
+    open_store: Any,
+    s3_bucket: tuple[str, dict[str, Any]],
+    s3: Any,
+    damage: Callable[[bytes], bytes],
+) -> None:
+    """The last chunk is held back until the whole object verified: a reader
+    gets fewer bytes than the state, then IntegrityError, never all of them."""
+    bucket, options = s3_bucket
+    store = await open_store(
+        make_config(
+            blob_root=f"s3://{bucket}/ckpt", storage_options=options, blob_chunk_size=64 * KiB
+        )
+    )
+    data = b"".join(chunks(b"held back", 300 * KiB + 99, 64 * KiB))
+    h = await store.add_and_lock("t", data)
+    key = object_key(bucket, h.blob_url)
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=key, Body=damage(body))
+    got = 0
+    with pytest.raises(IntegrityError, match="does not match its handle"):
+        async for c in store.open_read(h):
+            got += len(c)
+    assert got <= len(data) - 99, f"open_read yielded {got} of {len(data)} bytes before raising"

@@ -7,6 +7,7 @@ back, so memory stays bounded whatever the state's size.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -14,8 +15,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from statestore.errors import StateStoreError
 from statestore_api.auth import Role
-from statestore_api.problems import ApiError, problem
+from statestore_api.problems import ApiError, ResponseAborted, problem
 from statestore_api.service import (
     SMALL_BODY,
     FencingHeader,
@@ -27,6 +29,8 @@ from statestore_api.service import (
     path_namespace,
     state_body,
 )
+
+log = logging.getLogger("statestore.api")
 
 router = APIRouter(prefix="/v1/namespaces/{ns}/handles", tags=["handles"])
 
@@ -128,10 +132,15 @@ async def get_state(ns: str, name: str, request: Request, svc: Svc) -> Response:
     """The exact state bytes, with ``Content-Length`` and ``X-Content-SHA256``.
 
     Up to 1 MiB the state is read and verified before answering (a mismatch
-    is a 502 problem). Larger states stream; the first chunk is read before
-    answering, so a missing blob is still a proper 502, and a mismatch found
-    at the end aborts the stream (the client sees fewer bytes than
-    ``Content-Length``)."""
+    is a 502 problem). Larger states stream, and the store's ``open_read``
+    holds the last chunk back until the whole blob is verified (size and
+    SHA-256). So a state of one chunk is still verified before answering (a
+    mismatch or missing blob is a 502), and a mismatch found later ends the
+    response as an error before its last byte: the connection is dropped,
+    the client receives fewer bytes than ``Content-Length`` (and, were the
+    body chunked, no terminating chunk), never a complete 200 with wrong
+    bytes. Each such abort is logged and counted in
+    ``statestore_state_streams_aborted_total``."""
     ns, name = path_namespace(ns), path_name(name)
     svc.authorize(request, ns, Role.read)
     store = svc.store(ns)
@@ -147,10 +156,26 @@ async def get_state(ns: str, name: str, request: Request, svc: Svc) -> Response:
         first = b""
 
     async def stream() -> AsyncIterator[bytes]:
-        if first:
-            yield first
-        async for chunk in chunks:
-            yield chunk
+        sent = 0
+        try:
+            if first:
+                sent += len(first)
+                yield first
+            async for chunk in chunks:
+                sent += len(chunk)
+                yield chunk
+        except StateStoreError as e:  # the status line is out: all that is left is to abort
+            svc.metrics.state_streams_aborted.labels(e.kind).inc()
+            log.error(
+                "GET state of %r in namespace %r aborted after %d of %d bytes: %s",
+                name,
+                ns,
+                sent,
+                h.size,
+                e,
+                extra={"request_id": request.state.request_id},
+            )
+            raise ResponseAborted(e.message) from e
 
     return StreamingResponse(stream(), media_type="application/octet-stream", headers=headers)
 

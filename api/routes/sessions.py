@@ -9,13 +9,17 @@ from statestore.errors import SessionExpired
 from statestore.keys import RootLayout, decode
 from statestore_api.auth import Role
 from statestore_api.service import Svc
-from statestore_api.session_registry import MAX_TTL, MIN_TTL
+from statestore_api.session_registry import MIN_TTL
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 
 class SessionRequest(BaseModel):
-    ttl_seconds: int = Field(default=10, description=f"Lease TTL, {MIN_TTL}..{MAX_TTL} seconds.")
+    ttl_seconds: int = Field(
+        default=10,
+        description=f"Lease TTL in seconds, from {MIN_TTL} to the service's "
+        "STATESTORE_MAX_SESSION_TTL_SECONDS (400 above).",
+    )
     owner: str | None = Field(default=None, max_length=256, description="Who holds it (free text).")
 
 

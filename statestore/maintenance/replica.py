@@ -20,7 +20,7 @@ from statestore.election import LeaderElection
 from statestore.errors import StateStoreError
 from statestore.keys import RootLayout
 from statestore.maintenance.compactor import Compactor
-from statestore.maintenance.gc import gc_pass
+from statestore.maintenance.gc import Sightings, gc_pass
 from statestore.maintenance.reconciler import RemovalReconciler
 from statestore.session import Session
 from statestore.store import StoreBackend
@@ -55,6 +55,9 @@ class Maintenance:
         )
         self.gc_interval = gc_interval
         self.orphan_min_age = orphan_min_age
+        #: The GC's own clock for ages (see gc.py): kept across passes and
+        #: leadership changes of this replica, lost (only delaying) on restart.
+        self.sightings = Sightings()
         self.blobs_reclaimed = 0
         self.orphans_found = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -116,7 +119,10 @@ class Maintenance:
                 # The GC reuses its listing of the root to find the namespaces.
                 _, root_keys = await self.reconciler.resync()
                 report = await gc_pass(
-                    self._store, orphan_min_age=self.orphan_min_age, root_keys=root_keys
+                    self._store,
+                    orphan_min_age=self.orphan_min_age,
+                    root_keys=root_keys,
+                    sightings=self.sightings,
                 )
                 self.blobs_reclaimed += report.deleted + report.orphans_deleted
                 self.orphans_found += report.orphans_found
