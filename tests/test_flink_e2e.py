@@ -50,7 +50,8 @@ class Deployment:
         self.env = {
             "STATESTORE_HOME": str(base / "statestore"),
             "STATESTORE_AUTH_TOKENS_FILE": str(base / "tokens.json"),
-            "STATESTORE_GC_GRACE_SECONDS": "3",
+            "STATESTORE_GC_GRACE_SECONDS": "10",
+            "STATESTORE_MAX_SESSION_TTL_SECONDS": "10",
             "STATESTORE_GC_INTERVAL_SECONDS": "2",
         }
         self.port = free_port()
