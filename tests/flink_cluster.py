@@ -49,7 +49,9 @@ JAVA_OPTS = (
 
 
 def check_built() -> None:
-    missing = [p for p in (FLINK_HOME / "bin" / "jobmanager.sh", PLUGIN_JAR, JOB_JAR) if not p.exists()]
+    missing = [
+        p for p in (FLINK_HOME / "bin" / "jobmanager.sh", PLUGIN_JAR, JOB_JAR) if not p.exists()
+    ]
     if missing:
         raise AssertionError(f"{missing} missing: run `make flink-plugin` (part of `make test`)")
 
@@ -191,19 +193,25 @@ def submit(jm: FlinkProcess, job_id: str, out: Path, *args: str) -> str:
     """Uploads the job jar to ``jm`` and runs it with job id ``job_id``; returns the job id."""
     with httpx.Client(base_url=jm.rest_url, timeout=60, trust_env=False) as c:
         with open(JOB_JAR, "rb") as f:
-            r = c.post("/jars/upload", files={"jarfile": (JOB_JAR.name, f, "application/x-java-archive")})
+            r = c.post(
+                "/jars/upload", files={"jarfile": (JOB_JAR.name, f, "application/x-java-archive")}
+            )
         r.raise_for_status()
         jar_id = Path(r.json()["filename"]).name
         r = c.post(
             f"/jars/{jar_id}/run",
-            json={"entryClass": JOB_CLASS, "programArgsList": ["--out", str(out), *args], "jobId": job_id},
+            json={
+                "entryClass": JOB_CLASS,
+                "programArgsList": ["--out", str(out), *args],
+                "jobId": job_id,
+            },
         )
         assert r.status_code == 200, r.text
         return r.json()["jobid"]
 
 
 def read_output(out: Path, keys: int = 3) -> list[tuple[int, int, int]]:
-    """The job's "n,key,count" lines; asserts state continuity: count == n // keys + 1 for every line."""
+    """The job's "n,key,count" lines; asserts state continuity (count == n // keys + 1)."""
     rows = []
     if not out.exists():
         return rows
@@ -213,7 +221,9 @@ def read_output(out: Path, keys: int = 3) -> list[tuple[int, int, int]]:
             continue  # a line being written
         n, key, count = (int(x) for x in parts)
         assert key == n % keys, line
-        assert count == n // keys + 1, f"state lost or doubled: {line} (expected count {n // keys + 1})"
+        assert count == n // keys + 1, (
+            f"state lost or doubled: {line} (expected count {n // keys + 1})"
+        )
         rows.append((n, key, count))
     return rows
 
