@@ -147,7 +147,8 @@ def _openapi(app: FastAPI) -> dict[str, object]:
             "status": {"type": "integer"},
             "detail": {"type": "string"},
             "holders": {"type": "array", "items": {"type": "string"}},
-            "leader": {"type": "string"},
+            # not-leader: who leads (null when nobody does)
+            "leader": {"type": ["string", "null"]},
         },
         "additionalProperties": True,
     }

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import unquote
 
 from fastapi import Depends, Header, Request
+from starlette.requests import ClientDisconnect
 
 from statestore.data import MAX_INT64
 from statestore.election import fence_for_token, instance_fence
 from statestore.errors import SessionExpired
 from statestore.handle import Handle, metadata_too_deep
-from statestore.keys import validate_name, validate_namespace
+from statestore.keys import validate_info_key, validate_name, validate_namespace
 from statestore.maintenance.replica import Maintenance
 from statestore.store import SMALL_DATA, FixedLease, StateHandleStore, StoreBackend
 from statestore_api.auth import Authorizer, Caller, Role
@@ -23,8 +25,7 @@ from statestore_api.problems import ApiError
 from statestore_api.session_registry import SessionInfo, SessionRegistry
 from statestore_api.settings import ServiceSettings
 
-#: Identity used for calls that take no lock (reads); never owns a lock key.
-READER = "reader"
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Service:
         """A store acting as ``session`` (or as a lock-less reader), fenced when
         the request carries ``X-Fencing-Token`` (by the session's own leader key)."""
         if session is None:
-            store = self.backend.store(namespace, READER, FixedLease(0))
+            store = self.backend.reader(namespace)
         else:
             store = self.backend.store(namespace, session.session_id, FixedLease(session.lease_id))
         raw = request.headers.get("x-fencing-token") if request is not None else None
@@ -109,7 +110,7 @@ class Service:
         (counter writes), by the leader key the token was issued for (see
         :func:`statestore.election.fence_for_token`: no such key -> every
         write raises ``Fenced`` before any txn, so nothing changes)."""
-        store = self.backend.store(namespace, READER, FixedLease(0))
+        store = self.backend.reader(namespace)
         return store.with_fencing(await fence_for_token(store, fencing_token(raw_token)))
 
 
@@ -141,6 +142,69 @@ def path_name(raw: str) -> str:
 
 def path_namespace(raw: str) -> str:
     return validate_namespace(unquote(raw, errors="strict"))
+
+
+def path_info_key(raw: str) -> str:
+    """A leader info key from its path segment (the handle name rules)."""
+    return validate_info_key(unquote(raw, errors="strict"))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def json_value_body(request: Request, limit: int, what: str) -> Any:
+    """The request body as one JSON value (any: object, array, string, number,
+    boolean, null): 413 ``too-large`` when it is over ``limit`` bytes (by
+    ``Content-Length`` before reading, else counted as it arrives, so memory
+    stays bounded), 400 when it is not JSON (``NaN`` and ``Infinity`` are not)."""
+    length = request.headers.get("content-length")
+    too_large = ApiError(
+        413, "too-large", f"{what} is over the limit of {limit} bytes of JSON; send less"
+    )
+    if length and length.isascii() and length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return json.loads(bytes(body), parse_constant=_no_constant)
+    except ValueError as e:
+        raise ApiError(400, "invalid-argument", f"{what} is not a JSON value: {e}") from None
+    except RecursionError:  # the parser recursed past Python's limit (~1,000 levels)
+        raise metadata_too_deep(what) from None
+
+
+async def until_client_gone(request: Request) -> None:
+    """Return once the client of ``request`` has disconnected: the ASGI
+    server answers ``receive()`` with ``http.disconnect`` then. Only for
+    handlers that have read their whole body (or take none)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_gone(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result, unless the client disconnects first: ``work`` is
+    then cancelled and awaited (so its own cleanup, such as withdrawing a
+    candidacy, is done before the handler ends) and ``ClientDisconnect``
+    raised (logged as 499). A handler that is cancelled itself cancels
+    ``work`` the same way. For handlers that wait long (``POST
+    .../leader?wait=``): the ASGI server does not cancel a handler whose
+    client went away, it only notices when the answer is sent."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(until_client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise ClientDisconnect()
+    return task.result()
 
 
 #: State bodies up to this size (with a declared length) are read whole, larger

@@ -25,10 +25,49 @@ caller with no key of its own, by finding the key the token was issued for.
 Either way a token that is not the current leadership fails the compare (or,
 when no key has it, raises ``Fenced`` before any txn), so nothing changes.
 
+Leader info (rest-v1.md "Leadership with info"): the leader publishes small
+JSON values for followers (its address, ...), one key per entry, under
+``<ns>/leader-info/<key>``, a sibling of ``leader/`` so that every range over
+the candidates sees candidates only:
+
+- :meth:`LeaderElection.publish_info` / :meth:`~LeaderElection.remove_info`:
+  one read txn (the candidates, and for a publish the info keys), then ONE
+  write txn ``If(create(own key) == token, create(every candidate) >= token
+  [, mod(every info key) <= read revision]) Then(put the entry on the
+  leader key's lease | delete it) Else(get candidates)``: the leadership
+  compares are the very ones every fenced write carries
+  (:func:`~statestore.store.leadership_compares`); the ``mod`` compare
+  makes the entry limit exact under concurrent publishes. The record
+  (:class:`~statestore.records.LeaderInfo`) also carries the token.
+- an entry hangs on the leader key's lease, so lease expiry (REST: session
+  deleted or not kept alive) deletes it in the revision that deletes the
+  leader key; :meth:`~LeaderElection.resign` deletes the key and the whole
+  info prefix in ONE txn. The info never outlives its leadership, not even
+  by one revision, and :func:`leadership_of` pairs entries only with the
+  token they carry.
+- limits: keys follow the name rules, a value is plain JSON of at most
+  :data:`MAX_INFO_VALUE_BYTES` (compact UTF-8), a leadership publishes at
+  most :data:`MAX_INFO_ENTRIES` entries (every ``GET .../leader`` and every
+  leader event of the watch carries all of them: 256 x 16 KiB = 4 MiB at
+  most).
+
+Campaigns that are cancelled (REST: the client of a waiting ``POST
+.../leader?wait=`` went away) or fail withdraw the candidacy they created,
+shielded from the cancellation, before the cancellation goes on: a stale
+candidacy would otherwise make its session leader later without anyone
+knowing.
+
 Failure cases:
 
 - campaign times out: the candidate's key is deleted and ``NotLeader`` is
   raised, naming the current leader;
+- campaign cancelled or failing while it waits: the key it put is deleted
+  (best effort when etcd does not answer: it then expires with the lease);
+- ``publish_info`` / ``remove_info`` by an instance that does not lead (or
+  no longer does): ``NotLeader`` naming the current leader (``leader`` is
+  ``None`` when nobody leads), nothing written; a bad key or value:
+  ``InvalidArgument``; a value over the size limit or an entry over the
+  count limit: ``TooLarge``;
 - the lease is lost (``SessionExpired`` from etcd, or the keepalive found it
   gone): the key went with it; ``token`` becomes None at once and the loss
   is logged; campaign again to lead;
@@ -45,13 +84,31 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from statestore.errors import NotLeader, SessionExpired, StateStoreError, Unavailable
-from statestore.etcd import KV, Txn
-from statestore.keys import Layout, prefix_end
+from statestore.errors import (
+    InvalidArgument,
+    NotLeader,
+    SessionExpired,
+    StateStoreError,
+    TooLarge,
+    Unavailable,
+)
+from statestore.etcd import KV, Txn, TxnResult
+from statestore.handle import encode_plain_json
+from statestore.keys import Layout, prefix_end, validate_info_key
 from statestore.records import LeaderInfo, MalformedRecord, decode_holder, encode_holder
-from statestore.store import StateHandleStore, TokenFence
+from statestore.store import StateHandleStore, TokenFence, leadership_compares
 
 log = logging.getLogger(__name__)
+
+#: Largest leader info value: its compact JSON, in UTF-8 (rest-v1.md: 16 KiB).
+MAX_INFO_VALUE_BYTES = 16 * 1024
+#: Most info entries one leadership may publish. Readers get them all at
+#: once (``GET .../leader``, every leader event of the watch), so the total
+#: stays bounded: 256 entries x 16 KiB = 4 MiB.
+MAX_INFO_ENTRIES = 256
+#: Rounds of read-then-txn before a leader-info write or a resignation gives
+#: up (each lost round means another writer changed the keys meanwhile).
+_MAX_ROUNDS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,13 +187,45 @@ async def fence_for_token(store: StateHandleStore, token: int | None) -> TokenFe
 
 
 class LeaderElection:
-    """Campaign for the leadership of the store's namespace."""
+    """Campaign for the leadership of the store's namespace, and publish what
+    followers need to know about it (the module docstring has the keys).
+
+    Per operation, its protocol and how it fails:
+
+    - ``campaign(timeout)``: put own key on the lease (once per lease), then
+      wait, watching only the predecessor, until no key is older. Timeout ->
+      ``NotLeader`` naming the leader, candidacy withdrawn; cancelled or
+      failing while it waits -> the candidacy this call put is withdrawn
+      (shielded) and the cancellation or error goes on; the lease gone ->
+      ``SessionExpired`` (an SDK session takes a new lease and lines up
+      again); etcd down -> ``Unavailable``.
+    - ``leader()`` / ``leadership()``: one read (``leadership()``: the
+      candidates and the info in one txn, so never one leader's token with
+      another's info); ``Unavailable``.
+    - ``publish_info(key, value)`` / ``remove_info(key)``: one read, then ONE
+      txn with the leadership compares of every fenced write. Not leading
+      (or no longer) -> ``NotLeader`` naming the leader, nothing written;
+      bad key or value -> ``InvalidArgument``; value over
+      :data:`MAX_INFO_VALUE_BYTES` or entry beyond :data:`MAX_INFO_ENTRIES`
+      -> ``TooLarge``; ``Unavailable``.
+    - ``resign()``: ONE txn: while leading, our key and the whole info
+      prefix go together; while waiting, only our key (the txn compares
+      that an older key still exists, so it cannot drop a leadership won
+      meanwhile without its info). Not a candidate: nothing happens.
+
+    An object learns that its instance leads by winning ``campaign``, or
+    (``publish_info``, ``remove_info``) by reading that the instance's key
+    heads the line on its current lease: the REST service builds one per
+    request, for a session that may have won in an earlier request.
+    """
 
     def __init__(self, store: StateHandleStore, *, prefix: bytes | None = None) -> None:
         """``prefix``: elect among keys under another prefix than the
-        namespace's ``leader/`` (the service's maintenance election)."""
+        namespace's ``leader/`` (the service's maintenance election, which
+        publishes no info)."""
         self._store = store
         self._prefix = prefix if prefix is not None else store.keys.leader_prefix
+        self._info_prefix = store.keys.leader_info_prefix if prefix is None else None
         self._key = Layout.leader_of(self._prefix, store.instance_id)
         self._token: int | None = None
         self._lease = 0
@@ -199,19 +288,37 @@ class LeaderElection:
         """The namespace's leadership with its info, and the revision it was
         read at: candidates and info come from one txn, so they belong to
         one instant."""
-        keys = self._store.keys
-        cp, ip = self._prefix, keys.leader_info_prefix
-        res = await self._store.etcd.txn(
-            Txn().then(Txn.get(cp, prefix_end(cp)), Txn.get(ip, prefix_end(ip))),
-            what="read leadership",
+        cp, ip = self._prefix, self._info_prefix
+        reads = [Txn.get(cp, prefix_end(cp))]
+        if ip is not None:
+            reads.append(Txn.get(ip, prefix_end(ip)))
+        res = await self._store.etcd.txn(Txn().then(*reads), what="read leadership", read_only=True)
+        infos = res.results[1] if ip is not None else []
+        return leadership_of(self._store.keys, res.results[0], infos), res.revision
+
+    def _not_leader(self, line: list[KV], what: str, outcome: str) -> NotLeader:
+        """``NotLeader`` for ``what``, naming the head of ``line`` (sorted by
+        create revision; empty: nobody leads, ``leader`` is None)."""
+        ns, me = self._store.namespace, self._store.instance_id
+        if not line:
+            return NotLeader(
+                f"{what}: nobody leads namespace {ns!r}, {me} does not either; {outcome}",
+                leader=None,
+                fencing_token=None,
+            )
+        leader, token = decode_holder(line[0].value), line[0].create_revision
+        return NotLeader(
+            f"{what}: namespace {ns!r} is led by {leader} (token {token}), not by {me}; {outcome}",
+            leader=leader,
+            fencing_token=token,
         )
-        return leadership_of(keys, res.results[0], res.results[1]), res.revision
 
     # -- campaign ----------------------------------------------------------------
 
-    async def _enter(self) -> int:
+    async def _enter(self) -> tuple[int, bool]:
         """Put our key (once per lease); returns its create revision and
-        remembers the lease (and loss count) it hangs on."""
+        whether this call created it, and remembers the lease (and loss
+        count) it hangs on."""
         lease = self._store.session.lease_id
         self._lease, self._lost_count = lease, self._store.session.lost_count
         value = encode_holder(self._store.instance_id)
@@ -231,43 +338,70 @@ class LeaderElection:
                 raise
             return await self._enter()
         if res.succeeded:
-            return res.revision
+            return res.revision, True
         kv = res.results[0][0]
         if kv.lease != lease:  # left over from a lease we no longer hold
             await self._store.etcd.delete(self._key)
             return await self._enter()
-        return kv.create_revision
+        return kv.create_revision, False
+
+    async def _enter_shielded(self) -> tuple[int, bool]:
+        """:meth:`_enter`, run to its end even when the caller is cancelled
+        meanwhile (the put may land after the cancellation): a key it
+        created then is withdrawn before the cancellation goes on."""
+        enter = asyncio.ensure_future(self._enter())
+        try:
+            return await asyncio.shield(enter)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._withdraw_entered(enter))
+            raise
+
+    async def _withdraw_entered(self, enter: asyncio.Future[tuple[int, bool]]) -> None:
+        try:
+            mine, created = await enter
+        except StateStoreError:
+            return  # nothing was put, or it expires with the lease
+        if created:
+            await self._withdraw_quietly(mine)
 
     async def campaign(self, timeout: float | None = None) -> int:
         """Wait until this instance leads; returns the fencing token.
 
         ``timeout=0`` tries once without waiting. On timeout the candidacy is
-        withdrawn and ``NotLeader`` names who leads."""
+        withdrawn and ``NotLeader`` names who leads. Cancelled (or failing)
+        meanwhile, the candidacy this call put is withdrawn before the
+        cancellation goes on, so it can never make this instance leader
+        later without the caller knowing; a key the call found already in
+        place (the instance led, or another call of it waits) is left."""
         if self.token is not None:
             return self._token  # type: ignore[return-value]
         deadline = None if timeout is None else time.monotonic() + timeout
-        mine = await self._enter()
-        while True:
-            line = await self._line()
-            ahead = [kv for kv in line if kv.create_revision < mine]
-            if not any(kv.key == self._key for kv in line):
-                mine = await self._enter()  # our key vanished (lease loss): line up again
-                continue
-            if not ahead:
-                self._token = mine  # won on the lease _enter() recorded
-                log.info("leading namespace %r with token %d", self._store.namespace, mine)
-                return mine
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                await self._withdraw(mine)
-                leader = decode_holder(ahead[0].value)
-                raise NotLeader(
-                    f"namespace {self._store.namespace!r} is led by {leader} "
-                    f"(token {ahead[0].create_revision}); campaign gave up",
-                    leader=leader,
-                    fencing_token=ahead[0].create_revision,
-                )
-            await self._wait_gone(ahead[-1], remaining)
+        created: int | None = None  # our key, while this call put it and has not won
+        try:
+            mine, fresh = await self._enter_shielded()
+            created = mine if fresh else None
+            while True:
+                line = await self._line()
+                ahead = [kv for kv in line if kv.create_revision < mine]
+                if not any(kv.key == self._key for kv in line):
+                    # our key vanished (lease loss, a withdrawal): line up again
+                    mine, fresh = await self._enter_shielded()
+                    created = mine if fresh else None
+                    continue
+                if not ahead:
+                    self._token, created = mine, None  # won on the lease _enter() recorded
+                    log.info("leading namespace %r with token %d", self._store.namespace, mine)
+                    return mine
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    await self._remove_key(mine)
+                    created = None
+                    raise self._not_leader(ahead, "campaign", "campaign gave up")
+                await self._wait_gone(ahead[-1], remaining)
+        except BaseException:
+            if created is not None:
+                await asyncio.shield(self._withdraw_quietly(created))
+            raise
 
     async def _wait_gone(self, predecessor: KV, timeout: float | None) -> None:
         """Return when ``predecessor`` is deleted (or on timeout / watch error)."""
@@ -285,16 +419,154 @@ class LeaderElection:
         except (TimeoutError, StateStoreError):
             pass  # look at the line again either way
 
-    async def _withdraw(self, mine: int) -> None:
-        t = Txn().compare("create", self._key, "==", mine).then(Txn.delete(self._key))
+    async def _withdraw_quietly(self, mine: int) -> None:
+        """Withdraw the candidacy ``mine`` on the way out of a cancelled or
+        failed campaign: best effort (without etcd the key expires with the
+        lease), never raising over the error that is on its way."""
         try:
-            await self._store.etcd.txn(t, what="withdraw candidacy")
-        except Unavailable:
-            pass  # the key expires with the lease
+            await self._remove_key(mine)
+        except StateStoreError as e:
+            log.warning(
+                "could not withdraw the candidacy of %s in namespace %r (%s); it ends with "
+                "its lease",
+                self._store.instance_id,
+                self._store.namespace,
+                e,
+            )
+
+    async def _remove_key(self, mine: int | None) -> None:
+        """Delete our key if its create revision is ``mine`` (``None``: any),
+        in ONE txn: with the whole info prefix while it leads, so the info
+        goes in the same revision as the leadership; alone while an older
+        key, compared in the txn, proves it only waits in line."""
+        cp = self._prefix
+        for _ in range(_MAX_ROUNDS):
+            line = await self._line()
+            own = next((kv for kv in line if kv.key == self._key), None)
+            if own is None or (mine is not None and own.create_revision != mine):
+                return  # not (or no longer) this candidacy
+            ahead = [kv for kv in line if kv.create_revision < own.create_revision]
+            t = Txn()
+            if ahead:
+                older = ahead[-1]
+                t.compare("create", self._key, "==", own.create_revision)
+                t.compare("create", older.key, "==", older.create_revision)
+                t.then(Txn.delete(self._key))
+            else:
+                leadership_compares(t, cp, self._key, own.create_revision)
+                t.then(Txn.delete(self._key))
+                if self._info_prefix is not None:
+                    t.then(Txn.delete(self._info_prefix, prefix_end(self._info_prefix)))
+            if (await self._store.etcd.txn(t, what="resign")).succeeded:
+                return
+        raise Unavailable(
+            f"resign in namespace {self._store.namespace!r}: the election keys kept changing "
+            f"for {_MAX_ROUNDS} rounds; retry"
+        )
 
     async def resign(self) -> None:
-        """Give up leadership (or candidacy): delete our key if it is still ours."""
+        """Give up leadership (or candidacy): delete our key if it is still
+        ours, with the leadership's info in the same txn when it leads."""
         token, self._token = self.token, None
-        kv = await self._store.etcd.get(self._key)
-        if kv is not None and (token is None or kv.create_revision == token):
-            await self._withdraw(kv.create_revision)
+        await self._remove_key(token)
+
+    # -- leader info -------------------------------------------------------------
+
+    def _info_key(self, key: str) -> tuple[bytes, bytes]:
+        """(info prefix, etcd key of info ``key``); InvalidArgument for a bad
+        key or an election that publishes no info."""
+        key = validate_info_key(key)
+        if self._info_prefix is None:
+            raise InvalidArgument(
+                f"the election under {self._prefix!r} publishes no leader info; only a "
+                "namespace's own election does"
+            )
+        return self._info_prefix, self._store.keys.leader_info(key)
+
+    def _own_leadership(self, candidates: list[KV], what: str) -> KV:
+        """Our key, if it heads ``candidates`` (one read of the line) on the
+        lease the instance holds now: this object then knows it leads, also
+        when another object of the instance won. Otherwise ``NotLeader``
+        naming who leads (and the object no longer claims to lead)."""
+        line = sorted(candidates, key=lambda kv: kv.create_revision)
+        session = self._store.session
+        if line and line[0].key == self._key and line[0].lease == session.lease_id:
+            head = line[0]
+            if self._token != head.create_revision:
+                self._token = head.create_revision
+                self._lease, self._lost_count = session.lease_id, session.lost_count
+            return head
+        self._token = None
+        raise self._not_leader(line, what, "nothing was written; only the leader writes its info")
+
+    async def _leader_txn(self, t: Txn, what: str) -> TxnResult:
+        """Run ``t`` (which carries the leadership compares) with the
+        candidates as its else branch: a failure raises ``NotLeader`` unless
+        we still lead (then another compare of ``t`` failed: the caller
+        reads again)."""
+        cp = self._prefix
+        res = await self._store.etcd.txn(t.orelse(Txn.get(cp, prefix_end(cp))), what=what)
+        if not res.succeeded:
+            self._own_leadership(res.results[0], what)
+        return res
+
+    async def publish_info(self, key: str, value: Any) -> None:
+        """Publish ``value`` (plain JSON) under ``key`` for followers, for as
+        long as this leadership lasts; replaces an entry of the same key.
+
+        One read txn (the line and the info keys), then ONE txn:
+        ``If(leadership compares, mod(every info key) <= read revision)
+        Then(put <ns>/leader-info/<key> = {token, value} on the leader key's
+        lease) Else(get candidates)``; the ``mod`` compare keeps the entry
+        count exact when publishes race (a lost race reads again).
+
+        Raises ``NotLeader`` (naming the leader, nothing written) unless this
+        instance leads; ``InvalidArgument`` for a bad key or a value that is
+        not plain JSON (or nests deeper than 32 levels); ``TooLarge`` for a
+        value over :data:`MAX_INFO_VALUE_BYTES` or a new key beyond
+        :data:`MAX_INFO_ENTRIES`; ``Unavailable``."""
+        ip, ik = self._info_key(key)
+        encode_plain_json(value, f"leader info {key!r}", MAX_INFO_VALUE_BYTES, ensure_ascii=False)
+        cp, what = self._prefix, f"publish leader info {key!r}"
+        for _ in range(_MAX_ROUNDS):
+            read = await self._store.etcd.txn(
+                Txn().then(
+                    Txn.get(cp, prefix_end(cp)), Txn.get(ip, prefix_end(ip), keys_only=True)
+                ),
+                what=what,
+            )
+            head = self._own_leadership(read.results[0], what)
+            entries = {kv.key for kv in read.results[1]}
+            if ik not in entries and len(entries) >= MAX_INFO_ENTRIES:
+                raise TooLarge(
+                    f"{what}: the leadership already has {len(entries)} info entries, the "
+                    f"limit is {MAX_INFO_ENTRIES}; remove one first, or keep one value that "
+                    "holds several"
+                )
+            token = head.create_revision
+            t = leadership_compares(Txn(), cp, self._key, token)
+            t.compare("mod", ip, "<", read.revision + 1, range_end=prefix_end(ip))
+            t.then(Txn.put(ik, LeaderInfo(token, value).encode(), head.lease))
+            if (await self._leader_txn(t, what)).succeeded:
+                return
+        raise Unavailable(f"{what}: the info entries kept changing for {_MAX_ROUNDS} rounds; retry")
+
+    async def remove_info(self, key: str) -> None:
+        """Remove the info entry ``key`` (nothing happens if it is absent).
+
+        ONE txn ``If(leadership compares) Then(delete <ns>/leader-info/<key>)
+        Else(get candidates)``, after one read of the line unless this object
+        already knows its token.
+
+        Raises ``NotLeader`` (naming the leader, nothing removed) unless this
+        instance leads; ``InvalidArgument`` for a bad key; ``Unavailable``."""
+        _, ik = self._info_key(key)
+        what = f"remove leader info {key!r}"
+        for _ in range(_MAX_ROUNDS):
+            token = self.token
+            if token is None:
+                token = self._own_leadership(await self._line(), what).create_revision
+            t = leadership_compares(Txn(), self._prefix, self._key, token).then(Txn.delete(ik))
+            if (await self._leader_txn(t, what)).succeeded:
+                return
+        raise Unavailable(f"{what}: the leadership kept changing for {_MAX_ROUNDS} rounds; retry")

@@ -750,8 +750,11 @@ class EtcdClient:
         resp = await self._call("delete", self._kv.DeleteRange, req, write=True)
         return int(resp.deleted)
 
-    async def txn(self, txn: Txn, *, what: str = "txn") -> TxnResult:
-        resp = await self._call(what, self._kv.Txn, txn.request(), write=True)
+    async def txn(self, txn: Txn, *, what: str = "txn", read_only: bool = False) -> TxnResult:
+        """Send ``txn``. ``read_only=True`` for a txn of gets alone (one
+        consistent read of several ranges): it is retried like a read, never
+        reported ``Ambiguous``."""
+        resp = await self._call(what, self._kv.Txn, txn.request(), write=not read_only)
         results: list[Any] = []
         for r in resp.responses:
             kind = r.WhichOneof("response")

@@ -63,52 +63,61 @@ def blob_id_of(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def metadata_too_deep() -> InvalidArgument:
-    """The error for metadata nested deeper than MAX_METADATA_DEPTH (also for a
+def metadata_too_deep(what: str = "metadata") -> InvalidArgument:
+    """The error for ``what`` nested deeper than MAX_METADATA_DEPTH (also for a
     JSON text too deep to parse: catch ``RecursionError`` from ``json.loads``)."""
     return InvalidArgument(
-        f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels of objects and lists; "
-        "flatten it"
+        f"{what} is nested deeper than {MAX_METADATA_DEPTH} levels of objects and lists; flatten it"
     )
 
 
-def _check_depth(metadata: dict[str, Any]) -> None:
-    """Raise unless ``metadata`` nests at most MAX_METADATA_DEPTH containers.
+def _check_depth(value: Any, what: str) -> None:
+    """Raise unless ``value`` nests at most MAX_METADATA_DEPTH containers.
     Iterative, so any depth (or a cycle) is refused without recursing."""
-    pending: list[tuple[Any, int]] = [(metadata, 1)]
+    pending: list[tuple[Any, int]] = [(value, 1)]
     while pending:
         container, depth = pending.pop()
+        if not isinstance(container, dict | list | tuple):
+            continue
         if depth > MAX_METADATA_DEPTH:
-            raise metadata_too_deep()
+            raise metadata_too_deep(what)
         values = container.values() if isinstance(container, dict) else container
-        pending.extend((v, depth + 1) for v in values if isinstance(v, dict | list | tuple))
+        pending.extend((v, depth + 1) for v in values)
+
+
+def encode_plain_json(value: Any, what: str, limit: int, *, ensure_ascii: bool = True) -> str:
+    """``value`` as compact JSON, checked: nested at most MAX_METADATA_DEPTH
+    levels (first: encoding and comparing recurse per level), plain JSON
+    (it reads back equal: no tuples, non-string keys, NaN or infinities)
+    and at most ``limit`` bytes of UTF-8. InvalidArgument (TooLarge for the
+    size) names ``what``."""
+    _check_depth(value, what)
+    try:
+        raw = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=ensure_ascii)
+        size = len(raw.encode())  # a lone surrogate cannot be UTF-8 (ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"{what} is not JSON-serialisable: {e}") from None
+    if json.loads(raw) != value:
+        raise InvalidArgument(
+            f"{what} must be plain JSON: object keys must be strings and values must be "
+            "str, int, float, bool, None, lists or objects (tuples and non-string keys would "
+            "silently change)"
+        )
+    if size > limit:
+        raise TooLarge(
+            f"{what} is {size} bytes of JSON, over the limit of {limit}; "
+            "keep large data in the state itself"
+        )
+    return raw
 
 
 def encode_metadata(metadata: Any, limit: int) -> dict[str, Any]:
     """Validate user metadata: a JSON object of at most ``limit`` bytes,
-    nested at most MAX_METADATA_DEPTH levels (checked first: encoding and
-    comparing recurse per level)."""
+    nested at most MAX_METADATA_DEPTH levels."""
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
         raise InvalidArgument(
             f"metadata must be a JSON object (a dict), got {type(metadata).__name__}"
         )
-    _check_depth(metadata)
-    try:
-        raw = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"metadata is not JSON-serialisable: {e}") from None
-    decoded = json.loads(raw)
-    if decoded != metadata:
-        raise InvalidArgument(
-            "metadata must be plain JSON: object keys must be strings and values must be "
-            "str, int, float, bool, None, lists or objects (tuples and non-string keys would "
-            "silently change)"
-        )
-    if len(raw.encode()) > limit:
-        raise TooLarge(
-            f"metadata is {len(raw.encode())} bytes of JSON, over the limit of {limit}; "
-            "keep large data in the state itself"
-        )
-    return dict(decoded)
+    return dict(json.loads(encode_plain_json(metadata, "metadata", limit)))

@@ -75,7 +75,7 @@ from statestore.errors import (
     Unavailable,
     VersionConflict,
 )
-from statestore.handle import encode_metadata
+from statestore.handle import encode_metadata, encode_plain_json
 
 logger = logging.getLogger(__name__)
 
@@ -316,11 +316,43 @@ class Listing:
 H = TypeVar("H", bound=RestHandle)
 
 
-class Leadership(NamedTuple):
-    """Who leads a namespace and the fencing token of that leadership."""
-
+class _LeaderPair(NamedTuple):
     leader: str
     fencing_token: int
+
+
+class Leadership(_LeaderPair):
+    """Who leads a namespace and the fencing token of that leadership, with
+    ``info``: what the leader published (``PUT .../leader/info/{key}``), by
+    key. ``leader()`` fills it; ``campaign()`` answers without it (empty).
+
+    Still the ``(leader, fencing_token)`` pair it always was: it unpacks and
+    indexes as that pair and equals a plain tuple of it; two ``Leadership``
+    values are equal when their info is too."""
+
+    info: dict[str, Any]
+
+    def __new__(
+        cls, leader: str, fencing_token: int, info: Mapping[str, Any] | None = None
+    ) -> Leadership:
+        self = super().__new__(cls, leader, fencing_token)
+        self.info = dict(info or {})
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Leadership):
+            return tuple(self) == tuple(other) and self.info == other.info
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = _LeaderPair.__hash__  # equal values have equal pairs
+
+    def __repr__(self) -> str:
+        return f"Leadership(leader={self.leader!r}, fencing_token={self.fencing_token!r}, " + (
+            f"info={self.info!r})"
+        )
 
 
 def _int(value: Any) -> int:
@@ -620,9 +652,20 @@ class _Call(Generic[T]):
     json: Any = None
     upload: _Upload | None = None
     on_error: Callable[[StateStoreError], T] = _raise
+    #: Seconds the server may hold the answer back on purpose (a waiting
+    #: campaign): added to the client's read timeout for this call.
+    waits: float = 0.0
 
     def build(self, http: httpx.Client | httpx.AsyncClient, content: Any) -> httpx.Request:
-        """The request on ``http`` (whose base URL and auth apply)."""
+        """The request on ``http`` (whose base URL, auth and timeouts apply)."""
+        timeout = http.timeout
+        if self.waits and timeout.read is not None:
+            timeout = httpx.Timeout(
+                connect=timeout.connect,
+                read=timeout.read + self.waits,
+                write=timeout.write,
+                pool=timeout.pool,
+            )
         return http.build_request(
             self.method,
             self.path,
@@ -630,6 +673,7 @@ class _Call(Generic[T]):
             headers=self.headers,
             json=self.json,
             content=content,
+            timeout=timeout,
         )
 
     def finish(self, response: httpx.Response) -> T:
@@ -672,7 +716,10 @@ def _value(response: httpx.Response) -> int:
 
 def _leadership(response: httpx.Response) -> Leadership:
     body = _body(response)
-    return Leadership(_str(body["leader"]), _int(body["fencing_token"]))
+    info = body.get("info", {})
+    if not isinstance(info, dict):
+        raise TypeError(f"info must be an object, got {info!r}")
+    return Leadership(_str(body["leader"]), _int(body["fencing_token"]), info)
 
 
 def _listing(response: httpx.Response) -> Listing:
@@ -841,9 +888,18 @@ class _Api:
 
     # leadership
 
-    def campaign(self, session_id: str, ns: str | None) -> _Call[Leadership]:
+    def campaign(self, session_id: str, wait: float, ns: str | None) -> _Call[Leadership]:
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < 1e9:
+            raise InvalidArgument(f"wait must be a number of seconds >= 0, got {wait!r}")
         headers = request_headers(session_id=session_id)
-        return _Call("POST", f"{self._ns_path(ns)}/leader", _leadership, headers=headers)
+        return _Call(
+            "POST",
+            f"{self._ns_path(ns)}/leader",
+            _leadership,
+            params={"wait": str(wait)} if wait else {},
+            headers=headers,
+            waits=wait,
+        )
 
     def leader(self, ns: str | None) -> _Call[Leadership | None]:
         path = f"{self._ns_path(ns)}/leader"
@@ -852,6 +908,22 @@ class _Api:
     def resign(self, session_id: str, ns: str | None) -> _Call[None]:
         headers = request_headers(session_id=session_id)
         return _Call("DELETE", f"{self._ns_path(ns)}/leader", _nothing, headers=headers)
+
+    def _info_path(self, key: str, ns: str | None) -> str:
+        return f"{self._ns_path(ns)}/leader/info/{encode_segment(key, 'leader info key')}"
+
+    def put_leader_info(self, session_id: str, key: str, value: Any, ns: str | None) -> _Call[None]:
+        path = self._info_path(key, ns)
+        # plain JSON, as UTF-8; the size limit is the server's to enforce
+        body = encode_plain_json(value, f"leader info {key!r}", 2**62, ensure_ascii=False)
+        headers = request_headers(session_id=session_id)
+        headers["Content-Type"] = "application/json"
+        # Sent as bytes: ``json=None`` would send no body at all for a null value.
+        return _Call("PUT", path, _nothing, headers=headers, upload=_Upload(body.encode()))
+
+    def delete_leader_info(self, session_id: str, key: str, ns: str | None) -> _Call[None]:
+        headers = request_headers(session_id=session_id)
+        return _Call("DELETE", self._info_path(key, ns), _nothing, headers=headers)
 
     # checkpoints
 
@@ -1277,18 +1349,34 @@ class StateStoreClient:
 
     # leadership
 
-    def campaign(self, session_id: str, *, ns: str | None = None) -> Leadership:
+    def campaign(self, session_id: str, *, wait: float = 0, ns: str | None = None) -> Leadership:
         """Lead the namespace (also if already leading): ``(leader,
-        fencing_token)``; ``NotLeader`` with ``details["leader"]`` otherwise."""
-        return self._send(self._api.campaign(session_id, ns))
+        fencing_token)``. When another session leads, wait up to ``wait``
+        seconds (server limit 60) for leadership; then ``NotLeader`` with
+        ``details["leader"]``. The call's read timeout grows by ``wait``."""
+        return self._send(self._api.campaign(session_id, wait, ns))
 
     def leader(self, *, ns: str | None = None) -> Leadership | None:
-        """The current ``(leader, fencing_token)``, or ``None`` if nobody leads."""
+        """The current ``(leader, fencing_token)`` with the leader's ``info``
+        (one read on the server), or ``None`` if nobody leads."""
         return self._send(self._api.leader(ns))
 
     def resign(self, session_id: str, *, ns: str | None = None) -> None:
-        """Give up leadership held by the session."""
+        """Give up leadership held by the session; its info goes with it."""
         self._send(self._api.resign(session_id, ns))
+
+    def put_leader_info(
+        self, session_id: str, key: str, value: Any, *, ns: str | None = None
+    ) -> None:
+        """Publish ``value`` (plain JSON, at most 16 KiB) under ``key`` for as
+        long as the session's leadership lasts. ``NotLeader`` (nothing
+        written) unless the session leads; ``TooLarge`` over the limits."""
+        self._send(self._api.put_leader_info(session_id, key, value, ns))
+
+    def delete_leader_info(self, session_id: str, key: str, *, ns: str | None = None) -> None:
+        """Remove the info entry ``key`` (also when absent); ``NotLeader``
+        unless the session leads."""
+        self._send(self._api.delete_leader_info(session_id, key, ns))
 
     # checkpoints
 
@@ -1638,18 +1726,36 @@ class AsyncStateStoreClient:
 
     # leadership
 
-    async def campaign(self, session_id: str, *, ns: str | None = None) -> Leadership:
+    async def campaign(
+        self, session_id: str, *, wait: float = 0, ns: str | None = None
+    ) -> Leadership:
         """Lead the namespace (also if already leading): ``(leader,
-        fencing_token)``; ``NotLeader`` with ``details["leader"]`` otherwise."""
-        return await self._send(self._api.campaign(session_id, ns))
+        fencing_token)``. When another session leads, wait up to ``wait``
+        seconds (server limit 60) for leadership; then ``NotLeader`` with
+        ``details["leader"]``. The call's read timeout grows by ``wait``."""
+        return await self._send(self._api.campaign(session_id, wait, ns))
 
     async def leader(self, *, ns: str | None = None) -> Leadership | None:
-        """The current ``(leader, fencing_token)``, or ``None`` if nobody leads."""
+        """The current ``(leader, fencing_token)`` with the leader's ``info``
+        (one read on the server), or ``None`` if nobody leads."""
         return await self._send(self._api.leader(ns))
 
     async def resign(self, session_id: str, *, ns: str | None = None) -> None:
-        """Give up leadership held by the session."""
+        """Give up leadership held by the session; its info goes with it."""
         await self._send(self._api.resign(session_id, ns))
+
+    async def put_leader_info(
+        self, session_id: str, key: str, value: Any, *, ns: str | None = None
+    ) -> None:
+        """Publish ``value`` (plain JSON, at most 16 KiB) under ``key`` for as
+        long as the session's leadership lasts. ``NotLeader`` (nothing
+        written) unless the session leads; ``TooLarge`` over the limits."""
+        await self._send(self._api.put_leader_info(session_id, key, value, ns))
+
+    async def delete_leader_info(self, session_id: str, key: str, *, ns: str | None = None) -> None:
+        """Remove the info entry ``key`` (also when absent); ``NotLeader``
+        unless the session leads."""
+        await self._send(self._api.delete_leader_info(session_id, key, ns))
 
     # checkpoints
 

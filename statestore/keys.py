@@ -13,6 +13,7 @@ are sorted by decoded name.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from urllib.parse import quote, unquote
 
@@ -62,6 +63,12 @@ def validate_name(name: object) -> str:
     return _validate("handle name", name)
 
 
+def validate_info_key(key: object) -> str:
+    """Return ``key`` if it is a valid leader info key (the handle name
+    rules), else raise InvalidArgument."""
+    return _validate("leader info key", key)
+
+
 def validate_namespace(ns: object) -> str:
     """Return ``ns`` if it is a valid namespace, else raise InvalidArgument.
 
@@ -97,6 +104,47 @@ def validate_namespace(ns: object) -> str:
             "the blob root itself or the directory above it; choose another name"
         )
     return ns
+
+
+#: An instance id is one raw segment of every lock and election key
+#: (``.../locks/<id>``, ``.../leader/<id>``): it is not encoded, so it must
+#: hold no ``/`` (``a/locks/b`` would pass for instance ``b``'s lock key to
+#: every suffix match) and nothing an operator cannot read in etcdctl.
+MAX_INSTANCE_ID_BYTES = 128
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+#: The identity the REST service's lock-less calls act as (reads, namespace
+#: cleanup): it owns no lock, so a lock key under it would be treated as the
+#: caller's own. It starts with ``_``, which no instance id may
+#: (:func:`validate_instance_id`) and no session id does (``<hex>-<hex>``).
+READER_ID = "_reader"
+
+#: Valid-looking ids no instance may take: ``reader`` was the REST reader
+#: identity before ``READER_ID``, and a replica of that version may still act
+#: as it during a rolling upgrade.
+RESERVED_INSTANCE_IDS = frozenset({"reader"})
+
+
+def validate_instance_id(instance_id: object) -> str:
+    """Return ``instance_id`` if a store instance may act as it, else raise
+    InvalidArgument: 1..128 ASCII letters, digits, ``.``, ``_`` and ``-``,
+    starting with a letter or digit (a leading ``_`` is reserved for
+    statestore's own identities), and none of ``RESERVED_INSTANCE_IDS``."""
+    if not isinstance(instance_id, str):
+        raise InvalidArgument(f"instance id must be a string, got {type(instance_id).__name__}")
+    if len(instance_id) > MAX_INSTANCE_ID_BYTES or not _INSTANCE_ID.fullmatch(instance_id):
+        raise InvalidArgument(
+            f"instance id {instance_id!r} is not a safe key segment: use 1 to "
+            f"{MAX_INSTANCE_ID_BYTES} ASCII letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (a leading '_' is reserved for statestore's own identities), "
+            "or leave it out for a random one"
+        )
+    if instance_id in RESERVED_INSTANCE_IDS:
+        raise InvalidArgument(
+            f"instance id {instance_id!r} is reserved: the REST service's lock-less calls "
+            "act as it, and would take this instance's locks for their own; choose another"
+        )
+    return instance_id
 
 
 def encode(name: str) -> str:

@@ -6,6 +6,7 @@ what they hold::
     <ns>/handles/<name>             compact JSON                encode_handle, decode_handle
     <ns>/handles/<name>/locks/<id>  holder's instance id        encode_holder, decode_holder
     <ns>/leader/<id>                candidate's instance id     encode_holder, decode_holder
+    <ns>/leader-info/<key>          compact JSON                LeaderInfo
     <ns>/removals/<name>            compact JSON                RemovalMarker
     <ns>/gc/<blob-id>               compact JSON                GcEntry
     <ns>/uploads/<blob-id>          compact JSON                UploadIntent
@@ -222,8 +223,9 @@ class LeaderInfo(_JsonRecord):
 @dataclass(frozen=True, slots=True)
 class RemovalMarker(_JsonRecord):
     """A removal of a still-locked handle, to complete when its last lock
-    goes. Only the key's existence is acted on; the value tells an operator
-    who asked and when."""
+    goes. The key's existence makes the handle unlockable; ``version`` says
+    which handle it removes (``applies_to``); the rest tells an operator who
+    asked and when."""
 
     _WHAT = "a removal marker"
 
@@ -232,10 +234,23 @@ class RemovalMarker(_JsonRecord):
     requested_at: float
     #: Instance id of the requester.
     by: str
+    #: The handle's version (mod_revision) the removal was decided on. 0 in
+    #: markers of statestore versions that did not record it: those apply to
+    #: whatever handle is there, as they always did.
+    version: int = 0
+
+    def applies_to(self, handle_version: int) -> bool:
+        """Whether this marker removes the handle at ``handle_version``."""
+        return self.version in (0, handle_version)
 
     @classmethod
     def _from_json(cls, rec: dict[str, Any]) -> RemovalMarker:
-        return cls(str(rec["name"]), float(rec["requested_at"]), str(rec["by"]))
+        return cls(
+            str(rec["name"]),
+            float(rec["requested_at"]),
+            str(rec["by"]),
+            int(rec.get("version", 0)),
+        )
 
 
 # -- gc entry: <ns>/gc/<blob-id> ------------------------------------------------------
@@ -357,6 +372,7 @@ class SessionRecord(_JsonRecord):
 __all__ = [
     "HANDLE_FORMAT",
     "GcEntry",
+    "LeaderInfo",
     "MalformedRecord",
     "RemovalMarker",
     "SessionRecord",

@@ -10,9 +10,12 @@ Protocol (protocol.md section 4):
   know. Either way the session is *lost*: it counts the loss, calls the
   ``on_lost`` callbacks (so the owner stops claiming its locks and says so),
   and grants a fresh lease, retrying until etcd answers.
-- ``renew()`` swaps in a fresh lease and then revokes the old one, dropping
-  every key of the old lease at once (the fast path of ``release_all``). The
-  new lease is granted first so concurrent calls never see "no lease".
+- ``spare_lease()`` grants a fresh lease that is not in use yet; ``swap()``
+  makes it the session's lease and returns the old one, which the caller
+  revokes, dropping every key of it at once (the fast path of
+  ``release_all``). The new lease is granted first so concurrent calls never
+  see "no lease", and ``swap`` does not wait, so the caller decides to swap
+  and swaps in one step (nothing can start in between).
 - ``close()`` stops the task and revokes the lease (best effort: if etcd is
   unreachable the lease simply expires after ``ttl``).
 """
@@ -107,12 +110,18 @@ class Session:
                 await self._client.lease_revoke(new_id)
             return
 
-    async def renew(self) -> None:
-        """Take a fresh lease and revoke the old one (drops all its keys)."""
+    async def spare_lease(self) -> int:
+        """A fresh lease of this session's TTL, not in use yet: ``swap`` it
+        in, or revoke it."""
         new_id, _ = await self._client.lease_grant(self.ttl)
+        return new_id
+
+    def swap(self, new_id: int) -> int:
+        """Make ``new_id`` (from ``spare_lease``) the session's lease; returns
+        the old one, for the caller to revoke (which drops all its keys)."""
         old, self.lease_id = self.lease_id, new_id
         self.last_refresh = time.monotonic()
-        await self._client.lease_revoke(old)
+        return old
 
     async def close(self) -> None:
         self._closed = True

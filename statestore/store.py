@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from statestore.blobs import BlobStore, Data, new_blob_id
 from statestore.config import StoreConfig
@@ -38,7 +40,14 @@ from statestore.errors import (
 )
 from statestore.etcd import KV, Ambiguous, EtcdClient, TooManyOps, Txn, TxnResult
 from statestore.handle import Handle, encode_metadata
-from statestore.keys import Layout, prefix_end, validate_name, validate_namespace
+from statestore.keys import (
+    READER_ID,
+    Layout,
+    prefix_end,
+    validate_instance_id,
+    validate_name,
+    validate_namespace,
+)
 from statestore.records import (
     GcEntry,
     MalformedRecord,
@@ -49,6 +58,8 @@ from statestore.records import (
     encode_holder,
 )
 from statestore.session import Session
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +73,7 @@ class _Staged:
 
 #: A handle with its (encoded) etcd key, so hot loops need not re-encode names.
 _Keyed = tuple[bytes, Handle]
+_T = TypeVar("_T")
 
 # How many times an operation re-reads and retries after losing a race or an
 # ambiguous answer before giving up.
@@ -92,6 +104,17 @@ class TokenFence:
 
     leader_key: bytes
     token: int | None
+
+
+def leadership_compares(t: Txn, leader_prefix: bytes, leader_key: bytes, token: int) -> Txn:
+    """Add to ``t`` the compares that make it run only under the leadership
+    ``token``: ``leader_key`` exists with create revision ``token`` AND no
+    key under ``leader_prefix`` is older (a waiting candidate has a key too,
+    but not the lowest one). Every fenced write carries them, and so does
+    every write of the leader's own info (``LeaderElection.publish_info``)."""
+    t.compare("create", leader_key, "==", token)
+    t.compare("create", leader_prefix, ">", token - 1, range_end=prefix_end(leader_prefix))
+    return t
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +148,9 @@ class LeaseHolder(Protocol):
 
     async def report_lost(self, lease_id: int, why: str) -> None: ...
 
-    async def renew(self) -> None: ...
+    async def spare_lease(self) -> int: ...
+
+    def swap(self, new_id: int) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -145,8 +170,15 @@ class FixedLease:
     async def report_lost(self, lease_id: int, why: str) -> None:
         self.lost_count += 1
 
-    async def renew(self) -> None:
-        raise InvalidArgument(
+    async def spare_lease(self) -> int:
+        raise self._fixed()
+
+    def swap(self, new_id: int) -> int:
+        raise self._fixed()
+
+    @staticmethod
+    def _fixed() -> InvalidArgument:
+        return InvalidArgument(
             "a session's lease cannot be swapped; delete the session to drop all its locks"
         )
 
@@ -185,7 +217,17 @@ class StoreBackend:
         self.blobs.close()
 
     def store(self, namespace: str, instance_id: str, lease: LeaseHolder) -> StateHandleStore:
-        """A store for ``namespace`` acting as ``instance_id`` on ``lease``."""
+        """A store for ``namespace`` acting as ``instance_id`` (validated:
+        ``InvalidArgument`` for an unsafe or reserved one) on ``lease``."""
+        return self._view(namespace, validate_instance_id(instance_id), lease)
+
+    def reader(self, namespace: str) -> StateHandleStore:
+        """A store for ``namespace`` that takes no lock, acting as
+        ``READER_ID``, which no instance or session can be: its removals treat
+        every lock as someone else's."""
+        return self._view(namespace, READER_ID, FixedLease(0))
+
+    def _view(self, namespace: str, instance_id: str, lease: LeaseHolder) -> StateHandleStore:
         validate_namespace(namespace)
         cfg = (
             self.cfg
@@ -193,6 +235,59 @@ class StoreBackend:
             else self.cfg.model_copy(update={"namespace": namespace})
         )
         return StateHandleStore(cfg, _shared=_Shared(self, instance_id, lease, owns_backend=False))
+
+
+class _ReleaseGate:
+    """Orders ``release_all`` against the operations that put lock keys.
+
+    ``release_all`` runs inside :meth:`releasing` (one at a time); ``epoch``
+    is odd meanwhile. A lock operation runs between :meth:`enter` and
+    :meth:`leave`: it starts only while no release runs, and if ``epoch``
+    moved before it left, a release ran while its txn was in flight and may
+    have dropped the lock it put (revoked with the old lease, or deleted by
+    the slow path): the caller takes it again once the release is over.
+    :meth:`drained` waits for the operations in flight when the release began
+    (none can start meanwhile), so the slow path can delete what they put.
+    Nothing here waits on etcd: a release never waits for a paused lock txn
+    except in :meth:`drained`, and a lock operation waits only for a release
+    to end."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._one_at_a_time = asyncio.Lock()
+        self._in_flight = 0
+        self._none_in_flight = asyncio.Event()
+        self._none_in_flight.set()
+
+    async def enter(self) -> int:
+        """Wait until no release runs; count this operation in flight and
+        return the epoch it started in."""
+        while self.epoch % 2:
+            await self._idle.wait()
+        self._in_flight += 1
+        self._none_in_flight.clear()
+        return self.epoch
+
+    def leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._none_in_flight.set()
+
+    @contextlib.asynccontextmanager
+    async def releasing(self) -> AsyncIterator[None]:
+        async with self._one_at_a_time:
+            self.epoch += 1
+            self._idle.clear()
+            try:
+                yield
+            finally:
+                self.epoch += 1
+                self._idle.set()
+
+    async def drained(self) -> None:
+        await self._none_in_flight.wait()
 
 
 class _Shared:
@@ -209,6 +304,7 @@ class _Shared:
         self.session = session
         self.owns_backend = owns_backend
         self.writes_in_flight = 0
+        self.release_gate = _ReleaseGate()
         self.closed = False
         #: Namespaces this instance has views on (their removals may wait on us).
         self.namespaces: set[str] = {backend.cfg.namespace}
@@ -234,6 +330,8 @@ class StateHandleStore:
         _fence: Fence | None = None,
     ) -> None:
         validate_namespace(cfg.namespace)
+        if instance_id is not None:
+            validate_instance_id(instance_id)
         if _shared is None:
             backend = StoreBackend(cfg)
             session = Session(backend.client, cfg.lease_ttl)
@@ -364,12 +462,8 @@ class StateHandleStore:
             lost = self._s.session.lost_count
             t = build(lease)
             if fence is not None:
-                # Leadership = our election key exists with this create revision
-                # AND no key under the leader prefix is older (a waiting
-                # candidate has a key too, but not the lowest one).
                 lp = self._keys.leader_prefix
-                t.compare("create", fence[0], "==", fence[1])
-                t.compare("create", lp, ">", fence[1] - 1, range_end=prefix_end(lp))
+                leadership_compares(t, lp, fence[0], fence[1])
                 t.orelse(Txn.get(lp, prefix_end(lp), keys_only=True))
             try:
                 res = await self._s.client.txn(t, what=what)
@@ -414,6 +508,31 @@ class StateHandleStore:
             except Ambiguous:
                 continue
         raise Unavailable(f"{what}: etcd gave no definite answer; retry")
+
+    async def _locking(
+        self, take: Callable[[], Awaitable[_T]], again: Callable[[_T], Awaitable[_T]], what: str
+    ) -> _T:
+        """Run ``take``, an operation that puts our lock keys, so that the locks
+        it reports are held when it returns.
+
+        A ``release_all`` of this instance may run while its txn is in flight
+        and drop what it put (the old lease revoked, or the lock deleted). The
+        operation notices (``_ReleaseGate``) and, once the release is over,
+        runs ``again(result)`` to take the locks anew (on the current lease),
+        repeatedly if releases keep coming; a lock operation never overlaps
+        one, so it is ordered after it."""
+        gate = self._s.release_gate
+        step: Callable[[], Awaitable[_T]] = take
+        for _ in range(_MAX_ROUNDS):
+            epoch = await gate.enter()
+            try:
+                result = await step()
+            finally:
+                gate.leave()
+            if gate.epoch == epoch:
+                return result
+            step = functools.partial(again, result)
+        raise Unavailable(f"{what}: release_all kept running while it took its locks; retry")
 
     async def _lease_was_renewed(self, lease: int, lost: int, what: str) -> bool:
         """After etcd said "lease not found" for ``lease``: True when our own
@@ -487,7 +606,9 @@ class StateHandleStore:
            becomes sweepable when the lease expires);
         3. stream the data to a fresh blob, hashing it;
         4. ONE txn: ``If(create_revision(handle) == 0 [and fence]) Then(put
-           handle, put own lock on own lease, delete upload intent)``.
+           handle, put own lock on own lease, delete upload intent, delete
+           removal marker)`` (a marker without its handle removes nothing;
+           the new handle must not inherit it).
 
         Failures:
 
@@ -502,6 +623,14 @@ class StateHandleStore:
           again (safe: it still compares that the handle is absent). Another
           request id, or etcd still unreachable -> ``PossibleInconsistentState``
           and the blob is kept for the GC to resolve.
+        - Whenever the handle is found under our request id (retry, ambiguous
+          answer), its lock may have gone meanwhile: it is taken again by a
+          txn comparing the version written (:meth:`_lock_own_write`), so a
+          success always holds the lock. Replaced, removed or pending removal
+          since -> ``PossibleInconsistentState``; lease lost ->
+          ``SessionExpired``. The same relock follows a ``release_all`` of
+          this instance that ran while the commit was in flight (it may have
+          dropped the lock the commit put: ``_locking``).
         """
         name = validate_name(name)
         meta = encode_metadata(metadata, self._cfg.max_metadata_bytes)
@@ -513,11 +642,22 @@ class StateHandleStore:
             if existing is not None:
                 h = _read_handle(existing.value, existing.mod_revision, existing.create_revision)
                 if h.request_id == rid:
-                    return h
+                    return await self._locking(
+                        lambda: self._lock_own_write(name, h), self._relock(name), "add_and_lock"
+                    )
                 raise self._already_exists(name, h)
 
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
-            return await self._commit_add(name, hkey, st.blob_id, st.url, st.record, rid)
+            return await self._locking(
+                lambda: self._commit_add(name, hkey, st.blob_id, st.url, st.record, rid),
+                self._relock(name),
+                "add_and_lock",
+            )
+
+    def _relock(self, name: str) -> Callable[[Handle], Awaitable[Handle]]:
+        """``again`` of :meth:`_locking` for an add: the handle is committed,
+        only our lock on it may be gone."""
+        return lambda h: self._lock_own_write(name, h)
 
     @contextlib.asynccontextmanager
     async def _staged(
@@ -582,6 +722,7 @@ class StateHandleStore:
     ) -> Handle:
         lock_key = self._keys.lock(name, self._s.instance_id)
         upload_key = self._keys.upload(blob_id)
+        rkey = self._keys.removal(name)
 
         def build(lease: int) -> Txn:
             return (
@@ -593,6 +734,9 @@ class StateHandleStore:
                     Txn.put(hkey, record),
                     Txn.put(lock_key, encode_holder(self._s.instance_id), lease),
                     Txn.delete(upload_key),
+                    # A marker without its handle (deleted by hand) removes
+                    # nothing; the new handle must not inherit it.
+                    Txn.delete(rkey),
                 )
                 .orelse(Txn.get(hkey), Txn.get(upload_key))
             )
@@ -606,7 +750,8 @@ class StateHandleStore:
                     continue  # definitely not applied: send it again
                 h = _read_handle(found.value, found.mod_revision, found.create_revision)
                 if h.request_id == rid:
-                    return h
+                    # Applied; but the lock it put may have gone before we knew.
+                    return await self._lock_own_write(name, h)
                 await self._forget_intent(upload_key)
                 raise PossibleInconsistentState(
                     f"add_and_lock({name!r}): etcd did not confirm the write and the handle now "
@@ -626,13 +771,69 @@ class StateHandleStore:
             h = _read_handle(
                 existing[0].value, existing[0].mod_revision, existing[0].create_revision
             )
-            if h.request_id == rid:
-                return h  # an earlier attempt of this very request succeeded
+            if h.request_id == rid:  # an earlier attempt of this very request succeeded
+                return await self._lock_own_write(name, h)
             raise self._already_exists(name, h)
         raise PossibleInconsistentState(
             f"add_and_lock({name!r}) could not get a definite answer from etcd after "
             f"{_MAX_ROUNDS} attempts; the blob {url} is kept for the GC to resolve",
             blob_url=url,
+        )
+
+    async def _lock_own_write(self, name: str, h: Handle) -> Handle:
+        """``h``, found committed under our request id, with our lock on it.
+
+        The lock the commit put may be gone by the time we learn the commit
+        landed (an ambiguous answer resolved by reading, or a retry of the
+        request): our lease expired, or the lock was released. ONE txn
+        ``If(mod_revision(handle) == h.version, no removal marker [and fence])
+        Then(put own lock on own lease) Else(get handle, get marker)`` puts it
+        again (idempotent when it is still there).
+
+        Failures: the handle was replaced, removed or marked for removal
+        since -> ``PossibleInconsistentState`` (the write landed, but it is
+        no longer ours to lock; nothing is locked); lease lost ->
+        ``SessionExpired``; leadership lost -> ``Fenced``; ambiguous -> sent
+        again."""
+        hkey, rkey = self._keys.handle(name), self._keys.removal(name)
+        lock_key = self._keys.lock(name, self._s.instance_id)
+
+        def build(lease: int) -> Txn:
+            return (
+                Txn()
+                .compare("mod", hkey, "==", h.version)
+                .compare("create", rkey, "==", 0)
+                .then(Txn.put(lock_key, encode_holder(self._s.instance_id), lease))
+                .orelse(Txn.get(hkey), Txn.get(rkey))
+            )
+
+        what = f"add_and_lock({name!r}) taking its lock again"
+        try:
+            res = await self._until_definite(
+                lambda: self._txn(build, "add_and_lock (lock own write)", fenced=True), what
+            )
+        except Fenced as e:
+            raise Fenced(
+                f"add_and_lock({name!r}): the write was applied (version {h.version}) while this "
+                "store led, but leadership was lost before its lock could be taken again; "
+                "nothing is locked. Stop acting as leader",
+                **e.details,
+            ) from None
+        if res.succeeded:
+            return h
+        current, marker = res.results
+        if not current:
+            since = "was removed since"
+        elif marker:
+            since = "was marked for removal since"
+        else:
+            since = f"was changed since (now version {current[0].mod_revision})"
+        raise PossibleInconsistentState(
+            f"add_and_lock({name!r}): the write was applied (version {h.version}), but this "
+            "instance's lock on it was gone by the time that was known (its lease expired or "
+            f"the lock was released) and the handle {since}, so it cannot be locked again; "
+            "nothing is locked. Re-read the handle before acting",
+            version=h.version,
         )
 
     async def _forget_intent(self, upload_key: bytes) -> None:
@@ -875,7 +1076,9 @@ class StateHandleStore:
         and no removal pending [and fence]) Then(put own lock, get handle)``.
 
         ``NotFound`` when absent or pending removal. An ambiguous answer is
-        resolved by sending it again (putting our own lock twice is harmless).
+        resolved by sending it again (putting our own lock twice is harmless),
+        and so is an answer that came back after a ``release_all`` of this
+        instance ran meanwhile (``_locking``: the lock may have gone with it).
         """
         h, _ = await self.get_and_lock_described(name)
         return h
@@ -901,9 +1104,12 @@ class StateHandleStore:
                 .orelse(Txn.get(hkey), Txn.get(rkey))
             )
 
-        res = await self._until_definite(
-            lambda: self._txn(build, "get_and_lock", fenced=True), f"get_and_lock({name!r})"
-        )
+        def send() -> Awaitable[TxnResult]:
+            return self._until_definite(
+                lambda: self._txn(build, "get_and_lock", fenced=True), f"get_and_lock({name!r})"
+            )
+
+        res = await self._locking(send, lambda _: send(), f"get_and_lock({name!r})")
         if res.succeeded:
             kv = res.results[1][0]
             holders = sorted(Layout.holder_of(lp, k.key) for k in res.results[2])
@@ -921,10 +1127,13 @@ class StateHandleStore:
 
         Reads all handles at one revision, then locks them in txns of at most
         ``max_txn_ops`` operations, each comparing that its handles are still
-        at the snapshot's version; a batch that lost a race is re-read and
-        sent again without the handles that vanished. Handles pending removal
-        are not returned (they are logically deleted). If etcd refuses a txn
-        as too large, the batch size is halved and remembered.
+        at the snapshot's version and have no removal marker; a batch that
+        lost a race is re-read and sent again without the handles that
+        vanished or became pending removal. Handles pending removal are not
+        returned and not locked, whether the removal was requested before the
+        snapshot or while locking (they are logically deleted, and
+        ``get_and_lock`` refuses them too). If etcd refuses a txn as too
+        large, the batch size is halved and remembered.
         """
         return (await self._lock_all(None, None, with_holders=False))[0]
 
@@ -978,8 +1187,12 @@ class StateHandleStore:
         return handles, holders, rev
 
     def _batch_size(self) -> int:
-        # One compare per handle plus the two fence compares must fit the limit.
-        return max(1, self._s.max_ops - (2 if self._fence is not None else 0))
+        """Handles per lock txn: two compares each (its version, no removal
+        marker) plus the two fence compares must fit the ops limit."""
+        return max(1, (self._s.max_ops - self._fence_compares()) // 2)
+
+    def _fence_compares(self) -> int:
+        return 2 if self._fence is not None else 0
 
     async def _lock_batch(self, batch: list[_Keyed]) -> list[_Keyed]:
         me = self._s.instance_id
@@ -998,16 +1211,24 @@ class StateHandleStore:
             def build(lease: int, current: list[_Keyed] = current) -> Txn:
                 t = Txn()
                 for key, h in current:
+                    # A removal requested since the snapshot makes the handle
+                    # unlockable (rest-v1: "no longer lockable meanwhile"): the
+                    # check must be in the locking txn, as in get_and_lock.
                     t.compare("mod", key, "==", h.version)
+                    t.compare("create", self._keys.removal_of(key), "==", 0)
                     t.then(Txn.put(Layout.lock_of(key, me), value, lease))
                 return t
 
+            def send(build: Callable[[int], Txn] = build) -> Awaitable[TxnResult]:
+                return self._txn(build, "get_all_and_lock", fenced=True)
+
             try:
-                res = await self._txn(build, "get_all_and_lock", fenced=True)
+                res = await self._locking(send, lambda _: send(), "get_all_and_lock")
             except TooManyOps:
                 # Shrink from the size etcd refused, not from the current limit:
                 # concurrent batches refused at the same size must not compound.
-                self._s.max_ops = max(1, min(self._s.max_ops, len(current) // 2))
+                refused = 2 * len(current) + self._fence_compares()
+                self._s.max_ops = max(1, min(self._s.max_ops, refused // 2))
                 continue
             except Ambiguous:
                 continue  # lock puts are idempotent: send again
@@ -1052,27 +1273,55 @@ class StateHandleStore:
             await self.complete_removal(name)
 
     async def release_all(self) -> None:
-        """Drop every lock of this instance.
+        """Drop every lock of this instance, in every namespace it has views on.
 
         Fast path: take a new lease and revoke the old one, which deletes all
         its keys at once. Other keys on the same lease must survive when a
         write is in flight (its upload intent) or the instance leads or waits
         in an election (its leader key): then the lock keys are deleted in txn
-        batches instead.
+        batches instead (slow path).
+
+        Ordering: read the election keys; grant the new lease; then, without
+        waiting in between, check for writes in flight and swap the lease (a
+        write starting later puts its intent on the new lease, one already
+        running keeps the old lease: slow path); revoke the old lease. The
+        slow path deletes our lock keys, waits for the lock operations that
+        were in flight when it began, and deletes again what they put.
+
+        Lock operations running meanwhile (``_locking``) are ordered against
+        it: one whose txn was in flight takes its lock again afterwards, one
+        that starts waits for it. So after it returns no lock taken before it
+        is held, and every lock operation that returns success holds its
+        lock, on the current lease.
         """
+        session = self._s.session
+        spare: int | None = None
         if self._s.writes_in_flight == 0 and not await self._holds_election_key():
-            await self._s.session.renew()
-            await self._complete_pending_removals()
-            return
-        kvs, _ = await self._s.client.range_all(
-            self._keys.handles_prefix, prefix_end(self._keys.handles_prefix), keys_only=True
-        )
-        suffix = Layout.lock_suffix(self._s.instance_id)
-        mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
-        for i in range(0, len(mine), self._s.max_ops):
-            t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
-            await self._s.client.txn(t, what="release_all")
+            spare = await session.spare_lease()
+        async with self._s.release_gate.releasing():
+            if spare is not None and self._s.writes_in_flight == 0:
+                await self._s.client.lease_revoke(session.swap(spare))
+            else:
+                if spare is not None:  # a write began while the lease was granted
+                    await self._s.client.lease_revoke(spare)
+                await self._delete_own_locks()
+                await self._s.release_gate.drained()
+                await self._delete_own_locks()
         await self._complete_pending_removals()
+
+    async def _delete_own_locks(self) -> None:
+        """Delete this instance's lock keys in every namespace it has views
+        on, in txns of deletes that fit the ops limit."""
+        suffix = Layout.lock_suffix(self._s.instance_id)
+        for ns in sorted(self._s.namespaces):
+            hp = Layout(self._cfg.root, ns).handles_prefix
+            kvs, _ = await self._s.client.range_all(hp, prefix_end(hp), keys_only=True)
+            mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
+            for i in range(0, len(mine), self._s.max_ops):
+                t = Txn().then(*[Txn.delete(k) for k in mine[i : i + self._s.max_ops]])
+                await self._until_definite(
+                    lambda t=t: self._s.client.txn(t, what="release_all"), "release_all"
+                )
 
     # -- removal -----------------------------------------------------------------
 
@@ -1089,6 +1338,12 @@ class StateHandleStore:
         With ``deferred=True`` the removal is recorded
         (``removals/<name>``) and completes as soon as the last lock goes, by
         release or lease expiry; meanwhile the handle cannot be locked.
+
+        The removal is of the handle as first read: a replace meanwhile makes
+        it decide again on the new version, but a handle removed and added
+        again meanwhile is a new one that this call does not touch (True: the
+        one asked for is gone). So the marker is put only by a txn comparing
+        the version it decided on: a removal can never land on a later write.
         """
         return (await self.try_remove(name, deferred=deferred)).removed
 
@@ -1102,11 +1357,18 @@ class StateHandleStore:
         # The handle as the last txn's else branch returned it: a retry after
         # a lost race decides on that instead of reading it again.
         seen: list[KV] | None = None
+        # The create revision of the handle first read: the one asked for.
+        generation: int | None = None
         for _ in range(_MAX_ROUNDS):
             if seen is None:
                 kv = await self._s.client.get(hkey)
             else:
                 kv, seen = (seen[0] if seen else None), None
+            if kv is not None and generation not in (None, kv.create_revision):
+                # Removed and added again meanwhile: that is a later write, and
+                # the handle this removal was asked for is gone (own lock: let go
+                # by the else branch that showed the new one).
+                return Removal(True, [])
             if kv is None:
                 # Nothing to remove; still, a fenced caller must prove leadership
                 # (a deposed leader learns it is deposed, not "removed").
@@ -1116,6 +1378,7 @@ class StateHandleStore:
                     fenced=True,
                 )
                 return Removal(True, [])
+            generation = kv.create_revision
             h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
             gc_key = self._keys.gc(h.blob_ref)
             gc_value = self._gc_entry(h, "removed")
@@ -1166,17 +1429,29 @@ class StateHandleStore:
                 continue  # they let go meanwhile: try again
             if not deferred:
                 return Removal(False, holders)
-            return await self._defer_removal(name, h, holders)
+            marked = await self._defer_removal(name, h, holders)
+            if isinstance(marked, Removal):
+                return marked
+            seen = marked  # replaced (or gone) since our removal txn: decide again
         raise Unavailable(f"release_and_try_remove({name!r}): no definite answer; retry")
 
-    async def _defer_removal(self, name: str, h: Handle, holders: list[str]) -> Removal:
+    async def _defer_removal(self, name: str, h: Handle, holders: list[str]) -> Removal | list[KV]:
+        """Record the removal of ``h`` for later: ONE txn ``If(mod_revision(handle)
+        == h.version [and fence]) Then(put removals/<name>) Else(get handle)``.
+
+        The compare is on the version the removal decided on: the handle may
+        have been removed and written again since, and a marker on that new
+        write would remove it once its writer lets go (invariant 3). Returns
+        the outcome, or the handle as it is now when it is no longer ``h``
+        (the caller decides again). Safe to send again after an ambiguous
+        answer: the compare still holds only for ``h``."""
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
-        marker = RemovalMarker(name, time.time(), self._s.instance_id).encode()
+        marker = RemovalMarker(name, time.time(), self._s.instance_id, h.version).encode()
 
         def build(lease: int) -> Txn:
             return (
                 Txn()
-                .compare("create", hkey, ">", 0)
+                .compare("mod", hkey, "==", h.version)
                 .then(Txn.put(rkey, marker))
                 .orelse(Txn.get(hkey))
             )
@@ -1186,38 +1461,63 @@ class StateHandleStore:
             f"deferred removal of {name!r}",
         )
         if not res.succeeded:
-            return Removal(True, [])
+            current: list[KV] = res.results[0]
+            return current
         # The holders may have let go between our two txns: finish now if so.
         if await self.complete_removal(name):
             return Removal(True, [])
         return Removal(False, holders, pending=True)
 
     async def complete_removal(self, name: str) -> bool:
-        """Finish a pending removal if no lock remains: ONE txn
-        ``If(removal pending, handle at the version read, no lock key at all)
-        Then(delete handle, delete marker, put gc/<blob>)``. Returns True when
-        the handle is gone. Not fenced: it completes what a leader decided."""
+        """Finish a pending removal if no lock remains. Returns True when the
+        handle is gone. Not fenced: it completes what a leader decided.
+
+        Ordering: read the marker and the handle (one txn of gets, one
+        revision); then ONE txn ``If(mod_revision(marker) == read,
+        mod_revision(handle) == the version the marker names, no lock key at
+        all) Then(delete handle, delete marker, put gc/<blob>) Else(range
+        lock prefix)``.
+
+        A marker removes only the handle version it was put for. One whose
+        handle is gone or at another version (a handle deleted by hand, a
+        restored backup) removes nothing: it is dropped by a txn comparing the
+        marker's own mod_revision, so a marker put meanwhile, for a handle
+        written since, is never the one deleted.
+
+        Failures: locks remain -> False (the last one's release, or the
+        reconciler on its expiry, completes it); marker or handle changed
+        between read and txn -> read again; ambiguous -> read again (both txns
+        compare what they read). No definite answer in ``_MAX_ROUNDS`` -> False.
+        """
         name = validate_name(name)
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
         lp = self._keys.lock_prefix(name)
+        read = Txn().then(Txn.get(rkey), Txn.get(hkey))
         for _ in range(_MAX_ROUNDS):
-            kv = await self._s.client.get(hkey)
-            if kv is None:
-                await self._s.client.delete(rkey)
-                return True
+            res = await self._until_definite(
+                lambda: self._s.client.txn(read, what="complete removal read"),
+                f"complete_removal({name!r})",
+            )
+            markers, handles = res.results
+            if not markers:
+                return not handles
+            marker, kv = markers[0], (handles[0] if handles else None)
+            if kv is None or not _removes(marker.value, kv.mod_revision):
+                if await self._drop_stale_marker(rkey, marker):
+                    return kv is None
+                continue
             h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
-            gc_key = self._keys.gc(h.blob_ref)
             t = (
                 Txn()
-                .compare("create", rkey, ">", 0)
+                .compare("mod", rkey, "==", marker.mod_revision)
                 .compare("mod", hkey, "==", kv.mod_revision)
                 .compare("create", lp, "==", 0, range_end=prefix_end(lp))
                 .then(
                     Txn.delete(hkey),
                     Txn.delete(rkey),
-                    Txn.put(gc_key, self._gc_entry(h, "removed")),
+                    Txn.put(self._keys.gc(h.blob_ref), self._gc_entry(h, "removed")),
                 )
-                .orelse(Txn.get(rkey), Txn.get(hkey), Txn.get(lp, prefix_end(lp), keys_only=True))
+                .orelse(Txn.get(lp, prefix_end(lp), keys_only=True))
             )
             try:
                 res = await self._s.client.txn(t, what="complete removal")
@@ -1225,12 +1525,26 @@ class StateHandleStore:
                 continue
             if res.succeeded:
                 return True
-            marker, current, locks = res.results
-            if not current:
-                return True
-            if not marker or locks:
-                return False
+            if res.results[0]:
+                return False  # still locked
+            # The marker or the handle changed since the read: read again.
         return False
+
+    async def _drop_stale_marker(self, rkey: bytes, marker: KV) -> bool:
+        """Delete ``marker`` if it is still the very marker read (its
+        mod_revision): True when it is gone. Ambiguous -> False (read again)."""
+        t = Txn().compare("mod", rkey, "==", marker.mod_revision).then(Txn.delete(rkey))
+        try:
+            res = await self._s.client.txn(t, what="drop stale removal marker")
+        except Ambiguous:
+            return False
+        if res.succeeded:
+            log.warning(
+                "dropped the removal marker %r: its handle is gone or at another version "
+                "than the one it was put for, so it removes nothing",
+                rkey.decode(errors="replace"),
+            )
+        return res.succeeded
 
     async def clear_entries(self) -> None:
         """Release our locks and remove every handle of the namespace.
@@ -1253,6 +1567,16 @@ class StateHandleStore:
                 await self.try_remove(n, deferred=True)
 
         await _gather([one(n) for n in names])
+
+
+def _removes(marker_value: bytes, handle_version: int) -> bool:
+    """Whether a removal marker's value applies to the handle at
+    ``handle_version``. An unreadable marker (not written by statestore)
+    removes nothing: it is treated as stale rather than trusted to delete."""
+    try:
+        return RemovalMarker.decode(marker_value).applies_to(handle_version)
+    except MalformedRecord:
+        return False
 
 
 def _read_handle(value: bytes, version: int, create_revision: int = 0) -> Handle:

@@ -7,11 +7,12 @@ Import from tests as ``from helpers import wait_until, async_wait_until``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["async_wait_until", "nested_metadata", "require_tool", "wait_until"]
+__all__ = ["async_wait_until", "nested_metadata", "require_tool", "running", "wait_until"]
 
 
 def require_tool(name: str) -> str:
@@ -112,6 +113,20 @@ async def async_wait_until(
         if time.monotonic() >= deadline:
             raise _failure(message, timeout, last, error)
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def running(work: Coroutine[Any, Any, T]) -> AsyncIterator[asyncio.Task[T]]:
+    """``work`` as a task for the ``async with`` body (a campaign that waits,
+    a request in flight); cancelled and awaited on the way out, whatever it
+    did, so no test leaves a task behind."""
+    task = asyncio.create_task(work)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 #: ``await open_store(cfg)`` (the ``open_store`` fixture in conftest.py).

@@ -40,6 +40,18 @@ def leader_path(ns: str) -> str:
     return f"/v1/namespaces/{enc(ns)}/leader"
 
 
+def leadership_body(c: httpx.Client, ns: str) -> dict[str, Any] | None:
+    """``GET .../leader``: the 200 body, or None when nobody leads (checked
+    to be a 404 ``not-found`` problem)."""
+    r = c.get(leader_path(ns))
+    if r.status_code == 404:
+        assert_problem(r, 404, "not-found")
+        return None
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
 def ckpath(ns: str, sub: str = "") -> str:
     return f"/v1/namespaces/{enc(ns)}/checkpoints{sub}"
 

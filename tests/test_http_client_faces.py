@@ -33,6 +33,7 @@ from statestore.errors import (
     NotFound,
     NotLeader,
     SessionExpired,
+    TooLarge,
     VersionConflict,
 )
 from statestore.http import (
@@ -281,6 +282,37 @@ def test_leadership_fencing_and_counters(client: Any, sid: str, other: str) -> N
         client.counter_set("c", 5, fencing_token=token)
     assert client.read("f") == b"x" and client.counter_get("c") == 10
     assert client.counter_increment("c", fencing_token=new.fencing_token) == 10
+
+
+def test_leader_info_and_waiting_for_leadership(client: Any, sid: str, other: str) -> None:
+    lead = client.campaign(sid, wait=5)  # nobody leads: at once
+    assert lead == Leadership(sid, lead.fencing_token) and lead.info == {}
+    values = {"address": "jm-1:6123", "a/b ✓": {"k": [1, None]}, "null": None}
+    for key, value in values.items():
+        client.put_leader_info(sid, key, value)
+    current = client.leader()
+    assert current == (sid, lead.fencing_token) and current.info == values
+    with pytest.raises(NotLeader) as info:
+        client.put_leader_info(other, "address", "x")
+    assert info.value.details["leader"] == sid
+    with pytest.raises(NotLeader):
+        client.delete_leader_info(other, "address")
+    with pytest.raises(TooLarge):
+        client.put_leader_info(sid, "big", "x" * 16 * 1024)
+    client.delete_leader_info(sid, "a/b ✓")
+    assert client.leader().info == {"address": "jm-1:6123", "null": None}
+    with pytest.raises(NotLeader):
+        client.campaign(other, wait=0.2)
+
+    # A leader whose session is not kept alive: a waiting campaign wins when it expires.
+    client.resign(sid)
+    assert client.leader() is None
+    short = client.create_session(ttl_seconds=2).session_id
+    first = client.campaign(short)
+    client.put_leader_info(short, "address", "short")
+    won = client.campaign(other, wait=30)
+    assert won.leader == other and won.fencing_token > first.fencing_token
+    assert client.leader() == Leadership(other, won.fencing_token, {})
 
 
 def test_session_errors(client: Any) -> None:

@@ -127,6 +127,7 @@ class FakeServer:
         self.checkpoint_info: dict[tuple[str, int], _Checkpoint] = {}
         self.counters: dict[tuple[str, str], int] = {}
         self.leaders: dict[str, tuple[str, int]] = {}
+        self.leader_info: dict[str, dict[str, Any]] = {}  # by namespace, of its leadership
         self.revision = 0
         self.next_session = 0
         self.next_token = 0
@@ -225,6 +226,7 @@ class FakeServer:
         for ns, (leader, _) in list(self.leaders.items()):
             if leader == sid:
                 del self.leaders[ns]
+                self.leader_info.pop(ns, None)
 
     def _route(self, request: httpx.Request) -> httpx.Response:
         raw_path = request.url.raw_path.split(b"?")[0].decode("ascii")
@@ -263,6 +265,9 @@ class FakeServer:
             case ["v1", "namespaces", ns, "leader"]:
                 self._auth(request, ns, "read" if method == "GET" else "write")
                 return self._leader(request, ns)
+            case ["v1", "namespaces", ns, "leader", "info", key]:
+                self._auth(request, ns, "write")
+                return self._leader_info(request, ns, self._name(key))
             case ["v1", "namespaces", ns, "checkpoints", *rest]:
                 self._auth(request, ns, "read" if method == "GET" else "write")
                 return self._checkpoints(request, ns, rest)
@@ -406,7 +411,10 @@ class FakeServer:
         if request.method == "GET":
             if current is None:
                 raise _Problem(404, "not-found", f"nobody leads {ns}")
-            return httpx.Response(200, json={"leader": current[0], "fencing_token": current[1]})
+            info = self.leader_info.get(ns, {})
+            return httpx.Response(
+                200, json={"leader": current[0], "fencing_token": current[1], "info": info}
+            )
         sid = self._session(request)
         if request.method == "POST":
             if current is not None and current[0] != sid:
@@ -417,6 +425,21 @@ class FakeServer:
             return httpx.Response(200, json={"leader": current[0], "fencing_token": current[1]})
         if current is not None and current[0] == sid:
             del self.leaders[ns]
+            self.leader_info.pop(ns, None)
+        return httpx.Response(204)
+
+    def _leader_info(self, request: httpx.Request, ns: str, key: str) -> httpx.Response:
+        sid = self._session(request)
+        current = self.leaders.get(ns)
+        if current is None or current[0] != sid:
+            leader = None if current is None else current[0]
+            raise _Problem(409, "not-leader", f"{leader} leads {ns}", leader=leader)
+        if request.method == "PUT":
+            if len(request.content) > 16 * 1024:
+                raise _Problem(413, "too-large", "info over 16 KiB")
+            self.leader_info.setdefault(ns, {})[key] = json.loads(request.content)
+        else:
+            self.leader_info.get(ns, {}).pop(key, None)
         return httpx.Response(204)
 
     def _checkpoints(self, request: httpx.Request, ns: str, rest: list[str]) -> httpx.Response:
@@ -1098,6 +1121,67 @@ def test_leadership_and_fencing(client: Any, server: FakeServer) -> None:
     with pytest.raises(Fenced):
         client.counter_set("c", 5, fencing_token=token)
     assert client.read("f") == b"x"
+
+
+def test_leader_info_and_waiting_campaign_requests(
+    make_client: MakeClient, server: FakeServer
+) -> None:
+    client = make_client(timeout=7)
+    a = client.create_session().session_id
+    b = client.create_session().session_id
+    lead = client.campaign(a)
+    sent = server.requests[-1]
+    assert sent.url.params.get("wait") is None  # wait 0: the request it always was
+    assert sent.extensions["timeout"]["read"] == 7
+    assert lead.info == {} and lead == (a, lead.fencing_token)
+
+    key = "a/b ✓"
+    client.put_leader_info(a, key, None)  # null is a value: it is sent
+    sent = server.requests[-1]
+    assert sent.method == "PUT"
+    assert sent.url.raw_path.decode().endswith("/leader/info/a%2Fb%20%E2%9C%93")
+    assert sent.headers["content-type"] == "application/json"
+    assert sent.headers["x-session-id"] == a
+    assert server.bodies[-1] == b"null"
+    client.put_leader_info(a, "address", {"rpc": "jm-1:6123", "ü": [1, 2.5]})
+    assert json.loads(server.bodies[-1]) == {"rpc": "jm-1:6123", "ü": [1, 2.5]}
+    current = client.leader()
+    assert current.info == {key: None, "address": {"rpc": "jm-1:6123", "ü": [1, 2.5]}}
+    leader, token = current  # still a pair
+    assert (leader, token) == current == (a, lead.fencing_token)
+    assert current != lead  # lead has no info
+    assert "address" in repr(current)
+
+    client.delete_leader_info(a, key)
+    assert server.requests[-1].method == "DELETE"
+    assert client.leader().info == {"address": {"rpc": "jm-1:6123", "ü": [1, 2.5]}}
+    with pytest.raises(NotLeader) as info:
+        client.put_leader_info(b, "address", "x")
+    assert info.value.details["leader"] == a
+    with pytest.raises(TooLarge):
+        client.put_leader_info(a, "big", "x" * 16 * 1024)
+
+    # Refused before anything is sent.
+    before = len(server.requests)
+    for bad in (float("nan"), (1, 2), {1: 2}, object()):
+        with pytest.raises(InvalidArgument):
+            client.put_leader_info(a, "bad", bad)
+    with pytest.raises(InvalidArgument):
+        client.put_leader_info(a, "", 1)
+    for wait in (-1, "5", True, float("nan"), float("inf")):
+        with pytest.raises(InvalidArgument):
+            client.campaign(b, wait=wait)
+    assert len(server.requests) == before
+
+    # A waiting campaign names its wait and may take that much longer to answer.
+    with pytest.raises(NotLeader):
+        client.campaign(b, wait=2.5)
+    sent = server.requests[-1]
+    assert sent.url.params["wait"] == "2.5"
+    assert sent.extensions["timeout"]["read"] == 7 + 2.5
+    client.resign(a)
+    assert client.leader() is None
+    assert client.campaign(b, wait=30).leader == b
 
 
 def test_checkpoints(client: Any, sid: str, server: FakeServer) -> None:

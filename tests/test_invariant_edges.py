@@ -17,12 +17,22 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import OpenStore
+from interleave import (
+    Send,
+    blob_ids,
+    deletes,
+    hook_txn,
+    keys_under,
+    lock_holders,
+    puts,
+    wire_size,
+)
 from rest import assert_problem, client, hpath, lpath, new_session, sess
 from service import ServiceProcess
 
@@ -40,64 +50,6 @@ from statestore.etcd import Ambiguous, EtcdClient, Txn, TxnResult
 from statestore.keys import encode, prefix_end
 from statestore.local.etcd_process import EtcdProcess
 from statestore.maintenance.gc import GcReport, gc_pass, sweep_orphans
-
-# -- helpers -------------------------------------------------------------------------
-
-Send = Callable[[Txn], Awaitable[TxnResult]]
-#: ``hook(txn, send)``: decides what happens to one txn; ``send`` forwards it to etcd.
-Hook = Callable[[Txn, Send], Awaitable[TxnResult]]
-
-
-def _ops(t: Txn, branch: str, kind: str) -> list[bytes]:
-    """Keys of the ``kind`` ops ("request_put", "request_delete_range") in a branch
-    of the request as it goes on the wire (independent of Txn's own fields)."""
-    req = t.request()
-    ops = req.success if branch == "success" else req.failure
-    return [getattr(op, kind).key for op in ops if op.WhichOneof("request") == kind]
-
-
-def puts(t: Txn) -> list[bytes]:
-    return _ops(t, "success", "request_put")
-
-
-def deletes(t: Txn) -> list[bytes]:
-    return _ops(t, "success", "request_delete_range")
-
-
-def wire_size(t: Txn) -> int:
-    """Ops of the txn as etcd's --max-txn-ops counts them (each of compare,
-    success, failure must stay within the limit)."""
-    req = t.request()
-    return max(len(req.compare), len(req.success), len(req.failure))
-
-
-def hook_txn(monkeypatch: pytest.MonkeyPatch, etcd: EtcdClient, hook: Hook) -> None:
-    """Route every ``txn`` of this one client instance through ``hook``."""
-    original = etcd.txn
-
-    async def txn(t: Txn, **kwargs: Any) -> TxnResult:
-        async def send(tx: Txn) -> TxnResult:
-            return await original(tx, **kwargs)
-
-        return await hook(t, send)
-
-    monkeypatch.setattr(etcd, "txn", txn)
-
-
-async def keys_under(etcd: EtcdClient, prefix: bytes) -> list[bytes]:
-    kvs, _ = await etcd.range_all(prefix, prefix_end(prefix), keys_only=True)
-    return [kv.key for kv in kvs]
-
-
-async def blob_ids(store: StateHandleStore) -> list[str]:
-    """The blobs in the store's namespace directory of its blob root."""
-    return sorted(b.blob_id for b in await store.blobs.list_namespace(store.namespace))
-
-
-async def lock_holders(etcd: EtcdClient, store: StateHandleStore, name: str) -> list[str]:
-    lp = store.keys.lock_prefix(name)
-    return sorted(k[len(lp) :].decode() for k in await keys_under(etcd, lp))
-
 
 # -- 1. invariant 2: the lock check and the removal are ONE txn ---------------------
 
@@ -270,7 +222,8 @@ async def test_get_all_and_lock_never_exceeds_max_txn_ops(
     """100 handles on an etcd started with ``--max-txn-ops 16``; the store is
     told ``max_txn_ops=16``. Just before the first lock txn is sent, a writer
     replaces every handle that txn compares, so the batch fails and goes
-    through the re-read path. Breaks if a batch does not leave room for the two fence compares,
+    through the re-read path. Breaks if a batch does not leave room for its two
+    compares per handle (version, no removal marker) and the two fence compares,
     if the re-read puts more than 16 gets in one txn, if the store falls back
     to one txn per handle, or if a handle ends up unlocked."""
     cfg = make_config(etcd_endpoints=[etcd_small_txn.endpoint], max_txn_ops=MAX_OPS)
@@ -322,7 +275,7 @@ async def test_get_all_and_lock_never_exceeds_max_txn_ops(
     too_big = [s for s in sizes if s[1] > MAX_OPS]
     assert too_big == [], f"txns over {MAX_OPS} ops: {too_big}"
     lock_txns = [s for s in sizes if s[0] == "lock"]
-    batch = MAX_OPS - (2 if fenced else 0)
+    batch = (MAX_OPS - (2 if fenced else 0)) // 2  # two compares per handle
     # Batched, not one txn per handle (the raced batches are sent once more).
     assert len(lock_txns) <= 2 * math.ceil(N_HANDLES / batch), lock_txns
     assert [h.name for h in handles] == [f"h{i:03d}" for i in range(N_HANDLES)]

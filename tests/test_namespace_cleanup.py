@@ -47,8 +47,8 @@ def blob_files(store: StateHandleStore) -> list[str]:
 
 
 async def fill(store: StateHandleStore) -> None:
-    """Handles (two replaced, so ``gc/`` entries exist), two counters and a
-    leader key."""
+    """Handles (two replaced, so ``gc/`` entries exist), two counters, a
+    leader key and a leader info entry."""
     for i in range(4):
         await store.add_and_lock(f"h{i}", b"v0-%d" % i)
     for name, times in (("h0", 1), ("h1", 2)):
@@ -59,12 +59,15 @@ async def fill(store: StateHandleStore) -> None:
     counter = CheckpointIDCounter(store)
     assert await counter.get_and_increment() == 1
     await CheckpointIDCounter(store, name="savepoint-id").set_count(7)
-    await LeaderElection(store).campaign(timeout=5)
+    election = LeaderElection(store)
+    await election.campaign(timeout=5)
+    await election.publish_info("address", "jm-1:6123")
 
     keys = store.keys
     assert len(await raw_under(store, keys.gc_prefix)) == 3
     assert len(await raw_under(store, keys.ns_prefix + b"counters/")) == 2
     assert len(await raw_under(store, keys.leader_prefix)) == 1
+    assert len(await raw_under(store, keys.leader_info_prefix)) == 1
     assert len(await raw_under(store, keys.handles_prefix)) == 8  # 4 records + 4 locks
     assert len(blob_files(store)) == 7
 

@@ -96,8 +96,8 @@ def stored_handle(*, without: tuple[str, ...] = (), **overrides: Any) -> bytes:
         ),
         pytest.param(encode_holder("inst-1"), b"inst-1", id="lock-and-leader-value"),
         pytest.param(
-            RemovalMarker("chk-1", 1700000000.5, "inst-1").encode(),
-            b'{"name":"chk-1","requested_at":1700000000.5,"by":"inst-1"}',
+            RemovalMarker("chk-1", 1700000000.5, "inst-1", 42).encode(),
+            b'{"name":"chk-1","requested_at":1700000000.5,"by":"inst-1","version":42}',
             id="removal-marker",
         ),
         pytest.param(
@@ -177,9 +177,20 @@ def test_holder_round_trip(instance_id: str) -> None:
     assert decode_holder(value) == instance_id
 
 
-@given(st.builds(RemovalMarker, text, times, text))
+@given(st.builds(RemovalMarker, text, times, text, st.integers(0, 2**63 - 1)))
 def test_removal_marker_round_trip(marker: RemovalMarker) -> None:
     assert RemovalMarker.decode(marker.encode()) == marker
+
+
+def test_removal_marker_without_version_applies_to_any_handle() -> None:
+    """Markers of statestore versions that did not record the handle version
+    still read, and remove whatever handle is there, as they always did; a
+    marker with a version removes only that version."""
+    old = RemovalMarker.decode(b'{"name":"chk-1","requested_at":1700000000.5,"by":"inst-1"}')
+    assert old == RemovalMarker("chk-1", 1700000000.5, "inst-1", 0)
+    assert old.applies_to(7) and old.applies_to(8)
+    new = RemovalMarker("chk-1", 1700000000.5, "inst-1", 7)
+    assert new.applies_to(7) and not new.applies_to(8)
 
 
 @given(st.builds(GcEntry, text, text, st.sampled_from(["replaced", "removed"]), times, text))

@@ -29,6 +29,7 @@ from rest import (
     enc,
     hpath,
     leader_path,
+    leadership_body,
     lpath,
     new_session,
     sess,
@@ -96,12 +97,8 @@ def campaign(c: httpx.Client, ns: str, sid: str) -> int:
 
 
 def current_leader(c: httpx.Client, ns: str) -> tuple[str, int] | None:
-    r = c.get(leader_path(ns))
-    if r.status_code == 404:
-        assert_problem(r, 404, "not-found")
-        return None
-    assert r.status_code == 200, r.text
-    return r.json()["leader"], r.json()["fencing_token"]
+    body = leadership_body(c, ns)
+    return None if body is None else (body["leader"], body["fencing_token"])
 
 
 def post_checkpoint(

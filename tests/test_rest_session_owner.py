@@ -208,6 +208,24 @@ USES = {
     "DELETE leader": Use(
         "delete", NS + "/leader", lambda c, ns, h: c.delete(leader_path(ns), headers=h), 204
     ),
+    "POST leader wait": Use(
+        "post",
+        NS + "/leader",
+        lambda c, ns, h: c.post(leader_path(ns), params={"wait": "1"}, headers=h),
+        200,
+    ),
+    "PUT leader info": Use(
+        "put",
+        NS + "/leader/info/{key}",
+        lambda c, ns, h: c.put(leader_path(ns) + "/info/address", content=b'"jm"', headers=h),
+        204,
+    ),
+    "DELETE leader info": Use(
+        "delete",
+        NS + "/leader/info/{key}",
+        lambda c, ns, h: c.delete(leader_path(ns) + "/info/address", headers=h),
+        204,
+    ),
     "POST checkpoint": Use(
         "post",
         NS + "/checkpoints/{checkpoint_id}",

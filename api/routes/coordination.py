@@ -2,8 +2,12 @@
 
 Each call builds the SDK's coordinator objects on a store acting as the
 caller's session, so the HTTP rows behave exactly as the Python ones:
-``POST .../leader`` is ``LeaderElection.campaign(timeout=0)`` (it never
-waits: someone else leading is an immediate 409), and writes carrying
+``POST .../leader?wait=s`` is ``LeaderElection.campaign(timeout=s)`` (wait
+0, the default, never waits: someone else leading is an immediate 409),
+cancelled when the client goes away so that its candidacy is withdrawn;
+``PUT``/``DELETE .../leader/info/{key}`` are ``publish_info`` /
+``remove_info``; ``GET .../leader`` is ``leadership()`` (one read: never
+one leader's token with another's info); writes carrying
 ``X-Fencing-Token`` use a fenced store. Counter writes take no lock, so they
 accept the token without ``X-Session-Id``: it is fenced by the leader key
 whose create revision the token is.
@@ -24,7 +28,7 @@ from statestore.checkpoints import (
     checkpoints_of,
 )
 from statestore.counter import MAX_VALUE, CheckpointIDCounter
-from statestore.election import LeaderElection
+from statestore.election import MAX_INFO_VALUE_BYTES, LeaderElection
 from statestore.maintenance.cleanup import clear_namespace
 from statestore.store import StateHandleStore
 from statestore_api.auth import Caller, Role
@@ -36,12 +40,18 @@ from statestore_api.service import (
     SessionHeader,
     Svc,
     handle_json,
+    json_value_body,
+    path_info_key,
     path_name,
     path_namespace,
     state_body,
+    unless_client_gone,
 )
 
 router = APIRouter(prefix="/v1/namespaces/{ns}", tags=["coordination"])
+
+#: The longest ``POST .../leader?wait=`` (rest-v1.md: 0..60 seconds).
+MAX_WAIT_SECONDS = 60
 
 
 class CounterValue(BaseModel):
@@ -52,6 +62,23 @@ class CounterValue(BaseModel):
 class Leadership(BaseModel):
     leader: str
     fencing_token: int
+
+
+class LeadershipInfo(Leadership):
+    info: dict[str, Any] = Field(
+        description="What the leader published (PUT .../leader/info/{key}), by key; "
+        "only this leadership's entries"
+    )
+
+
+#: The largest leader info value as a request body (rest-v1.md: 16 KiB).
+INFO_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": f"any JSON value of at most {MAX_INFO_VALUE_BYTES} bytes",
+        "content": {"application/json": {"schema": {}}},
+    }
+}
 
 
 # -- counters ---------------------------------------------------------------------
@@ -117,36 +144,93 @@ async def _writer(svc: Service, ns: str, request: Request, caller: Caller) -> St
 
 @router.post("/leader", response_model=Leadership, responses={409: {"description": "not-leader"}})
 async def campaign(
-    ns: str, request: Request, svc: Svc, x_session_id: SessionHeader = None
+    ns: str,
+    request: Request,
+    svc: Svc,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="seconds to wait for leadership while someone else leads",
+        ),
+    ] = 0,
+    x_session_id: SessionHeader = None,
 ) -> Leadership:
-    """Lead the namespace if nobody else does (also 200 if already leading)."""
+    """Lead the namespace (also 200 if already leading). When someone else
+    leads, wait up to ``wait`` seconds for leadership (watching the
+    predecessor in line: granted as soon as it goes), then 409
+    ``not-leader``. A client that disconnects while waiting withdraws its
+    candidacy, so it can never lead without knowing."""
     ns = path_namespace(ns)
     caller = svc.authorize(request, ns, Role.write)
     session = await svc.session(request, caller)
-    token = await LeaderElection(svc.store(ns, session)).campaign(timeout=0)
+    election = LeaderElection(svc.store(ns, session))
+    if wait > 0:
+        token = await unless_client_gone(request, election.campaign(timeout=wait))
+    else:
+        token = await election.campaign(timeout=0)
     return Leadership(leader=session.session_id, fencing_token=token)
 
 
-@router.get("/leader", response_model=Leadership)
+@router.get("/leader", response_model=LeadershipInfo)
 async def get_leader(ns: str, request: Request, svc: Svc) -> Any:
-    """The current leader and its fencing token; 404 when nobody leads."""
+    """The current leader, its fencing token and the info it published, from
+    one read; 404 when nobody leads."""
     ns = path_namespace(ns)
     svc.authorize(request, ns, Role.read)
-    current = await LeaderElection(svc.store(ns)).leader()
+    current, _ = await LeaderElection(svc.store(ns)).leadership()
     if current is None:
         return problem(404, "not-found", f"nobody leads namespace {ns!r}")
-    return Leadership(leader=current[0], fencing_token=current[1])
+    return current.to_json()
 
 
 @router.delete("/leader", status_code=204)
 async def resign(
     ns: str, request: Request, svc: Svc, x_session_id: SessionHeader = None
 ) -> Response:
-    """Resign (nothing happens when the session does not lead)."""
+    """Resign (nothing happens when the session does not lead); the info the
+    leadership published goes in the same instant."""
     ns = path_namespace(ns)
     caller = svc.authorize(request, ns, Role.write)
     session = await svc.session(request, caller)
     await LeaderElection(svc.store(ns, session)).resign()
+    return Response(status_code=204)
+
+
+@router.put(
+    "/leader/info/{key}",
+    status_code=204,
+    openapi_extra=INFO_BODY,
+    responses={409: {"description": "not-leader"}, 413: {"description": "too-large"}},
+)
+async def put_leader_info(
+    ns: str, key: str, request: Request, svc: Svc, x_session_id: SessionHeader = None
+) -> Response:
+    """Publish a JSON value under ``key`` (the name rules; URL-encoded) for
+    as long as the session's leadership lasts: 204 when the session leads,
+    else 409 ``not-leader`` naming the leader and nothing is written. At
+    most 256 entries per leadership, each at most 16 KiB (413)."""
+    ns, key = path_namespace(ns), path_info_key(key)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
+    value = await json_value_body(request, MAX_INFO_VALUE_BYTES, f"leader info {key!r}")
+    await LeaderElection(svc.store(ns, session)).publish_info(key, value)
+    return Response(status_code=204)
+
+
+@router.delete(
+    "/leader/info/{key}", status_code=204, responses={409: {"description": "not-leader"}}
+)
+async def delete_leader_info(
+    ns: str, key: str, request: Request, svc: Svc, x_session_id: SessionHeader = None
+) -> Response:
+    """Remove the info entry ``key`` (204 also when absent) when the session
+    leads; else 409 ``not-leader`` and nothing is removed."""
+    ns, key = path_namespace(ns), path_info_key(key)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
+    await LeaderElection(svc.store(ns, session)).remove_info(key)
     return Response(status_code=204)
 
 

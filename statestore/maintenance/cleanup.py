@@ -5,7 +5,8 @@
 1. every handle is released and removed; handles still locked by live
    sessions are marked for deferred removal and go when they are let go
    (invariant 2 is never bypassed);
-2. counters and leader election keys are deleted (one range delete each);
+2. counters, leader election keys and leader info are deleted, in ONE txn
+   of range deletes (the info goes in the revision its leadership goes);
 3. blobs queued under ``gc/`` that are past the grace period are deleted,
    then their entries; blobs no key names any more (a crashed writer's)
    are swept.
@@ -18,6 +19,7 @@ callers repeat it (REST: 202 while pending, 204 when done).
 
 from __future__ import annotations
 
+from statestore.etcd import Txn
 from statestore.keys import prefix_end
 from statestore.maintenance.gc import GcReport, collect_due, sweep_orphans
 from statestore.store import StateHandleStore
@@ -25,8 +27,11 @@ from statestore.store import StateHandleStore
 
 async def clear_namespace(store: StateHandleStore) -> bool:
     await store.clear_entries()
-    for prefix in (store.keys.counters_prefix, store.keys.leader_prefix):
-        await store.etcd.delete(prefix, prefix_end(prefix))
+    keys = store.keys
+    prefixes = (keys.counters_prefix, keys.leader_prefix, keys.leader_info_prefix)
+    await store.etcd.txn(
+        Txn().then(*(Txn.delete(p, prefix_end(p)) for p in prefixes)), what="clear namespace"
+    )
     await collect_due(store)
     # A crashed writer's blob has no key left once its intent expired; with
     # the job terminal, any unreferenced blob goes now (live intents still

@@ -6,7 +6,8 @@ went". The reconciler therefore derives the state from the lock keys:
 
 1. **resync**: list every removal marker under ``<root>/*/removals/`` at one
    revision R and try to complete each (``complete_removal`` is one txn that
-   succeeds only when no lock key remains);
+   succeeds only when no lock key remains and the handle is at the version
+   the marker names; a stale marker is dropped, its handle kept);
 2. **watch** deletions under ``<root>/`` from R + 1 (filtered in etcd: no
    puts), and for every deleted lock key whose handle has a removal marker,
    try to complete that removal;
