@@ -5,7 +5,6 @@ import org.apache.flink.api.common.JobID;
 import org.apache.flink.configuration.Configuration;
 import org.apache.flink.runtime.blob.BlobStoreService;
 import org.apache.flink.runtime.checkpoint.CheckpointRecoveryFactory;
-import org.apache.flink.runtime.checkpoint.CompletedCheckpoint;
 import org.apache.flink.runtime.highavailability.AbstractHaServices;
 import org.apache.flink.runtime.highavailability.ApplicationResultStoreOptions;
 import org.apache.flink.runtime.highavailability.JobResultStoreOptions;
@@ -106,7 +105,8 @@ public final class StatestoreHaServices extends AbstractHaServices {
 
     @Override
     protected void internalCleanupJobData(JobID jobId) throws Exception {
-        StatestoreStateHandleStore.removeAll(client, StatestoreCheckpointRecoveryFactory.checkpointPrefix(jobId));
+        // every handle under <job-id>/ (its checkpoints); the execution plan, job result and
+        // leader info are removed by their own stores and by the JobMaster's leader election
         StatestoreStateHandleStore.removeAll(client, jobId + "/");
         new StatestoreCheckpointIDCounter(client, StatestoreCheckpointRecoveryFactory.counterName(jobId))
                 .shutdown(org.apache.flink.api.common.JobStatus.FINISHED).get();
@@ -130,10 +130,5 @@ public final class StatestoreHaServices extends AbstractHaServices {
     @Override
     protected String getLeaderPathForRestServer() {
         return "rest_server";
-    }
-
-    @SuppressWarnings("unused")
-    private static Class<?> keep() {
-        return CompletedCheckpoint.class;
     }
 }
