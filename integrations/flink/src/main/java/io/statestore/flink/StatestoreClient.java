@@ -464,18 +464,24 @@ public final class StatestoreClient implements AutoCloseable {
                     publish(readLeader());
                     continue;
                 }
-                Resp r = once("GET", "/watch?kinds=leader&timeout=30&since=" + rev, null, null,
+                boolean legacy = legacyLeaderInfo;
+                String kinds = legacy ? "leader,handles&prefix=" + enc(LEGACY_INFO) : "leader";
+                Resp r = once("GET", "/watch?kinds=" + kinds + "&timeout=30&since=" + rev, null, null,
                         Duration.ofSeconds(45));
                 if (r.status == 200) {
                     JsonNode body = r.json();
                     JsonNode last = null;
+                    int events = 0;
                     for (JsonNode ev : body.get("events")) {
+                        events++;
                         if ("leader".equals(ev.path("kind").asText())) {
                             last = ev;
                         }
                     }
                     rev = body.get("revision").asLong();
-                    if (last != null) {
+                    if (legacy && events > 0) {
+                        publish(readLeader()); // info lives in handles: read leader and info together
+                    } else if (last != null) {
                         JsonNode l = last.get("leader");
                         publish(l == null || l.isNull() ? null : new LeaderState(l));
                     }
