@@ -184,6 +184,21 @@ class FlinkCluster:
         self.processes.append(p)
         return p
 
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``bin/flink <args>`` as a client of this cluster. Its config names a REST port
+        nobody listens on: the client can only find the JobManager through HA."""
+        conf = self.base / "conf-client"
+        self.write_conf(conf, free_port())
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FLINK_", "STATESTORE_"))}
+        env.update(FLINK_CONF_DIR=str(conf), FLINK_LOG_DIR=str(self.base / "log"))
+        return subprocess.run(
+            [str(self.home / "bin" / "flink"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     def stop(self) -> None:
         for p in self.processes:
             p.stop()

@@ -389,6 +389,10 @@ def test_6_two_clusters_cannot_touch_each_other(dep: Deployment) -> None:
             message="the intruder is refused",
         )
         assert jm_b.alive()
+        # a client (bin/flink) finds cluster B's REST endpoint through statestore alone
+        listing = b.cli("list", "-a")
+        assert listing.returncode == 0, listing.stdout + listing.stderr
+        assert "No running jobs" in listing.stdout or "Running/Restarting Jobs" in listing.stdout
         # cluster A is untouched: same leader, same job running
         after = dep.leader()
         assert after is not None and after["leader"] == lead_a["leader"]
