@@ -184,20 +184,24 @@ public final class StatestoreStateHandleStore<T extends Serializable>
         removeAll(client, prefix);
     }
 
-    /** Removes every handle under {@code prefix} (bulk call, falling back to one call per handle). */
+    /**
+     * Removes every handle under {@code prefix} (bulk call, falling back to one call per handle).
+     * Deferred: a handle another session still locks (a predecessor whose session has not expired
+     * yet) goes as soon as that lock does, instead of being left behind.
+     */
     static void removeAll(StatestoreClient client, String prefix) throws Exception {
         String sid = client.sessionId();
         Map<String, String> h = StatestoreClient.headers("X-Session-Id", sid, "X-Fencing-Token", client.fencingHeader());
-        Resp r = client.call("DELETE", "/handles?prefix=" + StatestoreClient.enc(prefix), null, h, null);
+        Resp r = client.call("DELETE", "/handles?deferred=true&prefix=" + StatestoreClient.enc(prefix), null, h, null);
         if (r.status == 200 || r.status == 204) {
             return;
         }
         client.checkSessionAndFence(r, sid, "remove " + prefix + "*");
         for (JsonNode handle : client.list(prefix, false)) {
             String name = handle.get("name").asText();
-            Resp d = client.call("DELETE", StatestoreClient.handlePath(name), null, h, null);
+            Resp d = client.call("DELETE", StatestoreClient.handlePath(name) + "?deferred=true", null, h, null);
             client.checkSessionAndFence(d, sid, "remove " + name);
-            if (d.status != 204 && d.status != 200 && d.status != 409) {
+            if (d.status != 204 && d.status != 200 && d.status != 202 && d.status != 404) {
                 throw new StatestoreException("remove " + name, d);
             }
         }
