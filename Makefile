@@ -1,6 +1,6 @@
 # The two commands a newcomer needs:  `make run`  and  `make test`.
-# Both install whatever is missing (etcd from Debian's etcd-server package,
-# a virtualenv with the project and its test dependencies) before they start.
+# Both install whatever is missing (the Debian packages of TOOLS below, a
+# virtualenv with the project and its test dependencies) before they start.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -24,14 +24,18 @@ bench: setup
 
 setup: tools $(VENV)/.installed
 
-# Every command the service or the tests run, with the Debian package that
-# ships it. Debian's etcd-server has no etcdctl: that is etcd-client.
+# Every command (or file) the service, the tests and the benchmarks run, with
+# the Debian package that ships it. Debian's etcd-server has no etcdctl: that is
+# etcd-client. ZooKeeper, the peer the benchmarks compare against (and whose
+# protocol a test checks), has no command on PATH: its server runs from the jar.
 # javac and jar build the Flink HA plugin (integrations/flink).
-TOOLS = etcd:etcd-server etcdctl:etcd-client javac:openjdk-17-jdk-headless jar:openjdk-17-jdk-headless
+TOOLS = etcd:etcd-server etcdctl:etcd-client java:openjdk-17-jdk-headless \
+        javac:openjdk-17-jdk-headless jar:openjdk-17-jdk-headless \
+        /usr/share/java/zookeeper.jar:zookeeper
 
 tools:
 	@missing=""; for t in $(TOOLS); do \
-	  command -v "$${t%%:*}" >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
+	  command -v "$${t%%:*}" >/dev/null 2>&1 || [ -e "$${t%%:*}" ] || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

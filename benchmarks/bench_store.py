@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""Raw etcd transactions vs the statestore SDK doing the same work.
+"""The statestore SDK vs raw etcd transactions vs Flink's ZooKeeper store, same work.
 
-Starts its own etcd (``EtcdProcess`` in a temp dir), then measures, for each
+Starts its own etcd (``EtcdProcess`` in a temp dir) and its own ZooKeeper
+(``zk_peer.ZooKeeperProcess``, Debian's package), then measures, for each
 operation and concurrency, the throughput of
 
+* **zk**: Flink's ``ZooKeeperStateHandleStore`` protocol (zk_peer.py: its
+  node layout, requests and their order) on one kazoo client, with the state
+  written to the same fsspec blob backend first, as Flink's storage helper does;
 * **raw**: the etcd transactions of protocol.md section 3 written directly
   against ``aetcd.Client`` (its ``transaction(compare, success, failure)``
   API), plus the same fsspec blob write, with no statestore code (only
@@ -13,8 +17,8 @@ operation and concurrency, the throughput of
 
 Operations: ``add_and_lock`` (1 KiB of state), ``release_and_try_remove``
 and ``get_all_and_lock`` of 5000 handles. Each measurement uses a fresh
-namespace, is repeated (default 3 times, raw and SDK interleaved) and the
-median ops/s is reported.
+namespace, is repeated (default 3 times, the three sides interleaved) and the
+median ops/s is reported, with the client's and the server's CPU per op.
 
 Usage::
 
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import cProfile
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -39,7 +44,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +52,19 @@ from typing import Any
 
 import aetcd
 import fsspec
+import zk_peer
 from aetcd.utils import prefix_range_end
 from harness import (
     Timing,
     cancel_on_sigterm,
     handle_names,
     host_port,
+    proc_cpu_seconds,
     run_split,
     scratch_etcd,
     timed,
 )
+from kazoo.client import KazooClient
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.keys import Layout
@@ -64,12 +72,18 @@ from statestore.local.etcd_process import find_etcd_binary
 from statestore.records import GcEntry, UploadIntent, decode_handle, encode_handle, encode_holder
 
 ROOT = "/statestore/v1"
+ZK_ROOT = "/flink-bench"  # the ZooKeeper peer's handles: ZK_ROOT/<namespace>/<name>
 STATE = os.urandom(1024)  # 1 KiB of state per handle
 RAW_LEASE_TTL = 600  # long enough that the raw side needs no keepalive task
 TXN_OPS = 128  # etcd's default --max-txn-ops (and the SDK's default max_txn_ops)
 
-# Targets of the issue: SDK throughput / raw throughput.
+SIDES = ("zk", "raw", "sdk")
+SIDE_NAMES = {"zk": "ZooKeeper", "raw": "raw etcd", "sdk": "SDK"}
+
+# Targets of the issue: SDK throughput / raw throughput, and SDK throughput /
+# ZooKeeper peer throughput (none for recovery).
 TARGETS = {"add_and_lock": 0.8, "release_and_try_remove": 0.8, "get_all_and_lock": 0.7}
+ZK_TARGETS = {"add_and_lock": 1.5, "release_and_try_remove": 1.5}
 
 
 # ---------------------------------------------------------------------------
@@ -97,6 +111,52 @@ class Backend:
     def clean(self, ns: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.ns_dir(ns), recursive=True)
+
+    def new_blob(self, ns: str) -> tuple[str, str, str]:
+        """``(blob id, fsspec path, URL)`` of a new blob of namespace ``ns``."""
+        blob_id = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex}"
+        path = f"{self.ns_dir(ns)}/{blob_id}"
+        return blob_id, path, self.fs.unstrip_protocol(path)
+
+
+class BlobStorage:
+    """The blob writes of the raw side and the ZooKeeper peer in one namespace: the
+    same calls the SDK makes (an inline ``pipe_file`` on ``memory://``; on
+    ``file://`` a write and fsync in a thread of ``pool``)."""
+
+    def __init__(self, backend: Backend, ns: str, pool: ThreadPoolExecutor) -> None:
+        self.backend = backend
+        self.ns = ns
+        self.pool = pool
+        self._dir_made = False
+
+    def _write_local(self, path: str, data: bytes) -> None:
+        if not self._dir_made:
+            self.backend.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self._dir_made = True
+        with self.backend.fs.open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def write(self, path: str, data: bytes) -> None:
+        if self.backend.local:
+            await asyncio.get_running_loop().run_in_executor(
+                self.pool, self._write_local, path, data
+            )
+        else:
+            self.backend.fs.pipe_file(path, data)  # memory://: a dict insert, no IO
+
+    async def store(self, data: bytes) -> str:
+        """Flink's ``storage.store(state)``: a new blob, its URL."""
+        _, path, url = self.backend.new_blob(self.ns)
+        await self.write(path, data)
+        return url
+
+    def discard(self, url: str) -> None:
+        """Flink's ``discardState()``: delete the blob (a dict delete on memory://)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.backend.fs.rm_file(self.backend.fs._strip_protocol(url))
 
 
 # ---------------------------------------------------------------------------
@@ -126,11 +186,10 @@ class Raw:
         self.keys = Layout(ROOT, ns)
         self.ns = ns
         self.backend = backend
-        self.pool = pool
+        self.blobs = BlobStorage(backend, ns, pool)
         self.instance_id = uuid.uuid4().hex
         self.iid = encode_holder(self.instance_id)  # the value of our lock keys
         self.lease = 0
-        self._dir_made = False
 
     async def start(self) -> Raw:
         lease = await self.c.lease(RAW_LEASE_TTL)
@@ -143,29 +202,13 @@ class Raw:
 
     # -- add: intent put, blob write, one commit txn ---------------------------------
 
-    def _write_local(self, path: str, data: bytes) -> None:
-        if not self._dir_made:
-            self.backend.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self._dir_made = True
-        with self.backend.fs.open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
     async def add(self, name: str, data: bytes = STATE) -> None:
         k, tx = self.keys, self.tx
-        blob_id = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex}"
-        path = f"{self.backend.ns_dir(self.ns)}/{blob_id}"
-        url = self.backend.fs.unstrip_protocol(path)
+        blob_id, path, url = self.backend.new_blob(self.ns)
         ukey = k.upload(blob_id)
         intent = UploadIntent(url, time.time(), self.instance_id)
         await self.c.put(ukey, intent.encode(), lease=self.lease)
-        if self.backend.local:
-            await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._write_local, path, data
-            )
-        else:
-            self.backend.fs.pipe_file(path, data)  # memory://: a dict insert, no IO
+        await self.blobs.write(path, data)
         record = handle_record(name, blob_id, url, data, self.instance_id)
         hkey = k.handle(name)
         ok, _ = await self.c.transaction(
@@ -239,10 +282,11 @@ class Raw:
 # setup helpers (untimed)
 
 
-def _record(name: str, ns: str, backend: Backend, writer: str) -> tuple[str, bytes]:
-    blob_id = f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex}"
-    url = backend.fs.unstrip_protocol(f"{backend.ns_dir(ns)}/{blob_id}")
-    return blob_id, handle_record(name, blob_id, url, STATE, writer)
+def _stored_blob(ns: str, backend: Backend) -> tuple[str, str]:
+    """``(blob id, URL)`` of a new blob holding ``STATE``, written inline."""
+    blob_id, path, url = backend.new_blob(ns)
+    backend.fs.pipe_file(path, STATE)
+    return blob_id, url
 
 
 async def populate(
@@ -260,9 +304,9 @@ async def populate(
     for i in range(0, len(names), per_txn):
         ops = []
         for name in names[i : i + per_txn]:
-            blob_id, rec = _record(name, ns, backend, lock_as[0] if lock_as else "previous-leader")
-            backend.fs.pipe_file(f"{backend.ns_dir(ns)}/{blob_id}", STATE)
-            ops.append(tx.put(keys.handle(name), rec))
+            blob_id, url = _stored_blob(ns, backend)
+            writer = lock_as[0] if lock_as else "previous-leader"
+            ops.append(tx.put(keys.handle(name), handle_record(name, blob_id, url, STATE, writer)))
             if lock_as:
                 ops.append(
                     tx.put(keys.lock(name, lock_as[0]), encode_holder(lock_as[0]), lock_as[1])
@@ -283,7 +327,10 @@ async def drop_namespace(client: aetcd.Client, ns: str, backend: Backend) -> Non
 class Ctx:
     endpoint: str
     admin: aetcd.Client
+    zk_hosts: str
+    zk_admin: KazooClient
     pool: ThreadPoolExecutor
+    server_cpu: dict[str, Callable[[], float]]  # side -> CPU seconds of its server so far
     profile: cProfile.Profile | None = None
 
 
@@ -291,13 +338,52 @@ def _ns(op: str, side: str, conc: int) -> str:
     return f"bench-{op}-{side}-c{conc}-{uuid.uuid4().hex[:8]}"
 
 
+def zk_root(ns: str) -> str:
+    return f"{ZK_ROOT}/{ns}"
+
+
+@dataclass
+class Side:
+    """One side's operations on one fresh namespace, as the measurements call them."""
+
+    add: Callable[[str], Awaitable[Any]]
+    remove: Callable[[str], Awaitable[Any]]
+    recover: Callable[[int], Awaitable[int]]  # lock txns (etcd) or nodes (ZK) in flight -> count
+    hold: Callable[[list[str]], Awaitable[None]]  # untimed: write these handles, locked by us
+    round_trip: Callable[[], Awaitable[Any]]  # one read, to warm the connection
+
+
+def store_side(
+    side: str,
+    store: Any,
+    recover: Callable[[int], Awaitable[int]],
+    hold: Callable[[list[str]], Awaitable[None]],
+    round_trip: Callable[[], Awaitable[Any]],
+) -> Side:
+    """The ``Side`` of a store with the handle store's method names, which the SDK
+    shares with Flink's ``StateHandleStore`` (and so with the ZooKeeper peer)."""
+
+    async def add(name: str) -> None:
+        await store.add_and_lock(name, STATE)
+
+    async def remove(name: str) -> None:
+        if not await store.release_and_try_remove(name):
+            raise RuntimeError(f"{side} remove: {name!r} is still locked by someone else")
+
+    return Side(add, remove, recover, hold, round_trip)
+
+
 @contextlib.asynccontextmanager
-async def raw_side(ctx: Ctx, ns: str, backend: Backend):  # type: ignore[no-untyped-def]
+async def raw_side(ctx: Ctx, ns: str, backend: Backend) -> AsyncIterator[Side]:
     client = aetcd.Client(*host_port(ctx.endpoint))
     raw = Raw(client, ns, backend, ctx.pool)
     try:
         await raw.start()
-        yield raw
+
+        async def hold(names: list[str]) -> None:
+            await populate(ctx.admin, ns, names, backend, lock_as=(raw.instance_id, raw.lease))
+
+        yield Side(raw.add, raw.remove, raw.recover, hold, lambda: raw.c.get(b"warm-up"))
     finally:
         await raw.stop()
         await client.close()
@@ -305,13 +391,67 @@ async def raw_side(ctx: Ctx, ns: str, backend: Backend):  # type: ignore[no-unty
 
 
 @contextlib.asynccontextmanager
-async def sdk_side(ctx: Ctx, ns: str, backend: Backend, **cfg: Any):  # type: ignore[no-untyped-def]
+async def sdk_side(ctx: Ctx, ns: str, backend: Backend, **cfg: Any) -> AsyncIterator[Side]:
     config = StoreConfig(etcd_endpoints=[ctx.endpoint], blob_root=backend.url, namespace=ns, **cfg)
     try:
         async with StateHandleStore.open(config) as store:
-            yield store
+
+            async def recover(in_flight: int) -> int:
+                return len(await store.get_all_and_lock())  # in flight: its lock_concurrency
+
+            async def hold(names: list[str]) -> None:
+                lock_as = (store.instance_id, store.session.lease_id)
+                await populate(ctx.admin, ns, names, backend, lock_as=lock_as)
+
+            yield store_side("sdk", store, recover, hold, lambda: store.exists("warm-up"))
     finally:
         await drop_namespace(ctx.admin, ns, backend)
+
+
+@contextlib.asynccontextmanager
+async def zk_side(ctx: Ctx, ns: str, backend: Backend) -> AsyncIterator[Side]:
+    client = await zk_peer.start_client(ctx.zk_hosts)
+    store = zk_peer.FlinkZkStore(client, zk_root(ns), BlobStorage(backend, ns, ctx.pool))
+    try:
+        await store.start()
+
+        async def recover(in_flight: int) -> int:
+            return len(await store.get_all_and_lock(in_flight))
+
+        async def hold(names: list[str]) -> None:
+            await zk_peer.populate(
+                client,
+                store.root,
+                names,
+                lambda _: _stored_blob(ns, backend)[1],
+                lock_node=store.lock_node,
+            )
+
+        round_trip = lambda: zk_peer.aio(client.exists_async("/"))  # noqa: E731
+        yield store_side("zk", store, recover, hold, round_trip)
+    finally:
+        await zk_peer.close_client(client)  # our ephemeral locks go with the session
+        await zk_peer.drop_root(ctx.zk_admin, store.root)
+        backend.clean(ns)
+
+
+def open_side(ctx: Ctx, side: str, ns: str, backend: Backend, **sdk_cfg: Any) -> Any:
+    if side == "zk":
+        return zk_side(ctx, ns, backend)
+    if side == "raw":
+        return raw_side(ctx, ns, backend)
+    return sdk_side(ctx, ns, backend, **sdk_cfg)
+
+
+async def populate_unlocked(
+    ctx: Ctx, side: str, ns: str, names: list[str], backend: Backend
+) -> None:
+    """Handles of a previous leader whose lease / session has ended: no locks."""
+    if side == "zk":
+        url_of = lambda _: _stored_blob(ns, backend)[1]  # noqa: E731
+        await zk_peer.populate(ctx.zk_admin, zk_root(ns), names, url_of)
+    else:
+        await populate(ctx.admin, ns, names, backend)
 
 
 @contextlib.contextmanager
@@ -330,77 +470,61 @@ WARMUP = 16
 
 
 async def measure_add(ctx: Ctx, side: str, conc: int, n: int, backend: Backend) -> Timing:
-    ns = _ns("add", side, conc)
-    names = handle_names("h", n)
-    warm = handle_names("warm", WARMUP)
-    if side == "raw":
-        async with raw_side(ctx, ns, backend) as raw:
-            await run_split(raw.add, warm, min(conc, WARMUP))
-            with timed() as t:
-                await run_split(raw.add, names, conc)
-    else:
-        async with sdk_side(ctx, ns, backend) as store:
-
-            async def add(name: str) -> None:
-                await store.add_and_lock(name, STATE)
-
-            await run_split(add, warm, min(conc, WARMUP))
-            with maybe_profile(ctx, side), timed() as t:
-                await run_split(add, names, conc)
+    async with open_side(ctx, side, _ns("add", side, conc), backend) as s:
+        await run_split(s.add, handle_names("warm", WARMUP), min(conc, WARMUP))
+        with maybe_profile(ctx, side), timed(ctx.server_cpu[side]) as t:
+            await run_split(s.add, handle_names("h", n), conc)
     return t
 
 
 async def measure_remove(ctx: Ctx, side: str, conc: int, n: int, backend: Backend) -> Timing:
-    ns = _ns("remove", side, conc)
     names = handle_names("h", n)
     warm = handle_names("warm", WARMUP)
-    if side == "raw":
-        async with raw_side(ctx, ns, backend) as raw:
-            lock_as = (raw.instance_id, raw.lease)
-            await populate(ctx.admin, ns, warm + names, backend, lock_as=lock_as)
-            await run_split(raw.remove, warm, min(conc, WARMUP))
-            with timed() as t:
-                await run_split(raw.remove, names, conc)
-    else:
-        async with sdk_side(ctx, ns, backend) as store:
-            lock_as = (store.instance_id, store.session.lease_id)
-            await populate(ctx.admin, ns, warm + names, backend, lock_as=lock_as)
-
-            async def remove(name: str) -> None:
-                if not await store.release_and_try_remove(name):
-                    raise RuntimeError(f"sdk remove: {name!r} not removed")
-
-            await run_split(remove, warm, min(conc, WARMUP))
-            with maybe_profile(ctx, side), timed() as t:
-                await run_split(remove, names, conc)
+    async with open_side(ctx, side, _ns("remove", side, conc), backend) as s:
+        await s.hold(warm + names)
+        await run_split(s.remove, warm, min(conc, WARMUP))
+        with maybe_profile(ctx, side), timed(ctx.server_cpu[side]) as t:
+            await run_split(s.remove, names, conc)
     return t
 
 
 async def measure_recovery(ctx: Ctx, side: str, conc: int, n: int, backend: Backend) -> Timing:
-    """conc == 1: one batch in flight; otherwise: the SDK's default
-    ``lock_concurrency`` (8) vs raw with 8 batches in flight."""
+    """conc == 1: one lock txn (etcd) or one node (ZooKeeper, as Flink does) in
+    flight; otherwise the SDK's default ``lock_concurrency`` (8) vs raw with 8
+    batches in flight, and the ZooKeeper peer with ``conc`` nodes in flight."""
     ns = _ns("recover", side, conc)
-    names = handle_names("h", n)
-    await populate(ctx.admin, ns, names, backend)  # handles of a previous leader, unlocked
-    in_flight = 1 if conc == 1 else StoreConfig.model_fields["lock_concurrency"].default
-    if side == "raw":
-        async with raw_side(ctx, ns, backend) as raw:
-            await raw.c.get(b"warm-up")  # connection is up (lease granted); one more round trip
-            with timed() as t:
-                got = await raw.recover(in_flight)
+    await populate_unlocked(ctx, side, ns, handle_names("h", n), backend)
+    if side == "zk":
+        in_flight = conc
     else:
-        cfg = {"lock_concurrency": 1} if conc == 1 else {}
-        async with sdk_side(ctx, ns, backend, **cfg) as store:
-            await store.exists("warm-up")
-            with maybe_profile(ctx, side), timed() as t:
-                got = len(await store.get_all_and_lock())
+        in_flight = 1 if conc == 1 else StoreConfig.model_fields["lock_concurrency"].default
+    cfg = {"lock_concurrency": 1} if conc == 1 else {}
+    async with open_side(ctx, side, ns, backend, **cfg) as s:
+        await s.round_trip()
+        with maybe_profile(ctx, side), timed(ctx.server_cpu[side]) as t:
+            got = await s.recover(in_flight)
     if got != n:
         raise RuntimeError(f"{side} recovery locked {got} of {n} handles")
     return t
 
 
+async def warm_up_servers(ctx: Ctx, n: int, backend: Backend) -> None:
+    """Untimed, before the rounds: ``n`` adds and removes at c=64 on each side, so
+    that ZooKeeper's JVM has compiled its hot paths before the first sample (etcd,
+    in Go, has no JIT; it gets the same work so that the sides start alike)."""
+    names = handle_names("w", n)
+    for side in SIDES:
+        async with open_side(ctx, side, _ns("warm-up", side, 64), backend) as s:
+            await run_split(s.add, names, 64)
+            await run_split(s.remove, names, 64)
+
+
 # ---------------------------------------------------------------------------
 # the run
+
+
+def _per_side() -> dict[str, list[float]]:
+    return {side: [] for side in SIDES}
 
 
 @dataclass
@@ -409,35 +533,30 @@ class Row:
     concurrency: str
     backend: str
     n: int
-    raw: list[float] = field(default_factory=list)  # ops/s of each repetition
-    sdk: list[float] = field(default_factory=list)
-    raw_cpu: list[float] = field(default_factory=list)  # client CPU microseconds per op
-    sdk_cpu: list[float] = field(default_factory=list)
-    target: float | None = None
+    ops: dict[str, list[float]] = field(default_factory=_per_side)  # side -> ops/s per rep
+    cpu: dict[str, list[float]] = field(default_factory=_per_side)  # client CPU µs/op
+    server_cpu: dict[str, list[float]] = field(default_factory=_per_side)  # etcd / JVM µs/op
+    target: float | None = None  # for SDK / raw
+    zk_target: float | None = None  # for SDK / ZooKeeper
 
-    @property
-    def raw_median(self) -> float:
-        return statistics.median(self.raw)
-
-    @property
-    def sdk_median(self) -> float:
-        return statistics.median(self.sdk)
-
-    @property
-    def raw_cpu_median(self) -> float:
-        return statistics.median(self.raw_cpu)
-
-    @property
-    def sdk_cpu_median(self) -> float:
-        return statistics.median(self.sdk_cpu)
+    def median(self, side: str, samples: str = "ops") -> float:
+        return statistics.median(getattr(self, samples)[side])
 
     @property
     def ratio(self) -> float:
-        return self.sdk_median / self.raw_median
+        return self.median("sdk") / self.median("raw")
+
+    @property
+    def zk_ratio(self) -> float:
+        return self.median("sdk") / self.median("zk")
 
     @property
     def met(self) -> bool | None:
         return None if self.target is None else self.ratio >= self.target
+
+    @property
+    def zk_met(self) -> bool | None:
+        return None if self.zk_target is None else self.zk_ratio >= self.zk_target
 
 
 def machine_info(etcd_version: str, loadavg_start: tuple[float, float, float]) -> dict[str, Any]:
@@ -451,21 +570,27 @@ def machine_info(etcd_version: str, loadavg_start: tuple[float, float, float]) -
         "etcd": etcd_version,
         "platform": platform.platform(),
         "aetcd": getattr(aetcd, "__version__", "?"),
+        "kazoo": importlib.metadata.version("kazoo"),
         "loadavg_start": loadavg_start,
     }
 
 
-def etcd_binary_version() -> str:
+def first_line(cmd: list[str]) -> str:
+    """The first line a version command prints (to stdout or stderr), or "?"."""
     try:
-        out = subprocess.run(
-            [find_etcd_binary(), "--version"], capture_output=True, text=True, timeout=10
-        ).stdout
-        return out.splitlines()[0].split(":", 1)[1].strip()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (done.stdout or done.stderr).splitlines()[0].strip()
     except Exception:
         return "?"
 
 
-async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[Row], dict]:
+async def run(
+    args: argparse.Namespace,
+    endpoint: str,
+    etcd_pid: int,
+    zk: zk_peer.ZooKeeperProcess,
+    tmp: Path,
+) -> tuple[list[Row], dict]:
     cancel_on_sigterm()
     quick = args.quick
     reps = args.repeat or 3
@@ -475,7 +600,7 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[
     mem = Backend.make(f"memory://statestore-bench-{uuid.uuid4().hex[:8]}")
     files = Backend.make(f"file://{tmp / 'blobs'}")
 
-    plan: list[tuple[str, int, Callable[..., Awaitable[float]], int, Backend]] = [
+    plan: list[tuple[str, int, Callable[..., Awaitable[Timing]], int, Backend]] = [
         ("add_and_lock", 1, measure_add, n1, mem),
         ("add_and_lock", 64, measure_add, n64, mem),
         ("release_and_try_remove", 1, measure_remove, n1, mem),
@@ -489,38 +614,49 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[
     rows: list[Row] = []
     prof = cProfile.Profile() if args.cprofile else None
     admin = aetcd.Client(*host_port(endpoint))
+    zk_admin = await zk_peer.start_client(zk.hosts)
     pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="raw-blob")
-    ctx = Ctx(endpoint, admin, pool, prof)
+    etcd_cpu = lambda: proc_cpu_seconds(etcd_pid)  # noqa: E731
+    server_cpu = {"zk": zk.cpu_seconds, "raw": etcd_cpu, "sdk": etcd_cpu}
+    ctx = Ctx(endpoint, admin, zk.hosts, zk_admin, pool, server_cpu, prof)
     try:
         status = await admin.status()
         etcd_version = status.version
+        await warm_up_servers(ctx, n64, mem)
         for op, conc, fn, n, backend in plan:
             extra = backend is files
             conc_label = str(conc)
             if op == "get_all_and_lock":
-                conc_label = "1 (1 batch in flight)" if conc == 1 else "8 batches in flight"
+                conc_label = (
+                    "1 (1 etcd txn / 1 ZK node in flight)"
+                    if conc == 1
+                    else "64 (8 etcd txns / 64 ZK nodes in flight)"
+                )
             row = Row(
                 op,
                 conc_label,
                 "file://" if extra else "memory://",
                 n,
                 target=None if extra else TARGETS[op],
+                zk_target=None if extra else ZK_TARGETS.get(op),
             )
-            # A recovery of 5000 handles takes well under a second, so it is
-            # repeated more often than the others to tame the noise.
+            # A recovery of 5000 handles on etcd takes well under a second, so it
+            # is repeated more often than the others to tame the noise.
             row_reps = reps * 3 if op == "get_all_and_lock" else reps
             for rep in range(row_reps):
-                # Interleave, alternating who goes first, so drift in the
-                # machine's load hits both sides alike.
-                order = ("raw", "sdk") if rep % 2 == 0 else ("sdk", "raw")
+                # Interleave, rotating who goes first, so drift in the machine's
+                # load hits every side alike.
+                order = SIDES[rep % len(SIDES) :] + SIDES[: rep % len(SIDES)]
                 for side in order:
                     t = await fn(ctx, side, conc, n, backend)
-                    ops, cpu_us = n / t.wall, t.cpu / n * 1e6
-                    getattr(row, side).append(ops)
-                    getattr(row, side + "_cpu").append(cpu_us)
+                    ops, cpu_us, server_us = n / t.wall, t.cpu / n * 1e6, t.server_cpu / n * 1e6
+                    row.ops[side].append(ops)
+                    row.cpu[side].append(cpu_us)
+                    row.server_cpu[side].append(server_us)
                     print(
                         f"  {op:<24} c={conc:<3} {row.backend:<9} {side:<3} "
-                        f"rep {rep + 1}/{row_reps}: {ops:9.0f} ops/s {cpu_us:7.1f} CPU us/op",
+                        f"rep {rep + 1}/{row_reps}: {ops:9.0f} ops/s {cpu_us:7.1f} client "
+                        f"{server_us:7.1f} server CPU us/op",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -528,6 +664,7 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[
     finally:
         pool.shutdown(wait=True)
         await admin.close()
+        await zk_peer.close_client(zk_admin)
         with contextlib.suppress(FileNotFoundError):
             mem.fs.rm(mem.root, recursive=True)
     if prof is not None:
@@ -537,43 +674,70 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[
     return rows, info
 
 
-def cpu_table(rows: list[Row]) -> str:
-    out = [
-        "| operation | concurrency | blobs | raw CPU µs/op | SDK CPU µs/op | SDK extra µs/op |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r.operation} | {r.concurrency} | {r.backend} | {r.raw_cpu_median:,.1f} | "
-            f"{r.sdk_cpu_median:,.1f} | {r.sdk_cpu_median - r.raw_cpu_median:+,.1f} |"
-        )
-    return "\n".join(out)
+def _met(met: bool | None) -> str:
+    return "-" if met is None else ("yes" if met else "**no**")
 
 
 def table(rows: list[Row]) -> str:
     out = [
-        "| operation | concurrency | blobs | raw ops/s | SDK ops/s | ratio | target | met? |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| operation | concurrency | blobs | ZooKeeper ops/s | raw etcd ops/s | SDK ops/s "
+        "| SDK/raw | target | met? | SDK/ZK | target | met? |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
         target = f">= {r.target:.1f}" if r.target is not None else "(info)"
-        met = "-" if r.met is None else ("yes" if r.met else "**no**")
+        zk_target = f">= {r.zk_target:.1f}" if r.zk_target is not None else "(info)"
         out.append(
-            f"| {r.operation} | {r.concurrency} | {r.backend} | {r.raw_median:,.0f} | "
-            f"{r.sdk_median:,.0f} | {r.ratio:.2f} | {target} | {met} |"
+            f"| {r.operation} | {r.concurrency} | {r.backend} | {r.median('zk'):,.0f} | "
+            f"{r.median('raw'):,.0f} | {r.median('sdk'):,.0f} | {r.ratio:.2f} | {target} | "
+            f"{_met(r.met)} | {r.zk_ratio:.2f} | {zk_target} | {_met(r.zk_met)} |"
         )
     return "\n".join(out)
 
 
+def cpu_table(rows: list[Row]) -> str:
+    out = [
+        "| operation | concurrency | blobs | ZK client | ZK server (JVM) | raw client "
+        "| raw server (etcd) | SDK client | SDK server (etcd) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [
+            f"{r.median(side, samples):,.1f}" for side in SIDES for samples in ("cpu", "server_cpu")
+        ]
+        out.append(f"| {r.operation} | {r.concurrency} | {r.backend} | {' | '.join(cells)} |")
+    return "\n".join(out)
+
+
+def row_json(r: Row) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "operation": r.operation,
+        "concurrency": r.concurrency,
+        "blobs": r.backend,
+        "n": r.n,
+    }
+    for side in SIDES:
+        out[f"{side}_ops_s"] = r.ops[side]
+        out[f"{side}_cpu_us_per_op"] = r.cpu[side]
+        out[f"{side}_server_cpu_us_per_op"] = r.server_cpu[side]
+        out[f"{side}_median"] = r.median(side)
+        out[f"{side}_cpu_median"] = r.median(side, "cpu")
+        out[f"{side}_server_cpu_median"] = r.median(side, "server_cpu")
+    out |= {"ratio": r.ratio, "target": r.target, "met": r.met}
+    out |= {"zk_ratio": r.zk_ratio, "zk_target": r.zk_target, "zk_met": r.zk_met}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small N: a smoke run (< 30 s)")
+    p.add_argument("--quick", action="store_true", help="small N: a smoke run (about 1 min)")
     p.add_argument("--json", metavar="OUT", help="write all samples and medians as JSON")
     p.add_argument("--repeat", type=int, default=0, help="repetitions per measurement (default 3)")
     p.add_argument(
         "--etcd-dir",
         metavar="DIR",
-        help="parent dir for etcd's data (default: a fresh temp dir; e.g. /dev/shm for tmpfs)",
+        help="parent dir for etcd's and ZooKeeper's data (default: a fresh temp dir; e.g. "
+        "/dev/shm for tmpfs)",
     )
     p.add_argument(
         "--only",
@@ -590,50 +754,41 @@ def main() -> int:
 
     started = time.monotonic()
     load_start = os.getloadavg()
-    # Stops etcd and removes the temp dirs however run() ends; on Ctrl-C or
-    # SIGTERM it exits with status 130 (see also run()).
-    with scratch_etcd("statestore-bench", args.etcd_dir) as (member, tmp):
-        rows, info = asyncio.run(run(args, member.endpoint, tmp))
+    # Stops etcd and ZooKeeper and removes the temp dirs however run() ends; on
+    # Ctrl-C or SIGTERM it exits with status 130 (see also run()).
+    with (
+        scratch_etcd("statestore-bench", args.etcd_dir) as (member, tmp),
+        zk_peer.scratch_zookeeper("statestore-bench", args.etcd_dir) as zk,
+    ):
+        assert member.pid is not None
+        rows, info = asyncio.run(run(args, member.endpoint, member.pid, zk, tmp))
+        zk_version = zk.version()
 
     machine = machine_info(info["etcd_server"], load_start)
-    machine["etcd_binary"] = etcd_binary_version()
+    machine["etcd_binary"] = first_line([find_etcd_binary(), "--version"]).split(":", 1)[-1].strip()
+    machine["zookeeper"] = zk_version
+    machine["java"] = first_line([zk_peer.find_java(), "-version"])
     machine["loadavg_end"] = os.getloadavg()
     # <etcd_dir>/<temp dir>/default.etcd: the dir etcd's temp dir was made in
     machine["etcd_data_on"] = str(member.data_dir.parent.parent)
     print(table(rows))
-    print("\nClient CPU per operation (this process, all threads; etcd excluded), median:\n")
+    print(
+        "\nCPU per operation, µs, median: client = this process (all threads), "
+        "server = etcd's process or ZooKeeper's JVM (/proc):\n"
+    )
     print(cpu_table(rows))
     print(
         f"\nmedian of {info['reps']} runs each ({info['reps'] * 3} for get_all_and_lock); "
-        f"nproc={machine['nproc']}, "
-        f"python {machine['python']}, etcd {machine['etcd']}, etcd data under "
-        f"{machine['etcd_data_on']}, load avg {machine['loadavg_start'][0]:.2f} -> "
+        f"nproc={machine['nproc']}, python {machine['python']}, etcd {machine['etcd']}, "
+        f"ZooKeeper {machine['zookeeper']} ({machine['java']}), kazoo {machine['kazoo']}, "
+        f"data under {machine['etcd_data_on']}, load avg {machine['loadavg_start'][0]:.2f} -> "
         f"{machine['loadavg_end'][0]:.2f}, {time.monotonic() - started:.0f} s total"
     )
     if args.json:
         out = {
             "machine": machine,
             "params": {k: v for k, v in info.items() if k != "etcd_server"} | {"quick": args.quick},
-            "rows": [
-                {
-                    "operation": r.operation,
-                    "concurrency": r.concurrency,
-                    "blobs": r.backend,
-                    "n": r.n,
-                    "raw_ops_s": r.raw,
-                    "sdk_ops_s": r.sdk,
-                    "raw_cpu_us_per_op": r.raw_cpu,
-                    "sdk_cpu_us_per_op": r.sdk_cpu,
-                    "raw_cpu_median": r.raw_cpu_median,
-                    "sdk_cpu_median": r.sdk_cpu_median,
-                    "raw_median": r.raw_median,
-                    "sdk_median": r.sdk_median,
-                    "ratio": r.ratio,
-                    "target": r.target,
-                    "met": r.met,
-                }
-                for r in rows
-            ],
+            "rows": [row_json(r) for r in rows],
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

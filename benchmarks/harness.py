@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -28,7 +29,22 @@ from statestore.local.etcd_process import EtcdProcess
 class Timing:
     wall: float = 0.0  # seconds
     cpu: float = 0.0  # CPU seconds of this process (all its threads: client side / whole SDK)
-    server_cpu: float = 0.0  # CPU seconds of the service's processes (REST only); never etcd's
+    # CPU seconds of the server side: the service's processes (bench_rest.py), or
+    # the metadata server (bench_store.py: etcd's process or ZooKeeper's JVM)
+    server_cpu: float = 0.0
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads) so far, from /proc; 0
+    once it is gone. Ticks of 10 ms: divide by thousands of operations."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
 @contextlib.contextmanager

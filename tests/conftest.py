@@ -23,26 +23,11 @@ from statestore import StateHandleStore
 from statestore.config import StoreConfig
 from statestore.local.etcd_process import EtcdCluster, EtcdProcess
 
+#: No silent skips (tests/no_skips.py): a skip fails the run.
+pytest_plugins = ["no_skips"]
+
 # Short enough that expiry tests stay quick, long enough for a loaded CI box.
 DEFAULT_TEST_LEASE_TTL = 5
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """No silent skips: a skipped test is reported as failed.
-
-    This suite has no test that may legitimately skip. A skip has only ever
-    meant "the machine lacks something" (etcdctl once), and CI passed on the
-    developer's machine where it had been installed by hand while a fresh
-    machine did not run those tests at all. Whatever a test needs, ``make
-    test`` installs; if it is missing, the run must say so by failing.
-    """
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
-    if report.skipped and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"skipped tests count as failures in this suite: {reason}"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -210,9 +210,11 @@ def test_second_serve_in_the_same_directory_refuses_at_once(tmp_path: Path) -> N
             assert c.post("/v1/sessions", json={"ttl_seconds": 10}).status_code == 201
 
         # A drill on the same directory still joins the running member.
-        from statestore.drill.target import open_target
+        from statestore.config import StoreConfig
+        from statestore.drill.target import DeploymentSettings, open_target
 
-        with open_target(home=tmp_path / ".statestore") as target:
+        no_endpoints = DeploymentSettings(StoreConfig(), gc_interval_seconds=60)
+        with open_target(settings=no_endpoints, home=tmp_path / ".statestore") as target:
             assert f"embedded default (etcd 127.0.0.1:{client_port})" in target.description
     finally:
         first.send_signal(signal.SIGTERM)
