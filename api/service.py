@@ -16,7 +16,13 @@ from statestore.data import MAX_INT64
 from statestore.election import fence_for_token, instance_fence
 from statestore.errors import SessionExpired
 from statestore.handle import Handle, metadata_too_deep
-from statestore.keys import validate_info_key, validate_name, validate_namespace
+from statestore.keys import (
+    IDEMPOTENCY_KEY_PATTERN,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    validate_info_key,
+    validate_name,
+    validate_namespace,
+)
 from statestore.maintenance.replica import Maintenance
 from statestore.store import SMALL_DATA, FixedLease, StateHandleStore, StoreBackend
 from statestore_api.auth import Authorizer, Caller, Role
@@ -260,4 +266,17 @@ SessionHeader = Annotated[
 FencingHeader = Annotated[
     str | None,
     Header(description="Leadership token from POST .../leader; 409 fenced when not current."),
+]
+IdempotencyHeader = Annotated[
+    str | None,
+    Header(
+        description="1..128 printable ASCII, fresh per operation and the same on each retry "
+        "of it: a retry by the same session answers the first attempt's result (same status, "
+        "same body) if that attempt took effect, and performs the operation if it did not. "
+        "Answers are kept for the idempotency window (idempotency_window_seconds, default "
+        "600 s); the same key sent for another operation or name -> 400.",
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_CHARS,
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+    ),
 ]

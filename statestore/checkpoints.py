@@ -18,6 +18,12 @@ non-negative 64-bit id), so name order is id order, with metadata
    others (e.g. a reader) is marked for deferred removal and disappears when
    they let go. It is reported as subsumed either way.
 
+With an idempotency key (``statestore.idempotency``), step 1's txn also puts
+the key's record (the handle), and once step 3 is done a second txn fills in
+the subsumed ids. A retry with the key answers the stored checkpoint and
+ids; one that finds the ids missing (the first attempt ended between the
+two) subsumes again and records what it removed.
+
 ``recover()`` locks every checkpoint from one snapshot and returns them
 sorted by id. It fails loudly (``IntegrityError``) when a checkpoint is
 unreadable, its record or its blob, instead of silently skipping it and
@@ -29,14 +35,19 @@ deposed leader can neither add nor subsume (``Fenced``).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from statestore.blobs import Data
 from statestore.data import MAX_INT64
-from statestore.errors import IntegrityError, InvalidArgument
+from statestore.errors import IntegrityError, InvalidArgument, StateStoreError
 from statestore.handle import Handle
+from statestore.idempotency import IdempotentCall, Replay
 from statestore.store import StateHandleStore
+
+log = logging.getLogger(__name__)
 
 MAX_ID = MAX_INT64
 _WIDTH = 20
@@ -122,17 +133,64 @@ class CompletedCheckpointStore:
         return self._store
 
     async def add_checkpoint_and_subsume(
-        self, checkpoint_id: int, data: Data, savepoint: bool = False, **kwargs: Any
+        self,
+        checkpoint_id: int,
+        data: Data,
+        savepoint: bool = False,
+        *,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
     ) -> tuple[CompletedCheckpoint, list[int]]:
         """Add the checkpoint (locked), then subsume beyond ``max_retained``;
-        returns it and the subsumed ids."""
+        returns it and the subsumed ids. ``idempotency_key``: see the module
+        (a retry answers the first attempt's checkpoint and subsumed ids)."""
         name = checkpoint_name(checkpoint_id)
         metadata = {"checkpoint_id": checkpoint_id, "savepoint": bool(savepoint)}
         rid = f"checkpoint-{checkpoint_id}-{self._store.instance_id}"
-        h = await self._store.add_and_lock(name, data, metadata, request_id=rid, **kwargs)
+        call = self._store.idempotent_call(idempotency_key, "checkpoint", name)
+        h, replay = await self._store.add_and_lock_answer(
+            call, name, data, metadata, request_id=rid, **kwargs
+        )
         added = CompletedCheckpoint.of(h)
+        if replay is not None and replay.record.subsumed is not None:
+            return added, list(replay.record.subsumed)
         subsumed = await self._subsume()
+        if call is not None:
+            subsumed = await self._record_subsumed(call, replay, h.version, subsumed)
         return added, subsumed
+
+    async def _record_subsumed(
+        self, call: IdempotentCall, replay: Replay | None, version: int, subsumed: list[int]
+    ) -> list[int]:
+        """Fill the subsumed ids into the key's record (written by our add, or
+        found by it without them): ONE txn ``If(create_revision(record) ==
+        the add's revision, version(record) == 1) Then(put record + ids, same
+        lease) Else(get record)``. A duplicate that filled them in first wins:
+        its ids are the answer. Any error (the record gone with its lease, no
+        definite answer): our ids are still the answer, logged (a retry finds
+        them missing and subsumes again, which then removes nothing)."""
+        if replay is not None:
+            first, created, lease = replay.record, replay.create_revision, replay.lease
+        elif call.written is not None:
+            # Ours, if our add's txn put it: then the record's create_revision
+            # is the handle's version, which the fill-in compares.
+            first, created, lease = call.written, version, call.written_lease
+        else:  # the add found its own earlier write by request id: no record of this key
+            return subsumed
+        done = dataclasses.replace(first, subsumed=subsumed)
+        try:
+            res = await self._store.etcd.txn(
+                call.fill_in(created, lease, done), what="record subsumed checkpoints"
+            )
+        except StateStoreError as e:  # the checkpoint is added and subsumed: answer that
+            log.warning("could not record the subsumed ids of %s: %s", call.target, e)
+            return subsumed
+        if res.succeeded:
+            return subsumed
+        stored = call.replay_of(res.results[0])
+        if stored is not None and stored.record.subsumed is not None:
+            return list(stored.record.subsumed)
+        return subsumed
 
     async def _subsume(self) -> list[int]:
         snap = await self._store.snapshot()

@@ -116,6 +116,14 @@ class StoreConfig(BaseSettings):
     lock_concurrency: int = Field(
         default=8, ge=1, description="Lock batches get_all_and_lock keeps in flight."
     )
+    idempotency_window_seconds: float = Field(
+        default=600.0,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="How long the answer of an operation sent with an idempotency key is "
+        "kept for retries with that key: at least this long, at most 1.5 times it. A retry "
+        "after that performs the operation again.",
+    )
 
     @field_validator("etcd_endpoints", mode="before")
     @classmethod

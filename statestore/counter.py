@@ -15,6 +15,10 @@ write value + 1, so the value alone cannot tell); if not, the CAS is retried.
 
 With a fenced store every write carries the leadership compare, so a
 deposed leader cannot hand out or reset ids (``Fenced``).
+
+With an idempotency key (``statestore.idempotency``) the CAS txn also puts
+the key's record, holding the value handed out; a retry whose first attempt
+landed answers that value and increments nothing.
 """
 
 from __future__ import annotations
@@ -25,18 +29,22 @@ import uuid
 from statestore.config import StoreConfig
 from statestore.data import MAX_INT64
 from statestore.errors import (
+    Fenced,
     InvalidArgument,
     PossibleInconsistentState,
     StateStoreError,
     Unavailable,
 )
 from statestore.etcd import Ambiguous, Txn
+from statestore.idempotency import IdempotentCall, Replay
 from statestore.keys import validate_name
 from statestore.records import decode_counter, encode_counter
 from statestore.store import StateHandleStore
 
 MAX_VALUE = MAX_INT64
 _ROUNDS = 1000
+# Sends of a delete that keeps getting no definite answer.
+_DELETE_ROUNDS = 8
 
 
 class CheckpointIDCounter:
@@ -58,12 +66,13 @@ class CheckpointIDCounter:
             await self._store.start()
             self._started = True
 
-    async def _read(self) -> tuple[int, int]:
-        """(current value, mod_revision); (1, 0) for a counter never set."""
-        kv = await self._store.etcd.get(self._key)
+    async def _read(self, call: IdempotentCall | None = None) -> tuple[int, int, Replay | None]:
+        """(current value, mod_revision, the answer stored under ``call``'s
+        key) in one read; (1, 0, ...) for a counter never set."""
+        kv, replay = await self._store.read_with(self._key, call)
         if kv is None:
-            return 1, 0
-        return decode_counter(kv.value), kv.mod_revision
+            return 1, 0, replay
+        return decode_counter(kv.value), kv.mod_revision, replay
 
     @staticmethod
     def _encode(value: int) -> bytes:
@@ -75,31 +84,56 @@ class CheckpointIDCounter:
         await self._ready()
         return (await self._read())[0]
 
-    async def get_and_increment(self) -> int:
-        """Atomically return the current value and store value + 1 (first call: 1)."""
+    async def get_and_increment(self, *, idempotency_key: str | None = None) -> int:
+        """Atomically return the current value and store value + 1 (first call: 1).
+
+        ``idempotency_key``: the CAS txn also compares that the key has no
+        record and puts one holding the value handed out. A call whose key
+        has one (a retry whose first attempt landed, a duplicate that won)
+        returns that value and increments nothing: found by the read before
+        the CAS (one txn of two gets), by the CAS's else branch, after
+        ``Fenced``, or by the re-read after an ambiguous answer, where the
+        record also settles the outcome (written with the increment, its
+        absence proves the increment did not land: the CAS is sent again).
+        """
         await self._ready()
+        call = self._store.idempotent_call(idempotency_key, "increment", self.name)
         for _ in range(_ROUNDS):
-            value, rev = await self._read()
+            value, rev, replay = await self._read(call)
+            if replay is not None:
+                return replay.value()
             if value >= MAX_VALUE:
                 raise InvalidArgument(f"counter {self.name!r} is exhausted at {value}")
             nxt = self._encode(value + 1)
 
-            def build(lease: int, rev: int = rev, nxt: bytes = nxt) -> Txn:
+            def build(lease: int, rev: int = rev, nxt: bytes = nxt, value: int = value) -> Txn:
                 t = Txn()
                 if rev == 0:
                     t.compare("create", self._key, "==", 0)
                 else:
                     t.compare("mod", self._key, "==", rev)
-                return t.then(Txn.put(self._key, nxt))
+                t.then(Txn.put(self._key, nxt))
+                if call is not None:
+                    call.guard(t).then(call.put(value=value)).orelse(call.get())
+                return t
 
             try:
-                res = await self._store.fenced_txn(build, "counter increment")
-            except Ambiguous:
+                res = await self._store.fenced_txn(build, "counter increment", idem=call)
+            except Ambiguous as e:
+                if call is not None:
+                    replay = await self._store.lookup(call, e)
+                    if replay is not None:
+                        return replay.value()
+                    continue  # no record: the increment did not land
                 if await self._applied(rev, nxt):
                     return value
                 continue
+            except Fenced as e:
+                return (await self._store.replay_if_fenced(call, e)).value()
             if res.succeeded:
                 return value
+            if call is not None and (replay := call.replay_of(res.results[0])) is not None:
+                return replay.value()
         raise Unavailable(f"counter {self.name!r}: too much contention; retry")
 
     async def _applied(self, rev: int, nxt: bytes) -> bool:
@@ -143,14 +177,27 @@ class CheckpointIDCounter:
             lambda lease: Txn().then(Txn.put(self._key, data)), "counter set"
         )
 
+    async def delete(self) -> None:
+        """Delete the counter (also when it does not exist): the next read or
+        increment starts again at 1. ONE txn ``[fence] Then(delete key)``, so a
+        fenced store raises ``Fenced`` and deletes nothing once leadership is
+        gone; sent again after an ambiguous answer (a delete is safe to repeat)."""
+        await self._ready()
+        for _ in range(_DELETE_ROUNDS):
+            try:
+                await self._store.fenced_txn(
+                    lambda lease: Txn().then(Txn.delete(self._key)), "counter delete"
+                )
+                return
+            except Ambiguous:
+                continue
+        raise Unavailable(f"counter {self.name!r}: etcd gave no definite answer to the delete")
+
     async def shutdown(self, globally_terminal: bool) -> None:
         """Delete the counter when the job is globally terminal (finished,
         cancelled, failed); otherwise keep it for the next leader."""
         if globally_terminal:
-            await self._ready()
-            await self._store.fenced_txn(
-                lambda lease: Txn().then(Txn.delete(self._key)), "counter shutdown"
-            )
+            await self.delete()
         if self._owns:
             await self._store.close()
             self._started = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from statestore.errors import InvalidArgument, TooLarge
 
@@ -56,6 +56,19 @@ class Handle:
             "created_at": self.created_at.isoformat(),
             "metadata": self.metadata,
         }
+
+
+class PrefixRemoval(NamedTuple):
+    """What a removal by name prefix did (``StateHandleStore.remove_prefix``,
+    REST ``DELETE .../handles?prefix=``), names sorted. Unpacks as
+    ``removed, kept``."""
+
+    #: Names removed (also those found already gone).
+    removed: list[str]
+    #: Names kept because other sessions or instances hold locks on them (our
+    #: own lock released): "locked"; with ``deferred=True`` their removal is
+    #: pending and completes when the last lock goes: "pending".
+    kept: list[str]
 
 
 def blob_id_of(url: str) -> str:

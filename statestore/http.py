@@ -33,6 +33,18 @@ Behaviour common to both faces:
   file at a time), never read whole, and hashed on the way: the handle the
   server answers with must have the size and SHA-256 of what was sent, else
   ``IntegrityError``.
+- Idempotent retries (rest-v1.md "Idempotent retries"): ``add_and_lock``,
+  ``replace``, ``add_checkpoint`` and ``counter_increment`` (with a session)
+  send an ``Idempotency-Key``, a fresh UUID per call unless the caller gives
+  ``idempotency_key``. When the connection breaks or times out (before or
+  after the request went out: ``httpx.NetworkError``,
+  ``RemoteProtocolError``, ``TimeoutException``), the call is sent again
+  with the same key, up to ``retries`` more times with short backoff
+  (:data:`RETRY_BACKOFF` doubling, at most :data:`RETRY_BACKOFF_MAX`): the
+  answer is then the first attempt's result if it took effect, else the
+  operation performed once. A state given as a file object or an iterable
+  cannot be sent twice, so such a call is not retried; its ``Unavailable``
+  carries ``details["idempotency_key"]``, to retry by hand with bytes.
 - Reads (``read`` / ``open_read``) verify the body against the response's
   ``X-Content-SHA256``. ``open_read`` holds the last chunk back until the
   whole body has matched and raises ``IntegrityError`` in its place
@@ -49,6 +61,8 @@ import hashlib
 import json
 import logging
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -75,7 +89,8 @@ from statestore.errors import (
     Unavailable,
     VersionConflict,
 )
-from statestore.handle import encode_metadata, encode_plain_json
+from statestore.handle import PrefixRemoval, encode_metadata, encode_plain_json
+from statestore.keys import validate_idempotency_key
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +100,12 @@ T = TypeVar("T")
 CHUNK_SIZE = 1024 * 1024
 #: How much of an unexpected response body an error message quotes.
 EXCERPT_CHARS = 300
+#: Retries of a call with an idempotency key after a broken connection
+#: (the clients' ``retries`` default), and the backoff before the first one
+#: (doubling, at most ``RETRY_BACKOFF_MAX``), in seconds.
+RETRIES = 3
+RETRY_BACKOFF = 0.1
+RETRY_BACKOFF_MAX = 1.0
 
 #: What ``add_and_lock``/``replace``/``add_checkpoint`` accept as state: bytes, a
 #: binary file object (sync ``read``, or ``async def read`` for the async face),
@@ -231,20 +252,35 @@ _NOTHING_SENT = (
 )
 
 
-def _unreachable(request: httpx.Request, exc: httpx.TransportError) -> Unavailable:
-    """``Unavailable`` for a connection error or timeout, naming the URL."""
+#: Transport errors after which a call with an idempotency key is sent again
+#: (the connection broke or timed out, before or after the request went out).
+_RETRIED = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.TimeoutException)
+
+
+def _unreachable(request: httpx.Request, exc: httpx.TransportError, tries: int = 1) -> Unavailable:
+    """``Unavailable`` for a connection error or timeout, naming the URL
+    (and the idempotency key, with which a retry learns the outcome)."""
     nothing_sent = isinstance(exc, _NOTHING_SENT)
+    key = request.headers.get("idempotency-key")
     if nothing_sent or request.method in ("GET", "HEAD"):
         hint = "retry when the server is reachable"
+    elif key is not None:
+        hint = (
+            f"the request may have reached the server and taken effect; retry with "
+            f"idempotency_key={key!r} to learn the outcome (it answers the first result)"
+        )
     else:
         hint = (
             "the request may have reached the server and taken effect; re-read the state "
             "before retrying"
         )
+    sent = f" (sent {tries} times)" if tries > 1 else ""
+    extra = {"idempotency_key": key} if key is not None else {}
     return Unavailable(
-        f"{request.method} {request.url}: the statestore server did not answer "
+        f"{request.method} {request.url}: the statestore server did not answer{sent} "
         f"({type(exc).__name__}: {exc or 'no detail'}); {hint}",
         url=str(request.url),
+        **extra,
     )
 
 
@@ -413,6 +449,7 @@ def request_headers(
     metadata: Mapping[str, Any] | None = None,
     sha256: str | None = None,
     if_match: int | None = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, str]:
     """The rest-v1 request headers for the given values (``None`` -> absent).
 
@@ -440,7 +477,14 @@ def request_headers(
         headers["X-Content-SHA256"] = digest
     if if_match is not None:
         headers["If-Match"] = f'"{_checked_int(if_match, "expected_version")}"'
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = validate_idempotency_key(idempotency_key)
     return headers
+
+
+def _fresh_key(given: str | None) -> str:
+    """The idempotency key of a call: the caller's, or a fresh UUID."""
+    return given if given is not None else str(uuid.uuid4())
 
 
 def _checked_int(value: Any, what: str) -> int:
@@ -656,6 +700,18 @@ class _Call(Generic[T]):
     #: campaign): added to the client's read timeout for this call.
     waits: float = 0.0
 
+    def retry_delay(self, error: httpx.TransportError, tries: int, retries: int) -> float | None:
+        """How long to wait before sending the call again after ``error`` on
+        its ``tries``-th send; ``None``: do not (no idempotency key, a state
+        that cannot be sent twice, another kind of error, or ``retries``
+        retries already made)."""
+        replayable = self.upload is None or self.upload.raw is not None
+        if "Idempotency-Key" not in self.headers or not replayable or tries > retries:
+            return None
+        if not isinstance(error, _RETRIED):
+            return None
+        return min(RETRY_BACKOFF * 2 ** (tries - 1), RETRY_BACKOFF_MAX)
+
     def build(self, http: httpx.Client | httpx.AsyncClient, content: Any) -> httpx.Request:
         """The request on ``http`` (whose base URL, auth and timeouts apply)."""
         timeout = http.timeout
@@ -738,6 +794,13 @@ def _checkpoints(response: httpx.Response) -> list[RestCheckpoint]:
     return [RestCheckpoint.from_json(c) for c in _body(response)["checkpoints"]]
 
 
+def _names(body: Any, member: str) -> list[str]:
+    names = body.get(member, [])
+    if not isinstance(names, list):
+        raise TypeError(f"{member} must be a list, got {names!r}")
+    return [_str(n) for n in names]
+
+
 class _Api:
     """Builds the :class:`_Call` of every rest-v1 operation (no I/O).
 
@@ -790,6 +853,7 @@ class _Api:
         metadata: Mapping[str, Any] | None,
         sha256: str | None,
         fencing_token: int | None,
+        idempotency_key: str | None,
         ns: str | None,
     ) -> _Call[RestHandle]:
         path = self._handle_path(name, ns)
@@ -799,6 +863,7 @@ class _Api:
             metadata=metadata,
             sha256=sha256,
             if_match=expected_version,
+            idempotency_key=_fresh_key(idempotency_key),
         )
         upload = _Upload(data)
         upload.add_digest(headers)
@@ -849,6 +914,41 @@ class _Api:
             on_error=_false_if_locked,
         )
 
+    def remove_prefix(
+        self,
+        prefix: str,
+        session_id: str,
+        *,
+        deferred: bool,
+        fencing_token: int | None,
+        ns: str | None,
+    ) -> _Call[PrefixRemoval]:
+        kept = "pending" if deferred else "locked"
+
+        def parse(response: httpx.Response) -> PrefixRemoval:
+            body = _body(response)
+            return PrefixRemoval(_names(body, "removed"), _names(body, kept))
+
+        params = {"prefix": prefix}
+        if deferred:
+            params["deferred"] = "true"
+        return _Call(
+            "DELETE",
+            f"{self._ns_path(ns)}/handles",
+            parse,
+            params=params,
+            headers=request_headers(session_id=session_id, fencing_token=fencing_token),
+        )
+
+    def release_prefix(self, prefix: str, session_id: str, ns: str | None) -> _Call[None]:
+        return _Call(
+            "DELETE",
+            f"{self._ns_path(ns)}/locks",
+            _nothing,
+            params={"prefix": prefix},
+            headers=request_headers(session_id=session_id),
+        )
+
     def listing(
         self, prefix: str | None, *, lock: bool, session_id: str | None, ns: str | None
     ) -> _Call[Listing]:
@@ -875,9 +975,30 @@ class _Api:
     def counter_get(self, name: str, ns: str | None) -> _Call[int]:
         return _Call("GET", self._counter_path(name, ns), _value)
 
-    def counter_increment(self, name: str, fencing_token: int | None, ns: str | None) -> _Call[int]:
-        headers = request_headers(fencing_token=fencing_token)
+    def counter_increment(
+        self,
+        name: str,
+        session_id: str | None,
+        fencing_token: int | None,
+        idempotency_key: str | None,
+        ns: str | None,
+    ) -> _Call[int]:
+        if session_id is None and idempotency_key is not None:
+            raise InvalidArgument(
+                "an idempotency key is scoped by the session that sends it: pass session_id"
+            )
+        headers = request_headers(
+            session_id=session_id,
+            fencing_token=fencing_token,
+            idempotency_key=None if session_id is None else _fresh_key(idempotency_key),
+        )
         return _Call("POST", f"{self._counter_path(name, ns)}/increment", _value, headers=headers)
+
+    def counter_delete(
+        self, name: str, session_id: str | None, fencing_token: int | None, ns: str | None
+    ) -> _Call[None]:
+        headers = request_headers(session_id=session_id, fencing_token=fencing_token)
+        return _Call("DELETE", self._counter_path(name, ns), _nothing, headers=headers)
 
     def counter_set(
         self, name: str, value: int, fencing_token: int | None, ns: str | None
@@ -936,6 +1057,7 @@ class _Api:
         retain: int,
         savepoint: bool,
         fencing_token: int | None,
+        idempotency_key: str | None,
         ns: str | None,
     ) -> _Call[tuple[RestCheckpoint, list[int]]]:
         cid = _checked_int(checkpoint_id, "checkpoint_id")
@@ -944,7 +1066,11 @@ class _Api:
         params = {"retain": str(_checked_int(retain, "retain"))}
         if savepoint:
             params["savepoint"] = "true"
-        headers = request_headers(session_id=session_id, fencing_token=fencing_token)
+        headers = request_headers(
+            session_id=session_id,
+            fencing_token=fencing_token,
+            idempotency_key=_fresh_key(idempotency_key),
+        )
         upload = _Upload(data)
         upload.add_digest(headers)
 
@@ -1024,6 +1150,12 @@ def _after_session(session: Session, error: StateStoreError | None, *, body_fail
     raise error
 
 
+def _checked_retries(retries: Any) -> int:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidArgument(f"retries must be an integer >= 0, got {retries!r}")
+    return retries
+
+
 def _client_args(
     base_url: str, token: str | None, timeout: float, transport: Any
 ) -> dict[str, Any]:
@@ -1055,8 +1187,10 @@ class StateStoreClient:
     ``namespace`` is the default of every ``ns=`` argument; ``token`` is sent as
     ``Authorization: Bearer``; ``timeout`` (seconds) applies to connecting and
     to each read or write on the connection; ``transport`` replaces httpx's
-    (e.g. ``httpx.MockTransport`` in tests). Use as ``with StateStoreClient(...)
-    as client`` or call :meth:`close`. Safe to share between threads.
+    (e.g. ``httpx.MockTransport`` in tests); ``retries`` bounds the resends of
+    a call with an idempotency key after a broken connection (see the
+    module). Use as ``with StateStoreClient(...) as client`` or call
+    :meth:`close`. Safe to share between threads.
     """
 
     def __init__(
@@ -1067,8 +1201,10 @@ class StateStoreClient:
         namespace: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        retries: int = RETRIES,
     ) -> None:
         self._api = _Api(namespace)
+        self._retries = _checked_retries(retries)
         self._http = httpx.Client(**_client_args(base_url, token, timeout, transport))
 
     @property
@@ -1096,12 +1232,19 @@ class StateStoreClient:
         self._http.close()
 
     def _send(self, call: _Call[T]) -> T:
-        request = call.build(self._http, call.upload.sync_content() if call.upload else None)
-        try:
-            response = self._http.send(request)
-        except httpx.TransportError as e:
-            raise _unreachable(request, e) from e
-        return call.finish(response)
+        tries = 0
+        while True:
+            tries += 1
+            request = call.build(self._http, call.upload.sync_content() if call.upload else None)
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as e:
+                delay = call.retry_delay(e, tries, self._retries)
+                if delay is None:
+                    raise _unreachable(request, e, tries) from e
+                time.sleep(delay)
+                continue
+            return call.finish(response)
 
     # sessions
 
@@ -1185,11 +1328,14 @@ class StateStoreClient:
         metadata: Mapping[str, Any] | None = None,
         sha256: str | None = None,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> RestHandle:
         """Create handle ``name`` with ``data`` (streamed unless bytes), locked by
         the session. ``AlreadyExists``, ``IntegrityError`` (``sha256`` does not
-        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``."""
+        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``.
+        Sent with ``idempotency_key`` (default: a fresh one) and resent with it
+        after a broken connection (see the module)."""
         return self._send(
             self._api.put(
                 name,
@@ -1199,6 +1345,7 @@ class StateStoreClient:
                 metadata=metadata,
                 sha256=sha256,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1213,10 +1360,13 @@ class StateStoreClient:
         metadata: Mapping[str, Any] | None = None,
         sha256: str | None = None,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> RestHandle:
         """Replace the state of ``name`` if it is still at ``expected_version``
-        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ..."""
+        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ...
+        Sent with ``idempotency_key`` (default: a fresh one) and resent with it
+        after a broken connection (see the module)."""
         return self._send(
             self._api.put(
                 name,
@@ -1226,6 +1376,7 @@ class StateStoreClient:
                 metadata=metadata,
                 sha256=sha256,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1303,6 +1454,31 @@ class StateStoreClient:
             )
         )
 
+    def remove_prefix(
+        self,
+        prefix: str,
+        session_id: str,
+        *,
+        deferred: bool = False,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> PrefixRemoval:
+        """``release_and_try_remove`` of every handle whose name starts with
+        ``prefix`` (``""``: all): ``(removed, kept)`` names, where ``kept`` are
+        those other sessions lock (with ``deferred=True``: pending removal,
+        done when they let go). ``Fenced`` (nothing removed) with a stale
+        ``fencing_token``."""
+        return self._send(
+            self._api.remove_prefix(
+                prefix, session_id, deferred=deferred, fencing_token=fencing_token, ns=ns
+            )
+        )
+
+    def release_prefix(self, prefix: str, session_id: str, *, ns: str | None = None) -> None:
+        """Drop every lock of the session on handles whose name starts with
+        ``prefix`` (``""``: all); the session stays alive."""
+        self._send(self._api.release_prefix(prefix, session_id, ns))
+
     def list(
         self,
         prefix: str | None = None,
@@ -1336,10 +1512,33 @@ class StateStoreClient:
         return self._send(self._api.counter_get(name, ns))
 
     def counter_increment(
-        self, name: str, *, fencing_token: int | None = None, ns: str | None = None
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        idempotency_key: str | None = None,
+        ns: str | None = None,
     ) -> int:
-        """Atomically add one; returns the value before the increment."""
-        return self._send(self._api.counter_increment(name, fencing_token, ns))
+        """Atomically add one; returns the value before the increment. With
+        ``session_id`` it is sent with ``idempotency_key`` (default: a fresh
+        one) and resent with it after a broken connection, so the counter
+        advances once (a key is per session: without one, no key, no resend)."""
+        return self._send(
+            self._api.counter_increment(name, session_id, fencing_token, idempotency_key, ns)
+        )
+
+    def counter_delete(
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> None:
+        """Delete the counter (fine when absent): the next read is 1 again.
+        ``Fenced`` (nothing deleted) with a stale ``fencing_token``."""
+        self._send(self._api.counter_delete(name, session_id, fencing_token, ns))
 
     def counter_set(
         self, name: str, value: int, *, fencing_token: int | None = None, ns: str | None = None
@@ -1389,10 +1588,13 @@ class StateStoreClient:
         retain: int = 1,
         savepoint: bool = False,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> tuple[RestCheckpoint, builtins.list[int]]:
         """Store checkpoint ``checkpoint_id`` (locked by the session) and subsume
-        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``."""
+        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``. Sent with
+        ``idempotency_key`` (default: a fresh one) and resent with it after a
+        broken connection (see the module)."""
         return self._send(
             self._api.add_checkpoint(
                 checkpoint_id,
@@ -1401,6 +1603,7 @@ class StateStoreClient:
                 retain=retain,
                 savepoint=savepoint,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1446,8 +1649,10 @@ class AsyncStateStoreClient:
         namespace: str | None = None,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        retries: int = RETRIES,
     ) -> None:
         self._api = _Api(namespace)
+        self._retries = _checked_retries(retries)
         self._http = httpx.AsyncClient(**_client_args(base_url, token, timeout, transport))
 
     @property
@@ -1475,12 +1680,19 @@ class AsyncStateStoreClient:
         await self._http.aclose()
 
     async def _send(self, call: _Call[T]) -> T:
-        request = call.build(self._http, call.upload.async_content() if call.upload else None)
-        try:
-            response = await self._http.send(request)
-        except httpx.TransportError as e:
-            raise _unreachable(request, e) from e
-        return call.finish(response)
+        tries = 0
+        while True:
+            tries += 1
+            request = call.build(self._http, call.upload.async_content() if call.upload else None)
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as e:
+                delay = call.retry_delay(e, tries, self._retries)
+                if delay is None:
+                    raise _unreachable(request, e, tries) from e
+                await asyncio.sleep(delay)
+                continue
+            return call.finish(response)
 
     # sessions
 
@@ -1560,11 +1772,14 @@ class AsyncStateStoreClient:
         metadata: Mapping[str, Any] | None = None,
         sha256: str | None = None,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> RestHandle:
         """Create handle ``name`` with ``data`` (streamed unless bytes), locked by
         the session. ``AlreadyExists``, ``IntegrityError`` (``sha256`` does not
-        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``."""
+        match, nothing stored), ``TooLarge``, ``Fenced``, ``SessionExpired``.
+        Sent with ``idempotency_key`` (default: a fresh one) and resent with it
+        after a broken connection (see the module)."""
         return await self._send(
             self._api.put(
                 name,
@@ -1574,6 +1789,7 @@ class AsyncStateStoreClient:
                 metadata=metadata,
                 sha256=sha256,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1588,10 +1804,13 @@ class AsyncStateStoreClient:
         metadata: Mapping[str, Any] | None = None,
         sha256: str | None = None,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> RestHandle:
         """Replace the state of ``name`` if it is still at ``expected_version``
-        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ..."""
+        (``If-Match``). ``VersionConflict``, ``NotFound``, ``Fenced``, ...
+        Sent with ``idempotency_key`` (default: a fresh one) and resent with it
+        after a broken connection (see the module)."""
         return await self._send(
             self._api.put(
                 name,
@@ -1601,6 +1820,7 @@ class AsyncStateStoreClient:
                 metadata=metadata,
                 sha256=sha256,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1680,6 +1900,31 @@ class AsyncStateStoreClient:
             )
         )
 
+    async def remove_prefix(
+        self,
+        prefix: str,
+        session_id: str,
+        *,
+        deferred: bool = False,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> PrefixRemoval:
+        """``release_and_try_remove`` of every handle whose name starts with
+        ``prefix`` (``""``: all): ``(removed, kept)`` names, where ``kept`` are
+        those other sessions lock (with ``deferred=True``: pending removal,
+        done when they let go). ``Fenced`` (nothing removed) with a stale
+        ``fencing_token``."""
+        return await self._send(
+            self._api.remove_prefix(
+                prefix, session_id, deferred=deferred, fencing_token=fencing_token, ns=ns
+            )
+        )
+
+    async def release_prefix(self, prefix: str, session_id: str, *, ns: str | None = None) -> None:
+        """Drop every lock of the session on handles whose name starts with
+        ``prefix`` (``""``: all); the session stays alive."""
+        await self._send(self._api.release_prefix(prefix, session_id, ns))
+
     async def list(
         self,
         prefix: str | None = None,
@@ -1713,10 +1958,33 @@ class AsyncStateStoreClient:
         return await self._send(self._api.counter_get(name, ns))
 
     async def counter_increment(
-        self, name: str, *, fencing_token: int | None = None, ns: str | None = None
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        idempotency_key: str | None = None,
+        ns: str | None = None,
     ) -> int:
-        """Atomically add one; returns the value before the increment."""
-        return await self._send(self._api.counter_increment(name, fencing_token, ns))
+        """Atomically add one; returns the value before the increment. With
+        ``session_id`` it is sent with ``idempotency_key`` (default: a fresh
+        one) and resent with it after a broken connection, so the counter
+        advances once (a key is per session: without one, no key, no resend)."""
+        return await self._send(
+            self._api.counter_increment(name, session_id, fencing_token, idempotency_key, ns)
+        )
+
+    async def counter_delete(
+        self,
+        name: str,
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> None:
+        """Delete the counter (fine when absent): the next read is 1 again.
+        ``Fenced`` (nothing deleted) with a stale ``fencing_token``."""
+        await self._send(self._api.counter_delete(name, session_id, fencing_token, ns))
 
     async def counter_set(
         self, name: str, value: int, *, fencing_token: int | None = None, ns: str | None = None
@@ -1768,10 +2036,13 @@ class AsyncStateStoreClient:
         retain: int = 1,
         savepoint: bool = False,
         fencing_token: int | None = None,
+        idempotency_key: str | None = None,
         ns: str | None = None,
     ) -> tuple[RestCheckpoint, builtins.list[int]]:
         """Store checkpoint ``checkpoint_id`` (locked by the session) and subsume
-        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``."""
+        older ones beyond ``retain``: ``(checkpoint, subsumed ids)``. Sent with
+        ``idempotency_key`` (default: a fresh one) and resent with it after a
+        broken connection (see the module)."""
         return await self._send(
             self._api.add_checkpoint(
                 checkpoint_id,
@@ -1780,6 +2051,7 @@ class AsyncStateStoreClient:
                 retain=retain,
                 savepoint=savepoint,
                 fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
                 ns=ns,
             )
         )
@@ -1810,6 +2082,7 @@ __all__ = [
     "Forbidden",
     "Leadership",
     "Listing",
+    "PrefixRemoval",
     "RestCheckpoint",
     "RestHandle",
     "Session",

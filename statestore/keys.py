@@ -147,6 +147,28 @@ def validate_instance_id(instance_id: object) -> str:
     return instance_id
 
 
+#: Longest idempotency key (rest-v1.md: 1..128 printable ASCII).
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+#: Printable ASCII, spaces only inside (HTTP strips them around a header value).
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
+
+
+def validate_idempotency_key(key: object) -> str:
+    """Return ``key`` if it is a valid idempotency key, else raise
+    InvalidArgument: 1..128 printable ASCII characters, no leading or
+    trailing space (``statestore.idempotency``)."""
+    if not isinstance(key, str):
+        raise InvalidArgument(f"an idempotency key must be a string, got {type(key).__name__}")
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidArgument(
+            f"idempotency key {key[:140]!r} is not 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable "
+            "ASCII characters (spaces only inside); use e.g. a UUID, fresh per logical "
+            "operation and the same on each retry of it"
+        )
+    return key
+
+
 def encode(name: str) -> str:
     """Encode a validated name into one etcd key segment (never contains '/')."""
     return quote(name, safe=_SAFE)
@@ -344,6 +366,18 @@ class Layout:
     @property
     def leader_prefix(self) -> bytes:
         return self.ns_prefix + b"leader/"
+
+    @property
+    def idempotency_prefix(self) -> bytes:
+        """``<ns>/idempotency/``: the answers of operations sent with an
+        idempotency key, on the backend's idempotency lease."""
+        return self.ns_prefix + b"idempotency/"
+
+    def idempotency(self, owner_id: str, key: str) -> bytes:
+        """The record of idempotency key ``key`` of instance or session
+        ``owner_id`` (a safe key segment: ``validate_instance_id``), so two
+        callers using the same key never meet."""
+        return self.idempotency_prefix + owner_id.encode() + b"/" + encode(key).encode()
 
     @property
     def leader_info_prefix(self) -> bytes:

@@ -11,6 +11,7 @@ what they hold::
     <ns>/gc/<blob-id>               compact JSON                GcEntry
     <ns>/uploads/<blob-id>          compact JSON                UploadIntent
     <ns>/counters/<name>            b"<next value> <write id>"  encode_counter, decode_counter
+    <ns>/idempotency/<id>/<key>     compact JSON                IdempotencyRecord
     <root>/_compactor               a revision, in decimal      encode_/decode_compactor_revision
     <root>/_sessions/<session-id>   JSON, json.dumps's spacing  SessionRecord
 
@@ -149,23 +150,25 @@ def decode_handle(value: bytes, version: int, create_revision: int = 0) -> Handl
 
     Required: name, size, sha256, created_at, blob_url. A record without
     ``blob_id`` names its blob by the last segment of ``blob_url``."""
+    return _read_json(value, _HANDLE, lambda rec: _handle_of(rec, version, create_revision))
 
-    def read(rec: dict[str, Any]) -> Handle:
-        return Handle(
-            name=rec["name"],
-            version=version,
-            size=int(rec["size"]),
-            sha256=rec["sha256"],
-            created_at=datetime.fromisoformat(rec["created_at"]),
-            metadata=rec.get("metadata") or {},
-            blob_url=rec["blob_url"],
-            blob_id=rec.get("blob_id", ""),
-            request_id=rec.get("request_id", ""),
-            writer=rec.get("writer", ""),
-            create_revision=create_revision,
-        )
 
-    return _read_json(value, _HANDLE, read)
+def _handle_of(rec: dict[str, Any], version: int, create_revision: int) -> Handle:
+    """The handle of a handle record's parsed fields (``decode_handle``);
+    raises KeyError/TypeError/ValueError for a field missing or unreadable."""
+    return Handle(
+        name=rec["name"],
+        version=version,
+        size=int(rec["size"]),
+        sha256=rec["sha256"],
+        created_at=datetime.fromisoformat(rec["created_at"]),
+        metadata=rec.get("metadata") or {},
+        blob_url=rec["blob_url"],
+        blob_id=rec.get("blob_id", ""),
+        request_id=rec.get("request_id", ""),
+        writer=rec.get("writer", ""),
+        create_revision=create_revision,
+    )
 
 
 def decode_handle_blob_ref(value: bytes) -> str:
@@ -324,6 +327,73 @@ def decode_counter(value: bytes) -> int:
         raise MalformedRecord("a counter value", e) from None
 
 
+# -- idempotency record: <ns>/idempotency/<owner-id>/<key> -----------------------------
+
+#: The operations an idempotency key may be sent with, and the HTTP status of
+#: their answer (rest-v1.md): what a retry with the key answers again.
+IDEMPOTENT_OPS: dict[str, int] = {"add": 201, "replace": 200, "checkpoint": 201, "increment": 200}
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord(_JsonRecord):
+    """The answer of an operation sent with an idempotency key, written in the
+    operation's own txn (on the backend's idempotency lease), so that a retry
+    with the same key answers it again instead of applying the operation twice.
+
+    ``op`` (one of ``IDEMPOTENT_OPS``, which also gives the answer's HTTP
+    status) and ``target`` (the handle or counter name) say what the key was
+    used for: the same key sent with another operation or target is refused.
+    The answer itself:
+
+    - add, replace, checkpoint: ``handle``, the handle record's fields as
+      ``encode_handle`` wrote them. The handle's version is not stored: it is
+      the revision of the txn, which is the record key's create_revision.
+      ``handle_created`` is the handle's own create_revision for a replace
+      (0: the handle was created by this txn, at its version);
+    - checkpoint: ``subsumed``, the ids subsumption removed, filled in by a
+      second put once known (``None`` until then: a retry that finds it
+      missing subsumes again);
+    - increment: ``value``, the counter value handed out.
+    """
+
+    _WHAT = "an idempotency record"
+
+    op: str
+    #: The handle or counter name the key was used for.
+    target: str
+    #: Unix time of the first attempt, on the writer's clock (for operators).
+    created_at: float
+    handle: dict[str, Any] | None = None
+    handle_created: int = 0
+    value: int | None = None
+    subsumed: list[int] | None = None
+
+    def handle_at(self, version: int) -> Handle:
+        """The handle answered, at ``version`` (the record key's create_revision).
+        Raises MalformedRecord when the record holds none (another op's)."""
+        if self.handle is None:
+            raise MalformedRecord(self._WHAT, f"a {self.op!r} record holds no handle")
+        try:
+            return _handle_of(self.handle, version, self.handle_created or version)
+        except (ValueError, KeyError, TypeError) as e:
+            raise MalformedRecord(self._WHAT, e) from None
+
+    @classmethod
+    def _from_json(cls, rec: dict[str, Any]) -> IdempotencyRecord:
+        handle, value, subsumed = rec.get("handle"), rec.get("value"), rec.get("subsumed")
+        if handle is not None and not isinstance(handle, dict):
+            raise TypeError(f"handle must be an object, got {type(handle).__name__}")
+        return cls(
+            op=str(rec["op"]),
+            target=str(rec["target"]),
+            created_at=float(rec.get("created_at", 0.0)),
+            handle=handle,
+            handle_created=int(rec.get("handle_created", 0)),
+            value=None if value is None else int(value),
+            subsumed=None if subsumed is None else [int(i) for i in subsumed],
+        )
+
+
 # -- compactor: <root>/_compactor -----------------------------------------------------
 
 
@@ -371,7 +441,9 @@ class SessionRecord(_JsonRecord):
 
 __all__ = [
     "HANDLE_FORMAT",
+    "IDEMPOTENT_OPS",
     "GcEntry",
+    "IdempotencyRecord",
     "LeaderInfo",
     "MalformedRecord",
     "RemovalMarker",

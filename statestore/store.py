@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 import uuid
@@ -39,11 +40,13 @@ from statestore.errors import (
     VersionConflict,
 )
 from statestore.etcd import KV, Ambiguous, EtcdClient, TooManyOps, Txn, TxnResult
-from statestore.handle import Handle, encode_metadata
+from statestore.handle import Handle, PrefixRemoval, encode_metadata
+from statestore.idempotency import IdempotencyLeases, IdempotentCall, Replay
 from statestore.keys import (
     READER_ID,
     Layout,
     prefix_end,
+    validate_idempotency_key,
     validate_instance_id,
     validate_name,
     validate_namespace,
@@ -78,6 +81,8 @@ _T = TypeVar("_T")
 # How many times an operation re-reads and retries after losing a race or an
 # ambiguous answer before giving up.
 _MAX_ROUNDS = 8
+# Removals one by one (``try_remove``) a bulk removal keeps in flight.
+_REMOVALS_IN_FLIGHT = 16
 
 
 #: Bytes up to this size go straight to the commit txn (no pre-upload
@@ -211,6 +216,9 @@ class StoreBackend:
         self.blobs = BlobStore(cfg.blob_root, cfg.storage_options, chunk_size=cfg.blob_chunk_size)
         # Learned from etcd when it refuses a txn as too large (--max-txn-ops).
         self.max_ops = cfg.max_txn_ops
+        #: The lease idempotency records hang on, shared by every identity of
+        #: this backend (``statestore.idempotency``).
+        self.idempotency = IdempotencyLeases(self.client, cfg.idempotency_window_seconds)
 
     async def close(self) -> None:
         await self.client.close()
@@ -450,14 +458,27 @@ class StateHandleStore:
             )
         return self._fence.leader_key, token
 
-    async def _txn(self, build: Callable[[int], Txn], what: str, *, fenced: bool) -> TxnResult:
+    async def _txn(
+        self,
+        build: Callable[[int], Txn],
+        what: str,
+        *,
+        fenced: bool,
+        idem: IdempotentCall | None = None,
+    ) -> TxnResult:
         """Run ``build(lease_id)`` as one txn, adding the fence compare.
 
         Retries transparently when our own ``release_all`` swapped the lease
         mid-call; raises :class:`SessionExpired` when the lease was lost.
+        With ``idem`` (a txn that puts an idempotency record), its lease is
+        taken before each attempt; "lease not found" for that lease (expired
+        while unused for longer than the window) takes a fresh one and
+        retries, never counting as the loss of our own lease.
         """
         for _ in range(3):
             fence = self._fence_token() if fenced else None
+            if idem is not None:
+                await idem.acquire()
             lease = self._s.session.lease_id
             lost = self._s.session.lost_count
             t = build(lease)
@@ -468,6 +489,8 @@ class StateHandleStore:
             try:
                 res = await self._s.client.txn(t, what=what)
             except SessionExpired:
+                if idem is not None and await self._s.backend.idempotency.lost(idem.lease):
+                    continue
                 if await self._lease_was_renewed(lease, lost, what):
                     continue
                 self._fence_token()  # leadership went with the lease: say Fenced
@@ -491,12 +514,72 @@ class StateHandleStore:
             return res
         raise SessionExpired(f"{what}: the lease changed repeatedly while the call ran; retry")
 
-    async def fenced_txn(self, build: Callable[[int], Txn], what: str) -> TxnResult:
+    async def fenced_txn(
+        self, build: Callable[[int], Txn], what: str, *, idem: IdempotentCall | None = None
+    ) -> TxnResult:
         """Run ``build(lease_id)`` as one txn carrying this store's fence (if any).
 
         For the coordinator modules (counter, checkpoints) that write keys of
-        their own: with fencing on they raise :class:`Fenced` like the store."""
-        return await self._txn(build, what, fenced=True)
+        their own: with fencing on they raise :class:`Fenced` like the store.
+        ``idem``: the txn puts that call's idempotency record (see ``_txn``)."""
+        return await self._txn(build, what, fenced=True, idem=idem)
+
+    # -- idempotency keys (statestore.idempotency) --------------------------------
+
+    def idempotent_call(self, key: str | None, op: str, target: str) -> IdempotentCall | None:
+        """The call of operation ``op`` on ``target`` sent with idempotency key
+        ``key`` by this instance (``None`` without a key). ``InvalidArgument``
+        for a key that is not 1..128 printable ASCII."""
+        if key is None:
+            return None
+        key = validate_idempotency_key(key)
+        return IdempotentCall(
+            self._keys.idempotency(self._s.instance_id, key),
+            key,
+            op,
+            target,
+            self._s.backend.idempotency,
+        )
+
+    async def lookup(self, call: IdempotentCall, cause: Exception | None = None) -> Replay | None:
+        """The answer stored under ``call``'s key, if any. After an ambiguous
+        write (``cause``) etcd is asked again while unreachable, for up to
+        two request deadlines (``_resolve``)."""
+        if cause is None:
+            kv = await self._s.client.get(call.key)
+        else:
+            (kv,) = await self._resolve_many([call.key], cause)
+        return call.replay_of([kv] if kv is not None else [])
+
+    async def _fence_or_replay(self, call: IdempotentCall | None) -> Replay | None:
+        """Fail fast when this store is fenced and knows it does not lead
+        (before uploading anything), unless ``call`` has an answer stored: a
+        retry answers the first attempt's result, whoever leads now."""
+        try:
+            self._fence_token()
+        except Fenced:
+            if call is not None and (replay := await self.lookup(call)) is not None:
+                return replay
+            raise
+        return None
+
+    async def replay_if_fenced(self, call: IdempotentCall | None, error: Fenced) -> Replay:
+        """After a txn refused ``Fenced``: the answer stored under ``call``'s
+        key (a first attempt that took effect while we led), else ``error``."""
+        if call is not None and (replay := await self.lookup(call)) is not None:
+            return replay
+        raise error
+
+    async def read_with(
+        self, key: bytes, call: IdempotentCall | None
+    ) -> tuple[KV | None, Replay | None]:
+        """``key`` and, with ``call``, its stored answer, in ONE read."""
+        if call is None:
+            return await self._s.client.get(key), None
+        res = await self._s.client.txn(
+            Txn().then(Txn.get(key), call.get()), what="read with idempotency key", read_only=True
+        )
+        return (res.results[0][0] if res.results[0] else None), call.replay_of(res.results[1])
 
     @staticmethod
     async def _until_definite(send: Callable[[], Awaitable[TxnResult]], what: str) -> TxnResult:
@@ -596,6 +679,7 @@ class StateHandleStore:
         request_id: str | None = None,
         expected_sha256: str | None = None,
         max_size: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Handle:
         """Store ``data`` under a new handle ``name`` and lock it.
 
@@ -631,26 +715,70 @@ class StateHandleStore:
           ``SessionExpired``. The same relock follows a ``release_all`` of
           this instance that ran while the commit was in flight (it may have
           dropped the lock the commit put: ``_locking``).
+
+        ``idempotency_key`` (``statestore.idempotency``): the txn of step 4
+        also compares that the key has no record and puts one holding the
+        handle written. A call with a key that already has one (a retry whose
+        first attempt took effect, or a duplicate that won) answers the
+        stored handle instead, at the version first written: found before
+        uploading when the data is streamed or large (one read with the
+        existence check), else by the else branch of step 4 (the new blob is
+        deleted), by the re-read of an ambiguous answer (the blob is deleted
+        unless it is the one recorded), or after ``Fenced``. Our lock is
+        taken again if the handle is still that version (``_lock_own_write``);
+        if it changed since, the stored answer still stands and nothing is
+        locked.
         """
         name = validate_name(name)
+        call = self.idempotent_call(idempotency_key, "add", name)
+        h, _ = await self.add_and_lock_answer(
+            call,
+            name,
+            data,
+            metadata,
+            request_id=request_id,
+            expected_sha256=expected_sha256,
+            max_size=max_size,
+        )
+        return h
+
+    async def add_and_lock_answer(
+        self,
+        call: IdempotentCall | None,
+        name: str,
+        data: Data,
+        metadata: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        expected_sha256: str | None = None,
+        max_size: int | None = None,
+    ) -> tuple[Handle, Replay | None]:
+        """:meth:`add_and_lock` sent as ``call`` (from :meth:`idempotent_call`,
+        or ``None``), also returning the stored answer when it was one (for
+        the checkpoint store, whose answer holds more than the handle)."""
+        name = validate_name(name)
         meta = encode_metadata(metadata, self._cfg.max_metadata_bytes)
-        self._fence_token()  # fail fast before uploading anything
+        replay = await self._fence_or_replay(call)  # fail fast before uploading anything
+        if replay is not None:
+            return await self._lock_replayed(name, replay), replay
         rid = request_id or uuid.uuid4().hex
         hkey = self._keys.handle(name)
         if self._precheck_wanted(data):
-            existing = await self._s.client.get(hkey)
+            existing, replay = await self.read_with(hkey, call)
+            if replay is not None:
+                return await self._lock_replayed(name, replay), replay
             if existing is not None:
                 h = _read_handle(existing.value, existing.mod_revision, existing.create_revision)
                 if h.request_id == rid:
                     return await self._locking(
                         lambda: self._lock_own_write(name, h), self._relock(name), "add_and_lock"
-                    )
+                    ), None
                 raise self._already_exists(name, h)
 
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
             return await self._locking(
-                lambda: self._commit_add(name, hkey, st.blob_id, st.url, st.record, rid),
-                self._relock(name),
+                lambda: self._commit_add(name, hkey, st, rid, call),
+                lambda done: self._lock_added(name, done),
                 "add_and_lock",
             )
 
@@ -658,6 +786,26 @@ class StateHandleStore:
         """``again`` of :meth:`_locking` for an add: the handle is committed,
         only our lock on it may be gone."""
         return lambda h: self._lock_own_write(name, h)
+
+    async def _lock_added(
+        self, name: str, done: tuple[Handle, Replay | None]
+    ) -> tuple[Handle, Replay | None]:
+        """``again`` of :meth:`_locking` for :meth:`_commit_add`'s answer."""
+        h, replay = done
+        if replay is not None:
+            return await self._lock_replayed(name, replay), replay
+        return await self._lock_own_write(name, h), None
+
+    async def _lock_replayed(self, name: str, replay: Replay) -> Handle:
+        """The handle a stored add answer holds, with our lock on it again
+        when it is still at the version written (the lock may have gone with a
+        lost lease). Changed since (or leadership lost meanwhile): the stored
+        answer still stands, as the first attempt's; nothing is locked."""
+        h = replay.handle()
+        try:
+            return await self._lock_own_write(name, h)
+        except (PossibleInconsistentState, Fenced):
+            return h
 
     @contextlib.asynccontextmanager
     async def _staged(
@@ -718,14 +866,16 @@ class StateHandleStore:
         )
 
     async def _commit_add(
-        self, name: str, hkey: bytes, blob_id: str, url: str, record: bytes, rid: str
-    ) -> Handle:
+        self, name: str, hkey: bytes, st: _Staged, rid: str, call: IdempotentCall | None
+    ) -> tuple[Handle, Replay | None]:
+        blob_id, url, record = st.blob_id, st.url, st.record
         lock_key = self._keys.lock(name, self._s.instance_id)
         upload_key = self._keys.upload(blob_id)
         rkey = self._keys.removal(name)
+        answer = json.loads(record) if call is not None else None
 
         def build(lease: int) -> Txn:
-            return (
+            t = (
                 Txn()
                 .compare("create", hkey, "==", 0)
                 # The intent went with a lost lease: the GC may have swept the blob.
@@ -740,18 +890,23 @@ class StateHandleStore:
                 )
                 .orelse(Txn.get(hkey), Txn.get(upload_key))
             )
+            if call is not None:
+                call.guard(t).then(call.put(handle=answer)).orelse(call.get())
+            return t
 
         for _ in range(_MAX_ROUNDS):
             try:
-                res = await self._txn(build, "add_and_lock", fenced=True)
+                res = await self._txn(build, "add_and_lock", fenced=True, idem=call)
             except Ambiguous as e:
-                found = await self._resolve(hkey, e)
+                found, replay = await self._settle(hkey, call, e, blob_id, url)
+                if replay is not None:
+                    return await self._lock_replayed(name, replay), replay
                 if found is None:
                     continue  # definitely not applied: send it again
                 h = _read_handle(found.value, found.mod_revision, found.create_revision)
                 if h.request_id == rid:
                     # Applied; but the lock it put may have gone before we knew.
-                    return await self._lock_own_write(name, h)
+                    return await self._lock_own_write(name, h), None
                 await self._forget_intent(upload_key)
                 raise PossibleInconsistentState(
                     f"add_and_lock({name!r}): etcd did not confirm the write and the handle now "
@@ -759,26 +914,50 @@ class StateHandleStore:
                     f"{url} is kept for the GC to resolve. Re-read the handle before retrying",
                     blob_url=url,
                 ) from None
-            except StateStoreError:  # definite: Fenced, SessionExpired, refused, too large
+            except Fenced as e:
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                replay = await self.replay_if_fenced(call, e)
+                return await self._lock_replayed(name, replay), replay
+            except StateStoreError:  # definite: SessionExpired, refused, too large
                 await asyncio.shield(self._drop_blob(blob_id, url))
                 raise
             if res.succeeded:
-                return _read_handle(record, res.revision, res.revision)
+                return _read_handle(record, res.revision, res.revision), None
             existing, intent = res.results[0], res.results[1]
             await asyncio.shield(self._drop_blob(blob_id, url))
+            if call is not None and (replay := call.replay_of(res.results[2])) is not None:
+                return await self._lock_replayed(name, replay), replay
             if not existing and not intent:
                 raise self._intent_lost(name)
             h = _read_handle(
                 existing[0].value, existing[0].mod_revision, existing[0].create_revision
             )
             if h.request_id == rid:  # an earlier attempt of this very request succeeded
-                return await self._lock_own_write(name, h)
+                return await self._lock_own_write(name, h), None
             raise self._already_exists(name, h)
         raise PossibleInconsistentState(
             f"add_and_lock({name!r}) could not get a definite answer from etcd after "
             f"{_MAX_ROUNDS} attempts; the blob {url} is kept for the GC to resolve",
             blob_url=url,
         )
+
+    async def _settle(
+        self, hkey: bytes, call: IdempotentCall | None, cause: Ambiguous, blob_id: str, url: str
+    ) -> tuple[KV | None, Replay | None]:
+        """After an ambiguous commit of an add or replace writing blob
+        ``blob_id``: the handle as it is now and, with ``call``, the answer
+        stored under its key, read at one revision (``_resolve``). A stored
+        answer settles the outcome: it names our blob when our txn is the one
+        that landed; otherwise our txn definitely did not (the record it
+        compares absent already existed), so our blob is unreferenced and
+        deleted now."""
+        if call is None:
+            return await self._resolve(hkey, cause), None
+        found, stored = await self._resolve_many([hkey, call.key], cause)
+        replay = call.replay_of([stored] if stored else [])
+        if replay is not None and replay.handle().blob_ref != blob_id:
+            await asyncio.shield(self._drop_blob(blob_id, url))
+        return found, replay
 
     async def _lock_own_write(self, name: str, h: Handle) -> Handle:
         """``h``, found committed under our request id, with our lock on it.
@@ -847,10 +1026,17 @@ class StateHandleStore:
     async def _resolve(self, key: bytes, cause: Exception) -> KV | None:
         """Re-read ``key`` after an ambiguous write, retrying while etcd is
         unreachable for up to two request deadlines."""
+        (kv,) = await self._resolve_many([key], cause)
+        return kv
+
+    async def _resolve_many(self, keys: list[bytes], cause: Exception) -> list[KV | None]:
+        """:meth:`_resolve` of several keys, read at one revision."""
         deadline = time.monotonic() + 2 * self._cfg.etcd_timeout
+        read = Txn().then(*(Txn.get(k) for k in keys))
         while True:
             try:
-                return await self._s.client.get(key)
+                res = await self._s.client.txn(read, what="re-read", read_only=True)
+                return [kvs[0] if kvs else None for kvs in res.results]
             except Unavailable as e:
                 if time.monotonic() >= deadline:
                     raise PossibleInconsistentState(
@@ -872,6 +1058,7 @@ class StateHandleStore:
         request_id: str | None = None,
         expected_sha256: str | None = None,
         max_size: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Handle:
         """Point handle ``name`` at new state, if it is still at ``expected_version``.
 
@@ -888,15 +1075,25 @@ class StateHandleStore:
         ``NotFound`` / ``Fenced``. Ambiguous -> re-read: our request id ->
         success; still at ``expected_version`` -> send again; otherwise
         ``PossibleInconsistentState`` (new blob kept for the GC).
+
+        ``idempotency_key``: as for :meth:`add_and_lock`, the txn also puts
+        the key's record (the handle written), and a call whose key has one
+        answers the stored handle, at the version first written, whatever
+        the handle is now: found by the first read (before uploading, so a
+        retry never fails ``VersionConflict`` on its own write), by the else
+        branch, by the re-read of an ambiguous answer or after ``Fenced``.
         """
         name = validate_name(name)
+        call = self.idempotent_call(idempotency_key, "replace", name)
         # Bad metadata is refused before etcd is called (protocol.md s6).
         limit = self._cfg.max_metadata_bytes
         new_meta = None if metadata is None else encode_metadata(metadata, limit)
-        self._fence_token()
+        if (replay := await self._fence_or_replay(call)) is not None:
+            return replay.handle()
         hkey = self._keys.handle(name)
-        rkey = self._keys.removal(name)
-        kv = await self._s.client.get(hkey)
+        kv, replay = await self.read_with(hkey, call)
+        if replay is not None:
+            return replay.handle()
         if kv is None:
             raise NotFound(f"cannot replace handle {name!r}: it does not exist; use add_and_lock")
         old = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
@@ -905,65 +1102,91 @@ class StateHandleStore:
         meta = old.metadata if new_meta is None else new_meta
         rid = request_id or uuid.uuid4().hex
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
-            blob_id, url, record = st.blob_id, st.url, st.record
-            upload_key = self._keys.upload(blob_id)
-            gc_key = self._keys.gc(old.blob_ref)
+            return await self._commit_replace(name, expected_version, old, st, rid, call)
 
-            def build(lease: int) -> Txn:
-                return (
-                    Txn()
-                    .compare("mod", hkey, "==", expected_version)
-                    .compare("create", rkey, "==", 0)
-                    .compare("create", upload_key, ">", 0)  # see _commit_add
-                    .then(
-                        Txn.put(hkey, record),
-                        Txn.put(gc_key, self._gc_entry(old, "replaced")),
-                        Txn.delete(upload_key),
-                    )
-                    .orelse(Txn.get(hkey), Txn.get(rkey), Txn.get(upload_key))
+    async def _commit_replace(
+        self,
+        name: str,
+        expected_version: int,
+        old: Handle,
+        st: _Staged,
+        rid: str,
+        call: IdempotentCall | None,
+    ) -> Handle:
+        """The commit txn of :meth:`replace` (its last step), and what each of
+        its answers means."""
+        blob_id, url, record = st.blob_id, st.url, st.record
+        hkey, rkey = self._keys.handle(name), self._keys.removal(name)
+        upload_key = self._keys.upload(blob_id)
+        gc_key = self._keys.gc(old.blob_ref)
+        answer = json.loads(record) if call is not None else None
+
+        def build(lease: int) -> Txn:
+            t = (
+                Txn()
+                .compare("mod", hkey, "==", expected_version)
+                .compare("create", rkey, "==", 0)
+                .compare("create", upload_key, ">", 0)  # see _commit_add
+                .then(
+                    Txn.put(hkey, record),
+                    Txn.put(gc_key, self._gc_entry(old, "replaced")),
+                    Txn.delete(upload_key),
                 )
-
-            for _ in range(_MAX_ROUNDS):
-                try:
-                    res = await self._txn(build, "replace", fenced=True)
-                except Ambiguous as e:
-                    found = await self._resolve(hkey, e)
-                    if found is not None and found.mod_revision == expected_version:
-                        continue
-                    if found is not None:
-                        h = _read_handle(found.value, found.mod_revision, found.create_revision)
-                        if h.request_id == rid:
-                            return h
-                    await self._forget_intent(upload_key)
-                    raise PossibleInconsistentState(
-                        f"replace({name!r}): etcd did not confirm the write and the handle has "
-                        "changed since; the new blob is kept for the GC to resolve. Re-read "
-                        "the handle before retrying",
-                        blob_url=url,
-                    ) from None
-                except StateStoreError:  # definite: Fenced, SessionExpired, refused, too large
-                    await asyncio.shield(self._drop_blob(blob_id, url))
-                    raise
-                if res.succeeded:
-                    return _read_handle(record, res.revision, old.create_revision)
-                await asyncio.shield(self._drop_blob(blob_id, url))
-                current, removal, intent = res.results[0], res.results[1], res.results[2]
-                if not intent:
-                    raise self._intent_lost(name)
-                if not current:
-                    raise NotFound(f"cannot replace handle {name!r}: it was removed meanwhile")
-                if removal:
-                    raise NotFound(
-                        f"cannot replace handle {name!r}: its removal is pending (it is removed "
-                        "as soon as the last lock is released)"
-                    )
-                h = _read_handle(current[0].value, current[0].mod_revision)
-                if h.request_id == rid:
-                    return h
-                raise self._conflict(name, expected_version, current[0].mod_revision)
-            raise PossibleInconsistentState(
-                f"replace({name!r}) could not get a definite answer from etcd", blob_url=url
+                .orelse(Txn.get(hkey), Txn.get(rkey), Txn.get(upload_key))
             )
+            if call is not None:
+                put = call.put(handle=answer, handle_created=old.create_revision)
+                call.guard(t).then(put).orelse(call.get())
+            return t
+
+        for _ in range(_MAX_ROUNDS):
+            try:
+                res = await self._txn(build, "replace", fenced=True, idem=call)
+            except Ambiguous as e:
+                found, replay = await self._settle(hkey, call, e, blob_id, url)
+                if replay is not None:
+                    return replay.handle()
+                if found is not None and found.mod_revision == expected_version:
+                    continue
+                if found is not None:
+                    h = _read_handle(found.value, found.mod_revision, found.create_revision)
+                    if h.request_id == rid:
+                        return h
+                await self._forget_intent(upload_key)
+                raise PossibleInconsistentState(
+                    f"replace({name!r}): etcd did not confirm the write and the handle has "
+                    "changed since; the new blob is kept for the GC to resolve. Re-read "
+                    "the handle before retrying",
+                    blob_url=url,
+                ) from None
+            except Fenced as e:
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                return (await self.replay_if_fenced(call, e)).handle()
+            except StateStoreError:  # definite: SessionExpired, refused, too large
+                await asyncio.shield(self._drop_blob(blob_id, url))
+                raise
+            if res.succeeded:
+                return _read_handle(record, res.revision, old.create_revision)
+            await asyncio.shield(self._drop_blob(blob_id, url))
+            current, removal, intent = res.results[0], res.results[1], res.results[2]
+            if call is not None and (replay := call.replay_of(res.results[3])) is not None:
+                return replay.handle()
+            if not intent:
+                raise self._intent_lost(name)
+            if not current:
+                raise NotFound(f"cannot replace handle {name!r}: it was removed meanwhile")
+            if removal:
+                raise NotFound(
+                    f"cannot replace handle {name!r}: its removal is pending (it is removed "
+                    "as soon as the last lock is released)"
+                )
+            h = _read_handle(current[0].value, current[0].mod_revision)
+            if h.request_id == rid:
+                return h
+            raise self._conflict(name, expected_version, current[0].mod_revision)
+        raise PossibleInconsistentState(
+            f"replace({name!r}) could not get a definite answer from etcd", blob_url=url
+        )
 
     @staticmethod
     def _conflict(name: str, expected: int, found: int) -> VersionConflict:
@@ -1560,13 +1783,163 @@ class StateHandleStore:
         handles nobody else locks go at once, the others are marked for
         deferred removal. The first error cancels the removals still running
         and is raised (those not yet done stay; calling again is safe)."""
-        sem = asyncio.Semaphore(16)
+        await self._try_remove_each(names, deferred=True)
+
+    async def _try_remove_each(self, names: Iterable[str], *, deferred: bool) -> dict[str, Removal]:
+        """``try_remove`` of every name, ``_REMOVALS_IN_FLIGHT`` at a time; the
+        first error cancels the others and is raised."""
+        sem = asyncio.Semaphore(_REMOVALS_IN_FLIGHT)
+        out: dict[str, Removal] = {}
 
         async def one(n: str) -> None:
             async with sem:
-                await self.try_remove(n, deferred=True)
+                out[n] = await self.try_remove(n, deferred=deferred)
 
         await _gather([one(n) for n in names])
+        return out
+
+    # -- bulk calls (rest-v1.md "Bulk calls") -------------------------------------
+
+    async def remove_prefix(self, prefix: str = "", *, deferred: bool = False) -> PrefixRemoval:
+        """``release_and_try_remove`` of every handle whose name starts with
+        ``prefix`` (empty: every handle): ``(removed, kept)``, where ``kept``
+        are the names others still lock (our lock released, handle kept; with
+        ``deferred=True`` their removal is pending and completes when the last
+        lock goes, as for ``release_and_try_remove``).
+
+        Ordering: read the handles under the prefix and their locks at ONE
+        revision (:meth:`snapshot`). Those no one else locks are removed in
+        txns of several handles, each within ``max_txn_ops``: ``If(for each:
+        mod_revision(handle) == version read, no lock key in [lock prefix,
+        own lock), none in (own lock, prefix end) [and fence]) Then(for each:
+        delete handle, delete own lock, delete removal marker, put
+        gc/<blob>)`` (``release_and_try_remove``'s compares, batched; 4
+        operations per handle, 3 compares). The others, and every handle of a
+        batch that lost a race (a lock taken, a replace since the read) or
+        got an ambiguous answer, go through :meth:`try_remove` one by one
+        (16 in flight), which decides each again; a handle removed meanwhile
+        counts as removed. A batch etcd refuses as too large is split.
+
+        Fencing: every txn carries the fence compare, so a stale token fails
+        the first one: ``Fenced`` and nothing removed (with no handle under
+        the prefix, a txn of the fence alone still proves leadership).
+        Leadership lost midway: ``Fenced``, after what earlier txns removed.
+        Other errors end the call too; what is not yet removed stays, and
+        calling again is safe.
+
+        Batches rather than one txn per handle (docs/design.md, "Bulk
+        calls"): removing 300 unlocked handles takes ~10 round trips at the
+        default ``max_txn_ops``, instead of two per handle.
+        """
+        if prefix:
+            validate_name(prefix)
+        snap = await self.snapshot(prefix or None)
+        me = self._s.instance_id
+        free = [h for h in snap.handles if set(snap.locks.get(h.name, ())) <= {me}]
+        held = [h.name for h in snap.handles if not set(snap.locks.get(h.name, ())) <= {me}]
+        if not snap.handles and self._fence is not None:
+            await self._txn(lambda lease: Txn(), "remove_prefix", fenced=True)
+        removed: list[str] = []
+        again: list[str] = list(held)
+        sem = asyncio.Semaphore(self._cfg.lock_concurrency)
+
+        async def run(batch: list[Handle]) -> None:
+            async with sem:
+                gone = await self._remove_batch(batch)
+            if gone:
+                removed.extend(h.name for h in batch)
+            else:
+                again.extend(h.name for h in batch)
+
+        n = self._removal_batch_size()
+        await _gather([run(free[i : i + n]) for i in range(0, len(free), n)])
+        for name, outcome in (await self._try_remove_each(again, deferred=deferred)).items():
+            (removed if outcome.removed else held).append(name)
+        kept = sorted(set(held) - set(removed))
+        return PrefixRemoval(sorted(removed), kept)
+
+    def _removal_batch_size(self) -> int:
+        """Handles per bulk removal txn: 3 compares each plus the fence's,
+        and 4 operations each, must fit the ops limit."""
+        limit = self._s.max_ops
+        return max(1, min((limit - self._fence_compares()) // 3, limit // 4))
+
+    async def _remove_batch(self, batch: list[Handle]) -> bool:
+        """Remove every handle of ``batch`` in txns within the ops limit (see
+        :meth:`remove_prefix`). True when all are gone; False when a txn lost
+        a race or got no definite answer (the caller decides each again).
+        ``Fenced`` and other definite errors are raised."""
+        me = self._s.instance_id
+        n = self._removal_batch_size()
+        if len(batch) > n:  # the limit shrank while we waited
+            parts = [batch[i : i + n] for i in range(0, len(batch), n)]
+            return all([await self._remove_batch(part) for part in parts])
+
+        def build(lease: int) -> Txn:
+            t = Txn()
+            for h in batch:
+                hkey = self._keys.handle(h.name)
+                lp, own = hkey + b"/locks/", Layout.lock_of(hkey, me)
+                t.compare("mod", hkey, "==", h.version)
+                t.compare("create", lp, "==", 0, range_end=own)
+                t.compare("create", own + b"\0", "==", 0, range_end=prefix_end(lp))
+                t.then(
+                    Txn.delete(hkey),
+                    Txn.delete(own),
+                    Txn.delete(self._keys.removal_of(hkey)),
+                    Txn.put(self._keys.gc(h.blob_ref), self._gc_entry(h, "removed")),
+                )
+            return t
+
+        try:
+            res = await self._txn(build, "remove_prefix", fenced=True)
+        except TooManyOps:
+            if len(batch) == 1:
+                raise  # etcd's limit is below what one removal needs
+            # Shrink from the size refused, as _lock_batch does.
+            refused = 4 * len(batch)
+            self._s.max_ops = max(2, min(self._s.max_ops, refused // 2))
+            return await self._remove_batch(batch)
+        except Ambiguous:
+            return False  # try_remove re-reads each: safe whichever way it went
+        return res.succeeded
+
+    async def release_prefix(self, prefix: str = "") -> list[str]:
+        """Drop every lock of ours on handles whose name starts with ``prefix``
+        (empty: every handle); returns their names, sorted. Other instances'
+        locks, other names and our lease are untouched.
+
+        Ordering: ``range(handles under the prefix, keys only)``, keep our
+        lock keys; then txns of ``Then(delete own lock, get removal marker)``
+        per handle, within ``max_txn_ops`` (safe to send again after an
+        ambiguous answer); then, as :meth:`release`, complete each pending
+        removal that our lock was blocking.
+        """
+        start = self._keys.handle(validate_name(prefix)) if prefix else self._keys.handles_prefix
+        kvs, _ = await self._s.client.range_all(start, prefix_end(start), keys_only=True)
+        suffix = Layout.lock_suffix(self._s.instance_id)
+        mine = [kv.key for kv in kvs if kv.key.endswith(suffix)]
+        names: list[str] = []
+        pending: list[str] = []
+        step = max(1, self._s.max_ops // 2)
+        for i in range(0, len(mine), step):
+            part = mine[i : i + step]
+            handle_keys = [k[: -len(suffix)] for k in part]
+            t = Txn().then(
+                *(Txn.delete(k) for k in part),
+                *(Txn.get(self._keys.removal_of(k)) for k in handle_keys),
+            )
+            res = await self._until_definite(
+                lambda t=t: self._s.client.txn(t, what="release_prefix"), "release_prefix"
+            )
+            for j, hkey in enumerate(handle_keys):
+                name = self._keys.parse_handles_key(hkey)[0]
+                names.append(name)
+                if res.results[len(part) + j]:
+                    pending.append(name)
+        for name in pending:
+            await self.complete_removal(name)
+        return sorted(names)
 
 
 def _removes(marker_value: bytes, handle_version: int) -> bool:
@@ -1616,4 +1989,12 @@ class _Opener:
         await self._store.close()
 
 
-__all__ = ["Fence", "Handle", "InvalidArgument", "Removal", "Snapshot", "StateHandleStore"]
+__all__ = [
+    "Fence",
+    "Handle",
+    "InvalidArgument",
+    "PrefixRemoval",
+    "Removal",
+    "Snapshot",
+    "StateHandleStore",
+]

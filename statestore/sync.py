@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from statestore.blobs import Data
 from statestore.config import StoreConfig
-from statestore.handle import Handle
+from statestore.handle import Handle, PrefixRemoval
 from statestore.store import Fence, Removal, Snapshot, StateHandleStore
 
 T = TypeVar("T")
@@ -168,3 +168,9 @@ class SyncStateHandleStore:
 
     def clear_entries(self) -> None:
         self._runner.run(self._store.clear_entries())
+
+    def remove_prefix(self, prefix: str = "", *, deferred: bool = False) -> PrefixRemoval:
+        return self._runner.run(self._store.remove_prefix(prefix, deferred=deferred))
+
+    def release_prefix(self, prefix: str = "") -> list[str]:
+        return self._runner.run(self._store.release_prefix(prefix))

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+from helpers import wait_until
+
+from statestore.local.faultproxy import FaultProxy
+
+T = TypeVar("T")
 
 HANDLE_FIELDS = {"name", "version", "size", "sha256", "created_at", "metadata", "locks"}
 #: The problem ``type`` words of rest-v1.md.
@@ -90,3 +97,21 @@ def sess(sid: str, **extra: str) -> dict[str, str]:
 
 def client(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, trust_env=False, timeout=30)
+
+
+def answer_lost(proxy: FaultProxy, call: Callable[[], T]) -> T:
+    """``call()``, a call through ``proxy`` to a service, while the service's
+    answers are dropped; once it has answered (bytes dropped), the connection
+    is cut and the proxy forwards again. So the request took effect and its
+    answer never arrived: returns what ``call`` returns (a client that
+    resends on its own), or raises what it raises (a broken connection)."""
+    dropped = proxy.bytes_dropped
+    proxy.set_mode("drop_responses")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(call)
+            wait_until(lambda: proxy.bytes_dropped > dropped, timeout=20, message="no answer")
+            proxy.set_mode("forward", cut=True)
+            return future.result(timeout=30)
+    finally:
+        proxy.set_mode("forward")

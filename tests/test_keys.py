@@ -38,6 +38,20 @@ def test_root_level_keys_are_pinned() -> None:
     assert keys.leader("i1") == b"/statestore/v1/job a/leader/i1"
     assert keys.gc("b1") == b"/statestore/v1/job a/gc/b1"
     assert keys.upload("b1") == b"/statestore/v1/job a/uploads/b1"
+    assert (
+        keys.idempotency("1a-00ff", "k/1 x") == b"/statestore/v1/job a/idempotency/1a-00ff/k%2F1 x"
+    )
+
+
+@given(key=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1))
+def test_an_idempotency_key_is_one_segment_of_its_owner(key: str) -> None:
+    """No key can reach another owner's records (or another key's): ``/`` is
+    always escaped, so the owner's prefix ends every key's segment."""
+    keys = Layout(ROOT, "ns")
+    built = keys.idempotency("owner", key)
+    assert built.startswith(keys.idempotency_prefix + b"owner/")
+    assert b"/" not in built[len(keys.idempotency_prefix + b"owner/") :]
+    assert decode(built.rsplit(b"/", 1)[1].decode()) == key
 
 
 @given(ns=namespaces, name=names, holder=instance_ids)

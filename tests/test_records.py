@@ -26,6 +26,7 @@ from statestore.errors import StateStoreError
 from statestore.handle import Handle, blob_id_of
 from statestore.records import (
     GcEntry,
+    IdempotencyRecord,
     MalformedRecord,
     RemovalMarker,
     SessionRecord,
@@ -113,6 +114,25 @@ def stored_handle(*, without: tuple[str, ...] = (), **overrides: Any) -> bytes:
             id="upload-intent",
         ),
         pytest.param(encode_counter(18, "5f0c"), b"18 5f0c", id="counter"),
+        pytest.param(
+            IdempotencyRecord("add", "chk-1", 1700000000.5, {"name": "chk-1", "size": 5}).encode(),
+            b'{"op":"add","target":"chk-1","created_at":1700000000.5,'
+            b'"handle":{"name":"chk-1","size":5},"handle_created":0,"value":null,'
+            b'"subsumed":null}',
+            id="idempotency-add",
+        ),
+        pytest.param(
+            IdempotencyRecord("checkpoint", "c", 1.5, {"size": 1}, 7, None, [1, 2]).encode(),
+            b'{"op":"checkpoint","target":"c","created_at":1.5,"handle":{"size":1},'
+            b'"handle_created":7,"value":null,"subsumed":[1,2]}',
+            id="idempotency-checkpoint",
+        ),
+        pytest.param(
+            IdempotencyRecord("increment", "checkpoint-id", 2.0, value=17).encode(),
+            b'{"op":"increment","target":"checkpoint-id","created_at":2.0,"handle":null,'
+            b'"handle_created":0,"value":17,"subsumed":null}',
+            id="idempotency-increment",
+        ),
         pytest.param(encode_compactor_revision(1234), b"1234", id="compactor"),
         pytest.param(
             SessionRecord("jm-1", 10, 1700000000.5, "9f86d0").encode(),
@@ -208,6 +228,36 @@ def test_session_record_round_trip(record: SessionRecord) -> None:
     assert SessionRecord.decode(record.encode()) == record
 
 
+@given(
+    st.builds(
+        IdempotencyRecord,
+        st.sampled_from(["add", "replace", "checkpoint", "increment"]),
+        text,
+        times,
+        st.none() | st.dictionaries(text, json_values, max_size=4),
+        st.integers(0, 2**63 - 1),
+        st.none() | st.integers(-(2**63), 2**63 - 1),
+        st.none() | st.lists(st.integers(0, 2**63 - 1), max_size=5),
+    )
+)
+def test_idempotency_record_round_trip(record: IdempotencyRecord) -> None:
+    assert IdempotencyRecord.decode(record.encode()) == record
+
+
+def test_an_idempotency_record_answers_the_handle_at_its_keys_revision() -> None:
+    """The handle's version is not stored: it is the record key's
+    create_revision (the txn that wrote both); a replace keeps the handle's
+    own create_revision."""
+    fields = json.loads(encode_handle(**HANDLE_FIELDS))
+    added = IdempotencyRecord.decode(IdempotencyRecord("add", "chk-1", 1.0, fields).encode())
+    h = added.handle_at(42)
+    assert h == decode_handle(encode_handle(**HANDLE_FIELDS), 42) and h.create_revision == 42
+    replaced = IdempotencyRecord("replace", "chk-1", 1.0, fields, handle_created=7)
+    assert replaced.handle_at(42).create_revision == 7
+    with pytest.raises(MalformedRecord, match="holds no handle"):
+        IdempotencyRecord("increment", "c", 1.0, value=1).handle_at(42)
+
+
 @given(st.integers(0, 2**63 - 1), st.text("0123456789abcdef", min_size=32, max_size=32))
 def test_counter_round_trip(value: int, write_id: str) -> None:
     assert decode_counter(encode_counter(value, write_id)) == value
@@ -232,6 +282,7 @@ DECODERS: dict[str, Decoder] = {
     "counter": decode_counter,
     "compactor": decode_compactor_revision,
     "session": SessionRecord.decode,
+    "idempotency": IdempotencyRecord.decode,
 }
 
 NOT_JSON_OBJECTS = [b"", b"{not json", b"\xff\xfe", b"[]", b"null", b'"a string"', b"42", b"{}"]
@@ -247,9 +298,13 @@ MALFORMED = [
     ("holder", b"\xff"),
     *[
         (kind, v)
-        for kind in ("removal-marker", "gc-entry", "upload-intent", "session")
+        for kind in ("removal-marker", "gc-entry", "upload-intent", "session", "idempotency")
         for v in NOT_JSON_OBJECTS
     ],
+    ("idempotency", b'{"target": "h"}'),
+    ("idempotency", b'{"op": "add", "target": "h", "handle": [1]}'),
+    ("idempotency", b'{"op": "increment", "target": "c", "value": "seven"}'),
+    ("idempotency", b'{"op": "checkpoint", "target": "c", "subsumed": ["x"]}'),
     ("removal-marker", b'{"name": "x", "requested_at": "soon", "by": "i"}'),
     ("gc-entry", b'{"handle": "x", "queued_at": 1.0}'),
     ("gc-entry", b'{"blob_url": "u", "queued_at": null}'),

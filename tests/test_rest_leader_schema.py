@@ -10,7 +10,6 @@ own run.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,9 +17,8 @@ import httpx
 import pytest
 import schemathesis
 from rest import client, new_session
-from schemathesis import GenerationMode
 from service import ServiceProcess
-from test_rest_schema import MAX_EXAMPLES, Found, fail_with, run_operation
+from test_rest_schema import MAX_EXAMPLES, Found, fail_with, run_matching
 
 LEADER_OPERATIONS = re.compile(r"^/v1/namespaces/\{ns\}/leader")
 EXPECTED = {
@@ -85,16 +83,7 @@ def test_the_document_describes_the_leadership_calls(leader_service: ServiceProc
 def run_leader_operations(
     schema: schemathesis.BaseSchema, base_url: str, session_id: str | None = None
 ) -> dict[tuple[str, str, int], Found]:
-    found: dict[tuple[str, str, int], Found] = {}
-    statuses: Counter[tuple[str, int]] = Counter()
-    ops = [r.ok() for r in schema.get_all_operations()]  # type: ignore[union-attr]
-    ops = [op for op in ops if LEADER_OPERATIONS.match(op.path)]
-    assert {op.label for op in ops} == EXPECTED
-    for op in ops:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            run_operation(op, mode, base_url, session_id, found, statuses)
-    print(f"\nstatuses returned ({sum(statuses.values())} requests): {dict(statuses)}")
-    return found
+    return run_matching(schema, base_url, session_id, LEADER_OPERATIONS, EXPECTED)
 
 
 @pytest.mark.timeout(120 + 10 * MAX_EXAMPLES)

@@ -204,6 +204,28 @@ def run_all(
     return found
 
 
+def run_matching(
+    schema: schemathesis.BaseSchema,
+    base_url: str,
+    session_id: str | None,
+    paths: re.Pattern[str],
+    expected: set[str],
+) -> dict[tuple[str, str, int], Found]:
+    """Every operation whose path matches ``paths`` (their labels must be
+    ``expected``) in both generation modes, for the files that fuzz
+    operations this one leaves out."""
+    found: dict[tuple[str, str, int], Found] = {}
+    statuses: Counter[tuple[str, int]] = Counter()
+    ops = [r.ok() for r in schema.get_all_operations()]  # type: ignore[union-attr]
+    ops = [op for op in ops if paths.match(op.path)]
+    assert {op.label for op in ops} == expected
+    for op in ops:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            run_operation(op, mode, base_url, session_id, found, statuses)
+    print(f"\nstatuses returned ({sum(statuses.values())} requests): {dict(statuses)}")
+    return found
+
+
 def fail_with(found: dict[tuple[str, str, int], Found]) -> None:
     if not found:
         return

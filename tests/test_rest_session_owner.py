@@ -250,6 +250,24 @@ USES = {
         lambda c, ns, h: c.put(cpath(ns, "n"), json={"value": 7}, headers=h),
         200,
     ),
+    "DELETE counter": Use(
+        "delete",
+        NS + "/counters/{name}",
+        lambda c, ns, h: c.delete(cpath(ns, "n"), headers=h),
+        204,
+    ),
+    "DELETE handles by prefix": Use(
+        "delete",
+        NS + "/handles",
+        lambda c, ns, h: c.delete(lpath(ns), params={"prefix": "h"}, headers=h),
+        200,
+    ),
+    "DELETE locks by prefix": Use(
+        "delete",
+        NS + "/locks",
+        lambda c, ns, h: c.delete(f"/v1/namespaces/{ns}/locks", params={"prefix": ""}, headers=h),
+        204,
+    ),
 }
 
 #: Tokens other than the owner, each with a namespace it may act in: the

@@ -32,10 +32,11 @@ from statestore.election import MAX_INFO_VALUE_BYTES, LeaderElection
 from statestore.maintenance.cleanup import clear_namespace
 from statestore.store import StateHandleStore
 from statestore_api.auth import Caller, Role
-from statestore_api.problems import problem
+from statestore_api.problems import ApiError, problem
 from statestore_api.routes.handles import BINARY_BODY
 from statestore_api.service import (
     FencingHeader,
+    IdempotencyHeader,
     Service,
     SessionHeader,
     Svc,
@@ -100,12 +101,27 @@ async def increment_counter(
     svc: Svc,
     x_session_id: SessionHeader = None,
     x_fencing_token: FencingHeader = None,
+    idempotency_key: IdempotencyHeader = None,
 ) -> CounterValue:
-    """Atomically increment; answers the value *before* the increment."""
+    """Atomically increment; answers the value *before* the increment.
+
+    With ``Idempotency-Key`` (which needs ``X-Session-Id``: keys are per
+    session) a retry answers the value the first attempt handed out, and the
+    counter advances once."""
     ns, name = path_namespace(ns), path_name(name)
     caller = svc.authorize(request, ns, Role.write)
+    if idempotency_key is not None and not request.headers.get("x-session-id"):
+        raise ApiError(
+            400,
+            "invalid-argument",
+            "Idempotency-Key needs X-Session-Id: a key is scoped by the session that sends it "
+            "(a retry by the same session answers the first result)",
+        )
     store = await _writer(svc, ns, request, caller)
-    return CounterValue(value=await CheckpointIDCounter(store, name).get_and_increment())
+    value = await CheckpointIDCounter(store, name).get_and_increment(
+        idempotency_key=idempotency_key
+    )
+    return CounterValue(value=value)
 
 
 @router.put("/counters/{name}", response_model=CounterValue)
@@ -124,6 +140,25 @@ async def set_counter(
     store = await _writer(svc, ns, request, caller)
     await CheckpointIDCounter(store, name).set_count(body.value)
     return body
+
+
+@router.delete("/counters/{name}", status_code=204)
+async def delete_counter(
+    ns: str,
+    name: str,
+    request: Request,
+    svc: Svc,
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+) -> Response:
+    """Delete the counter (204 also when absent): the next read starts again
+    at 1. With ``X-Fencing-Token`` a stale token is 409 ``fenced`` and the
+    counter is kept."""
+    ns, name = path_namespace(ns), path_name(name)
+    caller = svc.authorize(request, ns, Role.write)
+    store = await _writer(svc, ns, request, caller)
+    await CheckpointIDCounter(store, name).delete()
+    return Response(status_code=204)
 
 
 async def _writer(svc: Service, ns: str, request: Request, caller: Caller) -> StateHandleStore:
@@ -254,9 +289,13 @@ async def add_checkpoint(
     savepoint: Annotated[bool, Query()] = False,
     x_session_id: SessionHeader = None,
     x_fencing_token: FencingHeader = None,
+    idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse:
     """Add a completed checkpoint (locked by the session) and subsume older ones
-    beyond ``retain``; the newest non-savepoint checkpoint is always kept."""
+    beyond ``retain``; the newest non-savepoint checkpoint is always kept.
+
+    With ``Idempotency-Key`` a retry answers the first attempt's checkpoint
+    and subsumed ids (subsumption applied once)."""
     ns = path_namespace(ns)
     caller = svc.authorize(request, ns, Role.write)
     session = await svc.session(request, caller)
@@ -265,7 +304,7 @@ async def add_checkpoint(
     body = await state_body(request, limit)
     cs = CompletedCheckpointStore(store, max_retained=retain)
     added, subsumed = await cs.add_checkpoint_and_subsume(
-        checkpoint_id, body, savepoint=savepoint, max_size=limit
+        checkpoint_id, body, savepoint=savepoint, max_size=limit, idempotency_key=idempotency_key
     )
     return JSONResponse(
         {"checkpoint": checkpoint_json(added, [session.session_id]), "subsumed": subsumed}, 201

@@ -21,6 +21,7 @@ from statestore_api.problems import ApiError, ResponseAborted, problem
 from statestore_api.service import (
     SMALL_BODY,
     FencingHeader,
+    IdempotencyHeader,
     SessionHeader,
     Svc,
     handle_json,
@@ -82,8 +83,14 @@ async def put_handle(
     if_match: Annotated[str | None, Header(description='"<version>": replace')] = None,
     x_handle_metadata: Annotated[str | None, Header(description="JSON object")] = None,
     x_content_sha256: Annotated[str | None, Header(description="hex SHA-256 of the body")] = None,
+    idempotency_key: IdempotencyHeader = None,
 ) -> JSONResponse:
-    """add_and_lock (201), or replace with ``If-Match`` (200). The body is the raw state."""
+    """add_and_lock (201), or replace with ``If-Match`` (200). The body is the raw state.
+
+    With ``Idempotency-Key`` a retry answers the first attempt's result when
+    it took effect: the same status and handle (version, sha256, created_at,
+    metadata). ``locks`` is read when answering, as for the first answer:
+    the session's own for an add, the current holders for a replace."""
     ns, name = path_namespace(ns), path_name(name)
     caller = svc.authorize(request, ns, Role.write)
     metadata = parse_metadata(x_handle_metadata)
@@ -100,11 +107,12 @@ async def put_handle(
         version = int(m.group(1))
     session = await svc.session(request, caller)
     store = svc.store(ns, session, request)
+    write = {"expected_sha256": digest, "max_size": limit, "idempotency_key": idempotency_key}
     if version is None:
-        h = await store.add_and_lock(name, body, metadata, expected_sha256=digest, max_size=limit)
+        h = await store.add_and_lock(name, body, metadata, **write)
         svc.metrics.locks.labels("acquire").inc()
         return JSONResponse(handle_json(h, [session.session_id]), 201, headers=_etag(h.version))
-    h = await store.replace(name, version, body, metadata, expected_sha256=digest, max_size=limit)
+    h = await store.replace(name, version, body, metadata, **write)
     locks = await store.holders(name)
     return JSONResponse(handle_json(h, locks), 200, headers=_etag(h.version))
 
@@ -276,3 +284,69 @@ async def list_handles(
         "revision": rev,
     }
     return JSONResponse(body)
+
+
+@list_router.delete(
+    "/handles",
+    responses={
+        200: {
+            "description": "what was removed, and what others still lock (with deferred=true: "
+            "pending removal)",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["removed"],
+                        "properties": {
+                            "removed": {"type": "array", "items": {"type": "string"}},
+                            "locked": {"type": "array", "items": {"type": "string"}},
+                            "pending": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                    "example": {"removed": ["chk-1", "chk-2"], "locked": ["chk-3"]},
+                }
+            },
+        }
+    },
+)
+async def remove_handles(
+    ns: str,
+    request: Request,
+    svc: Svc,
+    prefix: Annotated[str, Query(description="only names starting with this; empty: all")] = "",
+    deferred: Annotated[
+        bool, Query(description="complete each removal when others let go")
+    ] = False,
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+) -> JSONResponse:
+    """release_and_try_remove of every handle whose name starts with ``prefix``:
+    200 ``{"removed": [names], "locked": [names]}`` (``"pending"`` instead of
+    ``"locked"`` with ``?deferred=true``). With ``X-Fencing-Token`` every txn
+    carries the leadership compare: a stale token is 409 ``fenced`` and
+    nothing is removed."""
+    ns = path_namespace(ns)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
+    removed, kept = await svc.store(ns, session, request).remove_prefix(prefix, deferred=deferred)
+    svc.metrics.locks.labels("remove").inc(len(removed))
+    svc.metrics.locks.labels("remove_deferred" if deferred else "remove_refused").inc(len(kept))
+    return JSONResponse({"removed": removed, "pending" if deferred else "locked": kept})
+
+
+@list_router.delete("/locks", status_code=204)
+async def release_locks(
+    ns: str,
+    request: Request,
+    svc: Svc,
+    prefix: Annotated[str, Query(description="only names starting with this; empty: all")] = "",
+    x_session_id: SessionHeader = None,
+) -> Response:
+    """Release every lock the session holds on handles whose name starts with
+    ``prefix``; the session stays alive (204)."""
+    ns = path_namespace(ns)
+    caller = svc.authorize(request, ns, Role.write)
+    session = await svc.session(request, caller)
+    released = await svc.store(ns, session).release_prefix(prefix)
+    svc.metrics.locks.labels("release").inc(len(released))
+    return Response(status_code=204)

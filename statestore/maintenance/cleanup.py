@@ -5,8 +5,9 @@
 1. every handle is released and removed; handles still locked by live
    sessions are marked for deferred removal and go when they are let go
    (invariant 2 is never bypassed);
-2. counters, leader election keys and leader info are deleted, in ONE txn
-   of range deletes (the info goes in the revision its leadership goes);
+2. counters, leader election keys, leader info and idempotency records
+   are deleted, in ONE txn of range deletes (the info goes in the revision
+   its leadership goes);
 3. blobs queued under ``gc/`` that are past the grace period are deleted,
    then their entries; blobs no key names any more (a crashed writer's)
    are swept.
@@ -28,7 +29,12 @@ from statestore.store import StateHandleStore
 async def clear_namespace(store: StateHandleStore) -> bool:
     await store.clear_entries()
     keys = store.keys
-    prefixes = (keys.counters_prefix, keys.leader_prefix, keys.leader_info_prefix)
+    prefixes = (
+        keys.counters_prefix,
+        keys.leader_prefix,
+        keys.leader_info_prefix,
+        keys.idempotency_prefix,
+    )
     await store.etcd.txn(
         Txn().then(*(Txn.delete(p, prefix_end(p)) for p in prefixes)), what="clear namespace"
     )
