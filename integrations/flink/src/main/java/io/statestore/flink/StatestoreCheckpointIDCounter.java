@@ -51,11 +51,13 @@ public final class StatestoreCheckpointIDCounter implements CheckpointIDCounter 
 
     @Override
     public long getAndIncrement() throws Exception {
-        // one key for all retries of this increment: a retry learns the first attempt's value
+        // one key for all retries of this increment (scoped by the session that sends it):
+        // a retry learns the first attempt's value
+        String sid = client.sessionId();
         Resp r = client.call("POST", path + "/increment", null,
-                StatestoreClient.headers("Idempotency-Key", UUID.randomUUID().toString(),
+                StatestoreClient.headers("X-Session-Id", sid, "Idempotency-Key", UUID.randomUUID().toString(),
                         "X-Fencing-Token", client.fencingHeader()), null);
-        client.checkSessionAndFence(r, null, "increment " + path);
+        client.checkSessionAndFence(r, sid, "increment " + path);
         if (r.status != 200) {
             throw new StatestoreException("increment " + path, r);
         }
