@@ -21,6 +21,12 @@ from statestore_api.problems import ResponseAborted, unexpected
 
 log = logging.getLogger("statestore.api")
 
+#: Routes whose successful answers are logged at debug level: a watch is a
+#: long poll that every watcher repeats after every change, so 1,000
+#: watchers would write 1,000 lines per change. Their errors still log at
+#: info, and the metrics count every one.
+QUIET_WHEN_OK = frozenset({"/v1/namespaces/{ns}/watch"})
+
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -222,7 +228,9 @@ class RequestContext:
             self.metrics.requests.labels(template, method, str(status)).inc()
             self.metrics.latency.labels(template, method).observe(elapsed)
             if template not in ("/healthz", "/readyz", "/metrics"):
-                log.info(
+                quiet = status == 200 and template in QUIET_WHEN_OK
+                log.log(
+                    logging.DEBUG if quiet else logging.INFO,
                     "%s %s -> %s%s",
                     method,
                     scope.get("path", ""),

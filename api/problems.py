@@ -127,6 +127,11 @@ def store_error_response(e: StateStoreError, *, reading: bool = False) -> JSONRe
     return problem(status, kind, e.message, **e.details)
 
 
+def api_error_response(e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return problem(e.status, e.type, e.detail, headers=headers, **e.extra)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(StateStoreError)
     async def _store(request: Request, e: StateStoreError) -> JSONResponse:
@@ -134,8 +139,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, e: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return problem(e.status, e.type, e.detail, headers=headers, **e.extra)
+        return api_error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:

@@ -58,6 +58,17 @@ class ServiceSettings(StoreConfig):
     compaction_interval_seconds: float = Field(
         default=300.0, gt=0, description="etcd compaction period (one per period in total)."
     )
+    watch_buffer_bytes: int = Field(
+        default=4 << 20,
+        ge=0,
+        description="Per watched namespace: bytes of recent events kept for long polls; "
+        "polls older than the buffer read their gap from etcd.",
+    )
+    watch_idle_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A namespace's shared etcd watch stops after this long without a poll.",
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_json: bool = Field(default=True, description="One JSON object per log line.")
 

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from statestore.local.etcd_process import EtcdProcess
+import httpx
+
+from statestore.local.etcd_process import EtcdProcess, free_port
 
 # ---------------------------------------------------------------------------
 # timing
@@ -126,3 +129,134 @@ def scratch_etcd(
         member.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(etcd_parent, ignore_errors=True)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------
+# the service process (``statestore serve``), and what /proc says about it
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except FileNotFoundError:
+            continue
+        for child in text.split():
+            out.append(int(child))
+            out.extend(_children(int(child)))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except FileNotFoundError:
+        return ""
+
+
+class Service:
+    """``statestore serve`` with N uvicorn workers on a free loopback port."""
+
+    def __init__(
+        self, workers: int, etcd_endpoint: str, blob_root: str, log_file: Path, log_level: str
+    ) -> None:
+        self.workers = workers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
+        env.update(
+            {
+                "STATESTORE_ETCD_ENDPOINTS": etcd_endpoint,
+                "STATESTORE_BLOB_ROOT": blob_root,
+                "STATESTORE_LOG_LEVEL": log_level,
+                "STATESTORE_LOG_JSON": "true",
+            }
+        )
+        cmd = [sys.executable, "-m", "statestore.cli", "serve", "--port", str(self.port),
+               "--workers", str(workers)]  # fmt: skip
+        self.log_file = log_file
+        self._log = open(log_file, "ab")  # closed in stop()
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def pids(self) -> list[int]:
+        """The serve process and every process below it (uvicorn's workers)."""
+        return [self.proc.pid, *_children(self.proc.pid)]
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve requests: the serve process itself with one
+        worker, else its children running uvicorn's worker entry point."""
+        if self.workers == 1:
+            return [self.proc.pid]
+        return [p for p in _children(self.proc.pid) if "spawn_main" in _cmdline(p)]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                ready = httpx.get(self.url + "/readyz", timeout=1.0, trust_env=False)
+                if ready.status_code == 200 and len(self.worker_pids()) >= self.workers:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"service not ready after {timeout}s:\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of every process of the service so far."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        return total / CLK_TCK
+
+    def peak_rss(self) -> dict[int, tuple[str, int]]:
+        """{pid: (role, VmHWM bytes)} of every process of the service."""
+        out: dict[int, tuple[str, int]] = {}
+        workers = set(self.worker_pids())
+        for pid in self.pids():
+            with contextlib.suppress(FileNotFoundError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        role = "worker" if pid in workers else "supervisor/helper"
+                        out[pid] = (role, int(line.split()[1]) * 1024)
+        return out
+
+    def rss(self) -> int:
+        """Resident memory (VmRSS, bytes) of every process of the service now."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(FileNotFoundError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        return total
+
+    def log_tail(self, n: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()

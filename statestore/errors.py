@@ -114,6 +114,27 @@ class PossibleInconsistentState(StateStoreError):
     http_status = 503
 
 
+class Compacted(StateStoreError):
+    """A read or watch asked for history etcd has compacted away.
+
+    ``compact_revision`` is etcd's compaction point, the oldest revision it
+    still keeps, when it says (watches; 0 for reads): re-read at the current
+    revision and go on from there; a watcher re-lists (one snapshot at a
+    fresh revision) and watches again from the listing's revision. Raised by
+    the etcd layer, and by the REST client for a 410 ``compacted``."""
+
+    kind = "compacted"
+    http_status = 410
+
+    def __init__(self, message: str, compact_revision: int = 0, **details: Any) -> None:
+        super().__init__(message, compact_revision=compact_revision, **details)
+
+    @property
+    def compact_revision(self) -> int:
+        # Read from ``details``: the REST client fills them from the problem body.
+        return int(self.details.get("compact_revision") or 0)
+
+
 class Unavailable(StateStoreError):
     """etcd or the blob store did not answer (or refused for a reason outside
     the caller's control, such as the NOSPACE alarm)."""
@@ -124,6 +145,7 @@ class Unavailable(StateStoreError):
 
 __all__ = [
     "AlreadyExists",
+    "Compacted",
     "Fenced",
     "IntegrityError",
     "InvalidArgument",

@@ -45,6 +45,7 @@ so a call refused with ``invalid auth token`` re-authenticates and retries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -58,6 +59,7 @@ import grpc
 from aetcd import rpc
 
 from statestore.errors import (
+    Compacted,
     InvalidArgument,
     SessionExpired,
     StateStoreError,
@@ -88,20 +90,6 @@ class TooManyOps(InvalidArgument):
 
 class ResponseTooLarge(Unavailable):
     """A response over the gRPC message limit (paged reads shrink their page)."""
-
-
-class Compacted(StateStoreError):
-    """A read or watch asked for a revision that etcd has compacted away.
-
-    ``compact_revision`` is etcd's compaction point when it says (watches;
-    0 for reads): re-read at the current revision and go on from there."""
-
-    kind = "compacted"
-    http_status = 410
-
-    def __init__(self, message: str, compact_revision: int) -> None:
-        super().__init__(message, compact_revision=compact_revision)
-        self.compact_revision = compact_revision
 
 
 #: How often a read pinned to one revision is started again at a fresh one
@@ -310,6 +298,36 @@ class Txn:
 
     def request(self) -> Any:
         return rpc.TxnRequest(compare=self.compares, success=self.success, failure=self.failure)
+
+
+class WatchReply(NamedTuple):
+    """One answer on a watch stream."""
+
+    #: The header's revision: etcd's revision when it sent the answer. It says
+    #: what has been delivered only for a progress notification: the answers
+    #: that catch up a watcher started in the past carry the current revision
+    #: beside events that stop short of it (at most 1000 revisions per answer).
+    revision: int
+    #: ``("put" | "delete", kv)`` in revision order; one answer never splits
+    #: the changes of one revision.
+    events: list[tuple[str, KV]]
+    #: The first answer, confirming the watch.
+    created: bool
+
+    @property
+    def progress(self) -> bool:
+        """A progress notification: every change in the range up to
+        ``revision`` has been sent before it.
+
+        etcd sends one every ``--experimental-watch-progress-notify-interval``
+        to a watcher that is caught up and has had no event since the last,
+        through the watcher's own queue, so it never overtakes an event. This
+        client never sends a ``WatchProgressRequest``: etcd before 3.4.24 and
+        3.5.8 (Debian's is 3.4.23) answers one at once with its current
+        revision, ahead of events still on their way to a watcher that is
+        catching up (etcd-io/etcd#15220); such an answer would not mean this.
+        """
+        return not self.created and not self.events
 
 
 @dataclass(slots=True)
@@ -872,6 +890,27 @@ class EtcdClient:
         ``start_revision`` was compacted away: re-list and watch again.
         Raises :class:`Unavailable` when the stream breaks.
         """
+        answers = self.watch_replies(
+            key, range_end, start_revision=start_revision, deletes_only=deletes_only
+        )
+        async with contextlib.aclosing(answers):
+            async for answer in answers:
+                yield answer.revision, answer.events
+
+    async def watch_replies(
+        self,
+        key: bytes,
+        range_end: bytes,
+        *,
+        start_revision: int = 0,
+        deletes_only: bool = False,
+    ) -> AsyncIterator[WatchReply]:
+        """Watch a range: yields every answer etcd sends (see :class:`WatchReply`),
+        the created one and progress notifications included.
+
+        Raises as :meth:`watch`. Sends no ``WatchProgressRequest`` (see
+        :attr:`WatchReply.progress` for why).
+        """
         queue: asyncio.Queue[Any] = asyncio.Queue()
         req = rpc.WatchCreateRequest(
             key=key, range_end=range_end, start_revision=start_revision, progress_notify=True
@@ -917,7 +956,7 @@ class EtcdClient:
                         for ev in resp.events
                     ]
                     yielded = True
-                    yield int(resp.header.revision), events
+                    yield WatchReply(int(resp.header.revision), events, bool(resp.created))
                 else:
                     return
             except grpc.aio.AioRpcError as e:

@@ -51,12 +51,23 @@ Behaviour common to both faces:
   otherwise, so no caller passes on all the bytes of a state that does not
   match. A body that ends before its ``Content-Length`` (the server cuts off
   a state whose blob does not match its handle) is an ``IntegrityError`` too.
+- ``watch(since, timeout=30, prefix=None, kinds=None)`` is one long poll: the
+  namespace's changes after revision ``since`` (``None``: now) as soon as one
+  matches, or none after ``timeout`` seconds (1..300), as a
+  :class:`WatchAnswer` whose ``revision`` is the next ``since``; ``prefix``
+  filters handle names, ``kinds`` picks ``handles`` and/or ``leader``. A
+  ``since`` etcd has compacted raises ``Compacted`` (``compact_revision``):
+  re-list and watch from the listing's revision. ``follow()`` does that
+  loop: it lists, watches, and after a 410 re-lists and yields what changed
+  meanwhile; other errors end it. The read timeout of a poll is raised to
+  cover ``timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import hashlib
 import json
 import logging
@@ -68,7 +79,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import IO, Any, Generic, NamedTuple, TypeVar
+from typing import IO, Any, ClassVar, Generic, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -76,6 +87,7 @@ import httpx
 from statestore.data import MAX_INT64, DataKind, as_bytes, data_kind
 from statestore.errors import (
     AlreadyExists,
+    Compacted,
     Fenced,
     IntegrityError,
     InvalidArgument,
@@ -147,6 +159,7 @@ _ERRORS_BY_KIND: dict[str, type[StateStoreError]] = {
         Forbidden,
         Unavailable,
         PossibleInconsistentState,
+        Compacted,
     )
 }
 
@@ -389,6 +402,66 @@ class Leadership(_LeaderPair):
         return f"Leadership(leader={self.leader!r}, fencing_token={self.fencing_token!r}, " + (
             f"info={self.info!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RestHandleEvent:
+    """A watch event: handle ``name`` was put (added or replaced) or deleted."""
+
+    kind: ClassVar[str] = "handle"
+
+    type: str  #: "put" or "delete"
+    name: str
+    revision: int
+    #: The handle as the put left it (``locks`` empty: events carry none);
+    #: ``None`` for a delete.
+    handle: RestHandle | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The rest-v1 event."""
+        handle = None
+        if self.handle is not None:
+            handle = dataclasses.asdict(self.handle)
+            handle["created_at"] = self.handle.created_at.isoformat()
+            del handle["locks"]
+        return {
+            "kind": self.kind,
+            "type": self.type,
+            "name": self.name,
+            "revision": self.revision,
+            "handle": handle,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RestLeaderEvent:
+    """A watch event: leadership changed hands, ended (``leader`` is
+    ``None``), or its info changed."""
+
+    kind: ClassVar[str] = "leader"
+
+    revision: int
+    #: The leadership with its ``info``, as ``leader()`` answers it.
+    leader: Leadership | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The rest-v1 event (``leader``: the ``GET .../leader`` body)."""
+        body = None
+        if self.leader is not None:
+            body = {**self.leader._asdict(), "info": self.leader.info}
+        return {"kind": self.kind, "revision": self.revision, "leader": body}
+
+
+RestWatchEvent = RestHandleEvent | RestLeaderEvent
+
+
+@dataclass(frozen=True, slots=True)
+class WatchAnswer:
+    """One answer of ``GET .../watch``: the events after ``since`` (none when
+    the timeout passed) and the revision to pass as the next ``since``."""
+
+    events: list[RestWatchEvent]
+    revision: int
 
 
 def _int(value: Any) -> int:
@@ -697,7 +770,8 @@ class _Call(Generic[T]):
     upload: _Upload | None = None
     on_error: Callable[[StateStoreError], T] = _raise
     #: Seconds the server may hold the answer back on purpose (a waiting
-    #: campaign): added to the client's read timeout for this call.
+    #: campaign, a watch's long poll): added to the client's read timeout
+    #: for this call.
     waits: float = 0.0
 
     def retry_delay(self, error: httpx.TransportError, tries: int, retries: int) -> float | None:
@@ -770,12 +844,16 @@ def _value(response: httpx.Response) -> int:
     return _int(_body(response)["value"])
 
 
-def _leadership(response: httpx.Response) -> Leadership:
-    body = _body(response)
+def _leadership_of(body: Any) -> Leadership:
+    """A ``GET .../leader`` body (also a leader event's ``leader``)."""
     info = body.get("info", {})
     if not isinstance(info, dict):
         raise TypeError(f"info must be an object, got {info!r}")
     return Leadership(_str(body["leader"]), _int(body["fencing_token"]), info)
+
+
+def _leadership(response: httpx.Response) -> Leadership:
+    return _leadership_of(_body(response))
 
 
 def _listing(response: httpx.Response) -> Listing:
@@ -784,6 +862,34 @@ def _listing(response: httpx.Response) -> Listing:
         handles=[RestHandle.from_json(h) for h in body["handles"]],
         revision=_int(body["revision"]),
     )
+
+
+def _watch_event(body: Any) -> RestWatchEvent | None:
+    """One event of a watch answer; ``None`` for a kind this client does not
+    know (a newer server's), which is skipped."""
+    kind = body.get("kind")
+    if kind == "handle":
+        if body["type"] not in ("put", "delete"):
+            raise ValueError(f"a handle event's type must be put or delete, got {body['type']!r}")
+        handle = body.get("handle")
+        return RestHandleEvent(
+            body["type"],
+            _str(body["name"]),
+            _int(body["revision"]),
+            None if handle is None else RestHandle.from_json(handle),
+        )
+    if kind == "leader":
+        leader = body.get("leader")
+        return RestLeaderEvent(
+            _int(body["revision"]), None if leader is None else _leadership_of(leader)
+        )
+    return None
+
+
+def _watch_answer(response: httpx.Response) -> WatchAnswer:
+    body = _body(response)
+    events = [e for e in map(_watch_event, body["events"]) if e is not None]
+    return WatchAnswer(events, _int(body["revision"]))
 
 
 def _checkpoint(response: httpx.Response) -> RestCheckpoint:
@@ -1046,6 +1152,28 @@ class _Api:
         headers = request_headers(session_id=session_id)
         return _Call("DELETE", self._info_path(key, ns), _nothing, headers=headers)
 
+    # watch
+
+    def watch(
+        self,
+        since: int | None,
+        timeout: float,
+        prefix: str | None,
+        kinds: str | Iterable[str] | None,
+        ns: str | None,
+    ) -> _Call[WatchAnswer]:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}")
+        params = {"timeout": f"{timeout:g}"}
+        if since is not None:
+            params["since"] = str(_checked_int(since, "since"))
+        if prefix:
+            params["prefix"] = prefix
+        if kinds is not None:
+            params["kinds"] = kinds if isinstance(kinds, str) else ",".join(kinds)
+        path = f"{self._ns_path(ns)}/watch"
+        return _Call("GET", path, _watch_answer, params=params, waits=timeout + 2)
+
     # checkpoints
 
     def add_checkpoint(
@@ -1104,6 +1232,112 @@ class _Api:
     def delete_namespace(self, ns: str) -> _Call[bool]:
         path = f"/v1/namespaces/{encode_segment(ns, 'namespace')}"
         return _Call("DELETE", path, _done_unless_accepted)
+
+
+# -- follow(): list, then watch, re-listing on 410 (shared by both faces) -------------------
+
+#: ``_Follower``'s marker for a watch answered 410 ``compacted``.
+_COMPACTED: Any = object()
+
+
+class _Follower:
+    """The loop of ``follow()`` as calls and what their answers yield (no
+    I/O), so both faces run the same loop: ``next_call()``, send it, then
+    ``receive(result)`` gives the events to yield.
+
+    It lists first (unless started from ``since``) and reads the leadership
+    (when leader events are wanted), yielding neither, then watches from the
+    listing's revision, each answer's ``revision`` becoming the next
+    ``since``. After a 410 ``compacted`` it does the same at a fresh
+    revision R and yields what changed meanwhile, all at revision R: a
+    ``put`` for every handle whose version it did not know (every handle,
+    when it started from ``since`` without a listing), a ``delete`` for
+    every handle it knew that is gone, and a leader event when the
+    leadership is not the one it last saw (when it never saw one: when
+    someone leads); then it watches from R. The gap's individual changes
+    are not replayed, but the consumer's picture is right again."""
+
+    def __init__(
+        self,
+        api: _Api,
+        since: int | None,
+        *,
+        timeout: float,
+        prefix: str | None,
+        kinds: str | Iterable[str] | None,
+        ns: str | None,
+    ) -> None:
+        self._api = api
+        self._timeout, self._prefix, self._kinds, self._ns = timeout, prefix, kinds, ns
+        words = kinds.split(",") if isinstance(kinds, str) else kinds
+        self._leader_wanted = words is None or "leader" in {w.strip() for w in words}
+        self.since = since
+        #: Versions of the handles this follower has seen (None: unknown).
+        self.known: dict[str, int] | None = None
+        #: The leadership it last saw (None: nobody, or not known yet).
+        self.leader: Leadership | None = None
+        self._step = "list" if since is None else "watch"
+        self._relisted = False
+
+    def _compacted(self, err: StateStoreError) -> Any:
+        if isinstance(err, Compacted):
+            return _COMPACTED
+        raise err
+
+    def next_call(self) -> _Call[Any]:
+        if self._step in ("list", "relist"):
+            return self._api.listing(self._prefix, lock=False, session_id=None, ns=self._ns)
+        if self._step == "leader":
+            return self._api.leader(self._ns)
+        call = self._api.watch(self.since, self._timeout, self._prefix, self._kinds, self._ns)
+        call.on_error = self._compacted
+        return call
+
+    def receive(self, result: Any) -> builtins.list[RestWatchEvent]:
+        step = self._step
+        if step == "watch":
+            if result is _COMPACTED:
+                self._step = "relist"
+                return []
+            self._saw(result.events)
+            self.since = result.revision
+            return result.events
+        if step == "leader":
+            self._step = "watch"
+            previous, self.leader = self.leader, result
+            if not self._relisted or result == previous:
+                return []  # the starting point, or no difference
+            return [RestLeaderEvent(self.since or 0, result)]
+        listing: Listing = result
+        self._relisted = step == "relist"
+        events = self._differences(listing) if self._relisted else []
+        self.known = {h.name: h.version for h in listing.handles}
+        self.since = listing.revision
+        self._step = "leader" if self._leader_wanted else "watch"
+        return events
+
+    def _differences(self, listing: Listing) -> builtins.list[RestWatchEvent]:
+        known = self.known or {}
+        current = {h.name: h for h in listing.handles}
+        events: builtins.list[RestWatchEvent] = []
+        for name in sorted(known.keys() | current.keys()):
+            h = current.get(name)
+            if h is None:
+                events.append(RestHandleEvent("delete", name, listing.revision, None))
+            elif known.get(name) != h.version:
+                unlocked = dataclasses.replace(h, locks=[])  # events carry no locks
+                events.append(RestHandleEvent("put", name, listing.revision, unlocked))
+        return events
+
+    def _saw(self, events: Iterable[RestWatchEvent]) -> None:
+        for e in events:
+            if isinstance(e, RestLeaderEvent):
+                self.leader = e.leader
+            elif self.known is not None:
+                if e.type == "put":
+                    self.known[e.name] = e.revision
+                else:
+                    self.known.pop(e.name, None)
 
 
 # -- session keepalive policy (shared by the thread and the task) ---------------------------
@@ -1577,6 +1811,36 @@ class StateStoreClient:
         unless the session leads."""
         self._send(self._api.delete_leader_info(session_id, key, ns))
 
+    # watch
+
+    def watch(
+        self,
+        since: int | None = None,
+        *,
+        timeout: float = 30,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = None,
+        ns: str | None = None,
+    ) -> WatchAnswer:
+        """One long poll of the namespace's changes after ``since`` (see the
+        module docstring); ``Compacted`` when etcd no longer keeps ``since``."""
+        return self._send(self._api.watch(since, timeout, prefix, kinds, ns))
+
+    def follow(
+        self,
+        since: int | None = None,
+        *,
+        timeout: float = 30,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = None,
+        ns: str | None = None,
+    ) -> Iterator[RestWatchEvent]:
+        """Every change from now (or after ``since``) on, forever, re-listing
+        after a 410 (see the module docstring and :class:`_Follower`)."""
+        follower = _Follower(self._api, since, timeout=timeout, prefix=prefix, kinds=kinds, ns=ns)
+        while True:
+            yield from follower.receive(self._send(follower.next_call()))
+
     # checkpoints
 
     def add_checkpoint(
@@ -2025,6 +2289,37 @@ class AsyncStateStoreClient:
         unless the session leads."""
         await self._send(self._api.delete_leader_info(session_id, key, ns))
 
+    # watch
+
+    async def watch(
+        self,
+        since: int | None = None,
+        *,
+        timeout: float = 30,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = None,
+        ns: str | None = None,
+    ) -> WatchAnswer:
+        """One long poll of the namespace's changes after ``since`` (see the
+        module docstring); ``Compacted`` when etcd no longer keeps ``since``."""
+        return await self._send(self._api.watch(since, timeout, prefix, kinds, ns))
+
+    async def follow(
+        self,
+        since: int | None = None,
+        *,
+        timeout: float = 30,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = None,
+        ns: str | None = None,
+    ) -> AsyncIterator[RestWatchEvent]:
+        """Every change from now (or after ``since``) on, forever, re-listing
+        after a 410 (see the module docstring and :class:`_Follower`)."""
+        follower = _Follower(self._api, since, timeout=timeout, prefix=prefix, kinds=kinds, ns=ns)
+        while True:
+            for event in follower.receive(await self._send(follower.next_call())):
+                yield event
+
     # checkpoints
 
     async def add_checkpoint(
@@ -2085,9 +2380,13 @@ __all__ = [
     "PrefixRemoval",
     "RestCheckpoint",
     "RestHandle",
+    "RestHandleEvent",
+    "RestLeaderEvent",
+    "RestWatchEvent",
     "Session",
     "StateStoreClient",
     "Unauthorized",
+    "WatchAnswer",
     "encode_segment",
     "error_from_problem",
     "error_from_response",

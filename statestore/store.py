@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from statestore.blobs import BlobStore, Data, new_blob_id
 from statestore.config import StoreConfig
@@ -61,6 +61,9 @@ from statestore.records import (
     encode_holder,
 )
 from statestore.session import Session
+
+if TYPE_CHECKING:
+    from statestore.watch import WatchEvent
 
 log = logging.getLogger(__name__)
 
@@ -1291,6 +1294,29 @@ class StateHandleStore:
         kvs, _ = await self._s.client.range_all(start, prefix_end(start), keys_only=True)
         keys = self._keys
         return sorted(keys.parse_handles_key(kv.key)[0] for kv in kvs if keys.is_handle_key(kv.key))
+
+    async def watch(
+        self,
+        since: int | None = None,
+        *,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = ("handles", "leader"),
+    ) -> AsyncIterator[WatchEvent]:
+        """The namespace's changes after revision ``since`` (``None``: now) as
+        events, in revision order: ``HandleEvent`` (put or delete of a handle
+        whose name starts with ``prefix``) and ``LeaderEvent`` (leadership
+        changed hands, ended or changed its info); ``kinds`` picks them.
+        Watching from a ``snapshot()``'s revision yields every later change
+        once. Survives etcd outages and compaction (then it re-lists and
+        yields what changed meanwhile); see :func:`statestore.watch.watch_store`.
+        Use as ``async for event in store.watch(rev): ...``."""
+        # Imported here: statestore.watch needs election.py, which imports this module.
+        from statestore.watch import watch_store
+
+        events = watch_store(self, since, prefix=prefix, kinds=kinds)
+        async with contextlib.aclosing(events):  # leaving early closes the etcd watch now
+            async for event in events:
+                yield event
 
     # -- locking -----------------------------------------------------------------
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from statestore.blobs import Data
 from statestore.config import StoreConfig
 from statestore.handle import Handle, PrefixRemoval
 from statestore.store import Fence, Removal, Snapshot, StateHandleStore
+
+if TYPE_CHECKING:
+    from statestore.watch import WatchEvent
 
 T = TypeVar("T")
 
@@ -35,11 +38,23 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
-        while True:
-            try:
-                yield self.run(agen.__anext__())  # type: ignore[arg-type]
-            except StopAsyncIteration:
-                return
+        try:
+            while True:
+                try:
+                    yield self.run(agen.__anext__())  # type: ignore[arg-type]
+                except StopAsyncIteration:
+                    return
+        finally:
+            # A caller that stops early (break, an exception) closes this
+            # iterator: close the async one on its loop too, so what it holds
+            # (an etcd watch, a blob) is released now, not at garbage collection.
+            aclose = getattr(agen, "aclose", None)
+            if (
+                aclose is not None
+                and self.loop.is_running()
+                and threading.current_thread() is not self._thread
+            ):
+                self.run(aclose())
 
     def stop(self) -> None:
         if self.loop.is_running():
@@ -150,6 +165,17 @@ class SyncStateHandleStore:
 
     def holders(self, name: str) -> list[str]:
         return self._runner.run(self._store.holders(name))
+
+    def watch(
+        self,
+        since: int | None = None,
+        *,
+        prefix: str | None = None,
+        kinds: str | Iterable[str] | None = ("handles", "leader"),
+    ) -> Iterator[WatchEvent]:
+        """The namespace's changes as a blocking iterator (see
+        :meth:`StateHandleStore.watch`); each ``next`` waits for the next event."""
+        return self._runner.iterate(self._store.watch(since, prefix=prefix, kinds=kinds))
 
     def release(self, name: str) -> None:
         self._runner.run(self._store.release(name))

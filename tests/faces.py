@@ -175,5 +175,12 @@ class SyncAsAsync:
     @staticmethod
     async def _iterate(it: Iterator[Any]) -> AsyncIterator[Any]:
         done = object()
-        while (item := await asyncio.to_thread(next, it, done)) is not done:
-            yield item
+        try:
+            while (item := await asyncio.to_thread(next, it, done)) is not done:
+                yield item
+        finally:
+            # Closed early (aclose): close the twin's iterator too, as a
+            # blocking caller leaving its loop would.
+            close = getattr(it, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)

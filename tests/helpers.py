@@ -20,7 +20,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["async_wait_until", "nested_metadata", "require_tool", "running", "wait_until"]
+__all__ = [
+    "async_wait_until",
+    "handle_record",
+    "nested_metadata",
+    "require_tool",
+    "running",
+    "wait_until",
+]
 
 
 def require_tool(name: str) -> str:
@@ -180,3 +187,20 @@ def make_bucket(endpoint_url: str, prefix: str = "test") -> tuple[str, dict[str,
         "skip_instance_cache": True,
     }
     return bucket, storage_options
+
+
+def handle_record(name: str) -> bytes:
+    """A handle record for ``name`` naming no real blob, for tests that write
+    records straight to etcd (watch decoding, caps on answers)."""
+    from statestore.records import encode_handle
+
+    return encode_handle(
+        name=name,
+        blob_url=f"file:///nowhere/{name}",
+        blob_id="0000000000000-" + "0" * 32,
+        size=1,
+        sha256="0" * 64,
+        metadata={"k": 1},
+        request_id="r",
+        writer="w",
+    )

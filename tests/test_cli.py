@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_until
+from service import ServiceProcess
 
 from statestore.local.embedded import start_embedded_etcd
 
@@ -139,6 +144,96 @@ def test_serve_stops_its_embedded_etcd_on_signal(tmp_path: Path, sig: signal.Sig
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_watch_shows_each_change_until_ctrl_c(
+    service: ServiceProcess, tmp_path: Path, namespace: str
+) -> None:
+    """`statestore watch` against a service: a line per event (JSON with
+    --json, a rich line otherwise, --prefix filtering), ended by Ctrl-C."""
+    import os
+
+    import httpx
+
+    env = {**os.environ, "STATESTORE_URL": service.url}
+    procs = {
+        "json": subprocess.Popen(
+            [*CLI, "watch", "-n", namespace, "--json"],
+            **_pipes(tmp_path, env),  # type: ignore[call-overload]
+        ),
+        "rich": subprocess.Popen(
+            [*CLI, "watch", "-n", namespace, "--prefix", "chk/"],
+            **_pipes(tmp_path, env),  # type: ignore[call-overload]
+        ),
+    }
+    lines = {name: _lines(proc) for name, proc in procs.items()}
+    try:
+        with httpx.Client(base_url=service.url, trust_env=False, timeout=30) as c:
+            sid = c.post("/v1/sessions", json={"ttl_seconds": 60}).json()["session_id"]
+            hdr = {"X-Session-Id": sid}
+            base = f"/v1/namespaces/{namespace}"
+            # The watchers list before they watch: write until both showed a line.
+            n = 0
+            while not all(q.qsize() for q in lines.values()):
+                assert n < 200, "the watchers showed nothing"
+                c.put(f"{base}/handles/chk%2Fwarm-{n}", content=b"w", headers=hdr)
+                n += 1
+                time.sleep(0.1)
+            added = c.put(f"{base}/handles/chk%2F1", content=b"x", headers=hdr).json()
+            c.put(f"{base}/handles/other", content=b"x", headers=hdr)
+            c.delete(f"{base}/handles/chk%2F1", headers=hdr)
+            token = c.post(f"{base}/leader", headers=hdr).json()["fencing_token"]
+        got = _read_until(lines["json"], lambda doc: doc["kind"] == "leader", json.loads)
+        docs = [d for d in got if not d.get("name", "").startswith("chk/warm")]
+        assert [(d["kind"], d.get("type"), d.get("name")) for d in docs] == [
+            ("handle", "put", "chk/1"),
+            ("handle", "put", "other"),
+            ("handle", "delete", "chk/1"),
+            ("leader", None, None),
+        ]
+        assert docs[0]["handle"]["version"] == added["version"] and "time" in docs[0]
+        assert docs[3]["leader"] == {"leader": sid, "fencing_token": token, "info": {}}
+        shown = _read_until(lines["rich"], lambda line: "leader" in line, str)
+        shown = [s for s in shown if "warm" not in s]
+        assert "handle  put     chk/1  v" in shown[0] and f"{added['size']} B" in shown[0]
+        assert "handle  delete  chk/1" in shown[1]
+        assert f"leader  is      {sid}  token {token}" in shown[2]
+        assert not any("other" in s for s in shown)  # --prefix chk/
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGINT)
+        for proc in procs.values():
+            proc.wait(timeout=30)
+    for proc in procs.values():
+        assert proc.returncode == 0
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+
+
+def _pipes(cwd: Path, env: dict[str, str]) -> dict[str, object]:
+    return {"cwd": cwd, "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+            "text": True}  # fmt: skip
+
+
+def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+    """The process's stdout lines as they come (read by a daemon thread)."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _read_until(lines: queue.Queue[str], last: Any, parse: Any, timeout: float = 30) -> list[Any]:
+    """Parsed lines until one satisfies ``last`` (included)."""
+    deadline = time.monotonic() + timeout
+    out: list[Any] = []
+    while not out or not last(out[-1]):
+        out.append(parse(lines.get(timeout=max(deadline - time.monotonic(), 0.01))))
+    return out
 
 
 def serve_in(cwd: Path, port: int) -> subprocess.Popen[str]:

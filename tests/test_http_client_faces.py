@@ -14,8 +14,11 @@ and the error kinds each one raises.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import io
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -27,6 +30,7 @@ from service import ServiceProcess
 
 from statestore.errors import (
     AlreadyExists,
+    Compacted,
     Fenced,
     IntegrityError,
     InvalidArgument,
@@ -36,14 +40,19 @@ from statestore.errors import (
     TooLarge,
     VersionConflict,
 )
+from statestore.etcd import EtcdClient
 from statestore.http import (
     AsyncStateStoreClient,
     Leadership,
     Listing,
     RestHandle,
+    RestHandleEvent,
+    RestLeaderEvent,
     Session,
     StateStoreClient,
+    WatchAnswer,
 )
+from statestore.local.etcd_process import EtcdProcess
 
 
 @pytest.fixture(params=FACES)
@@ -331,3 +340,110 @@ def test_both_faces_have_the_same_methods() -> None:
     sync, model = StateStoreClient, AsyncStateStoreClient
     assert public_members(sync) - {"close"} == public_members(model) - {"aclose"}
     assert mirror_differences(sync, model, public_members(sync), {"close": "aclose"}) == []
+
+
+# -- watch and follow -----------------------------------------------------------------
+
+
+def compact_now(etcd: EtcdProcess) -> int:
+    """Compact the session etcd at its current revision; that revision."""
+
+    async def run() -> int:
+        async with EtcdClient([etcd.endpoint]) as c:
+            revision = (await c.status()).revision
+            await c.compact(revision)
+            return revision
+
+    return asyncio.run(run())
+
+
+def test_watch_answers_events_and_raises_compacted(
+    client: Any, sid: str, etcd: EtcdProcess
+) -> None:
+    since = client.list().revision
+    added = client.add_and_lock("a/1", b"x", sid, metadata={"k": 1})
+    token = client.campaign(sid).fencing_token
+    events: list[Any] = []
+    revision = since
+    while len(events) < 2:
+        answer = client.watch(revision, timeout=5)
+        assert isinstance(answer, WatchAnswer) and answer.revision >= revision
+        events += answer.events
+        revision = answer.revision
+    assert events == [
+        RestHandleEvent("put", "a/1", added.version, dataclasses.replace(added, locks=[])),
+        RestLeaderEvent(token, Leadership(sid, token)),
+    ]
+    assert events[0].to_json()["handle"] == {
+        "name": "a/1",
+        "version": added.version,
+        "size": 1,
+        "sha256": added.sha256,
+        "created_at": added.created_at.isoformat(),
+        "metadata": {"k": 1},
+    }
+    assert client.watch(since, kinds="leader", timeout=5).events == events[1:]
+    assert client.watch(since, prefix="b", kinds=["handles"], timeout=1).events == []
+    with pytest.raises(InvalidArgument):
+        client.watch(since, kinds="handles,nothing", timeout=1)
+    compacted_at = compact_now(etcd)
+    with pytest.raises(Compacted) as caught:
+        client.watch(since, timeout=5)
+    assert caught.value.compact_revision == compacted_at
+    assert caught.value.details["status"] == 410
+
+
+def test_follow_lists_watches_and_relists_after_410(
+    client: Any, sid: str, service: ServiceProcess, namespace: str, etcd: EtcdProcess
+) -> None:
+    """follow() yields the changes after its listing; after its position was
+    compacted it re-lists and yields one event per difference, so the
+    picture its events build is the namespace's again."""
+    kept = client.add_and_lock("kept", b"x", sid)
+    client.add_and_lock("removed", b"x", sid)
+    picture = {"kept": kept.version}
+    picture["removed"] = client.exists("removed")
+    leader: Any = None
+
+    def apply(event: Any) -> None:
+        nonlocal leader
+        if isinstance(event, RestLeaderEvent):
+            leader = event.leader
+        elif event.type == "put":  # (a re-list's events are at its revision)
+            picture[event.name] = event.handle.version
+        else:
+            picture.pop(event.name, None)
+
+    # Another writer ticks until the follower has listed and seen a change.
+    stop = threading.Event()
+
+    def ticker() -> None:
+        with StateStoreClient(service.url, namespace=namespace) as other:
+            s = other.create_session(ttl_seconds=30).session_id
+            n = 0
+            while not stop.is_set():
+                other.add_and_lock(f"tick-{n}", b"t", s)
+                n += 1
+                stop.wait(0.1)
+
+    ticking = threading.Thread(target=ticker, daemon=True)
+    ticking.start()
+    events = client.follow(timeout=2)
+    try:
+        apply(next(events))
+    finally:
+        stop.set()
+        ticking.join(10)
+    # The gap: changes, a new leader, then compaction past the follower.
+    client.replace("kept", kept.version, b"y", sid)
+    client.release_and_try_remove("removed", sid)
+    client.add_and_lock("added", b"x", sid)
+    token = client.campaign(sid).fencing_token
+    compact_now(etcd)
+
+    def caught_up() -> bool:
+        apply(next(events))
+        current = {h.name: h.version for h in client.list().handles}
+        return picture == current and leader == Leadership(sid, token)
+
+    wait_until(caught_up, 30, interval=0)

@@ -103,13 +103,13 @@ def live_session(rest_service: ServiceProcess) -> Iterator[str]:
         client.delete(f"/v1/sessions/{sid}")
 
 
+def operations_of(schema: schemathesis.BaseSchema) -> list[schemathesis.APIOperation]:
+    # an Err raises at ok(): a broken document
+    return [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
+
+
 def operations(schema: schemathesis.BaseSchema) -> list[schemathesis.APIOperation]:
-    ops = []
-    for result in schema.get_all_operations():
-        op = result.ok()  # type: ignore[union-attr]  # an Err raises here: a broken document
-        if OPERATIONS.match(op.path):
-            ops.append(op)
-    return ops
+    return [op for op in operations_of(schema) if OPERATIONS.match(op.path)]
 
 
 def with_session(case: schemathesis.Case, session_id: str) -> None:
@@ -148,15 +148,19 @@ def run_operation(
     session_id: str | None,
     found: dict[tuple[str, str, int], Found],
     statuses: Counter[tuple[str, int]],
+    prepare: Callable[[schemathesis.Case], None] | None = None,
 ) -> None:
     """``MAX_EXAMPLES`` cases of ``op``; each distinct failure is added to
-    ``found``, every response's status counted in ``statuses``."""
+    ``found``, every response's status counted in ``statuses``. ``prepare``
+    may adjust each case before it is sent."""
 
     @SETTINGS
     @hypothesis.given(case=op.as_strategy(generation_mode=mode))
     def check(case: schemathesis.Case) -> None:
         if session_id is not None:
             with_session(case, session_id)
+        if prepare is not None:
+            prepare(case)
         response = case.call(base_url=base_url, timeout=10)
         statuses[op.label, response.status_code] += 1
         try:
@@ -259,3 +263,33 @@ def test_openapi_conformance_with_live_session(
 ) -> None:
     """The same, with a live session's X-Session-Id wherever an operation takes one."""
     fail_with(run_all(api_schema, rest_service.url, live_session))
+
+
+def short_poll(case: schemathesis.Case) -> None:
+    """A watch holds its answer for ``timeout`` seconds (30 when omitted):
+    every valid or missing timeout becomes 1 s, invalid ones stay (400)."""
+    query = dict(case.query or {})
+    try:
+        valid = 1 <= float(query.get("timeout", 30)) <= 300
+    except (TypeError, ValueError):
+        valid = False
+    if valid:
+        query["timeout"] = 1
+    case.query = query
+
+
+@pytest.mark.timeout(120 + 10 * MAX_EXAMPLES)
+def test_openapi_conformance_of_the_watch(
+    api_schema: schemathesis.BaseSchema, rest_service: ServiceProcess
+) -> None:
+    """``GET .../watch`` against its document: 200 bodies (events and
+    revision), 400 for bad queries, 410 ``compacted`` for a ``since`` etcd
+    no longer keeps, and nothing undocumented."""
+    found: dict[tuple[str, str, int], Found] = {}
+    statuses: Counter[tuple[str, int]] = Counter()
+    (op,) = [op for op in operations_of(api_schema) if op.path == "/v1/namespaces/{ns}/watch"]
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        run_operation(op, mode, rest_service.url, None, found, statuses, prepare=short_poll)
+    print(f"\nstatuses returned: {dict(statuses)}")
+    assert statuses[op.label, 200] > 0, statuses
+    fail_with(found)

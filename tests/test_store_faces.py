@@ -13,6 +13,7 @@ kinds each one raises.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -64,6 +65,7 @@ SDK_MEMBERS = [
     "try_remove",
     "complete_removal",
     "clear_entries",
+    "watch",
 ]
 
 
@@ -356,3 +358,24 @@ async def test_a_fenced_view_refuses_every_write(store: Any, other: Any) -> None
         assert await fenced.read("h") == b"x"  # reads are not fenced
     assert await store.get_all_names() == ["h"] and await store.get("h") == h
     assert await other.holders("h") == [store.instance_id]
+
+
+async def test_watch_yields_the_changes_after_a_snapshot(store: Any, other: Any) -> None:
+    """Watching from a snapshot's revision: every later change once, in
+    order, filtered by prefix and kinds; leaving early closes the stream."""
+    since = (await store.snapshot()).revision
+    added = await store.add_and_lock("chk/1", b"one")
+    await other.add_and_lock("other", b"x")
+    replaced = await store.replace("chk/1", added.version, b"two")
+    assert await store.release_and_try_remove("chk/1")
+    seen = []
+    async with contextlib.aclosing(store.watch(since, prefix="chk/", kinds="handles")) as events:
+        async for event in events:
+            seen.append((event.type, event.name, event.revision, event.handle))
+            if len(seen) == 3:
+                break
+    assert seen[:2] == [
+        ("put", "chk/1", added.version, added),
+        ("put", "chk/1", replaced.version, replaced),
+    ]
+    assert seen[2][:2] == ("delete", "chk/1") and seen[2][3] is None

@@ -53,6 +53,10 @@ __all__ = [
 FALLBACK_PATHS: tuple[str, ...] = ("/usr/bin/etcd", "/usr/local/bin/etcd")
 
 LOCALHOST = "127.0.0.1"
+#: How often etcd tells an idle, caught-up watcher how far it has seen
+#: (etcd's default is 10 minutes). The REST watch answers a quiet namespace's
+#: long poll with that revision, so it moves at least this often.
+WATCH_PROGRESS_INTERVAL = "5s"
 _LOG_TAIL_LINES = 20
 # Per-request deadline of the HTTP probes (health, metrics).
 _PROBE_TIMEOUT = 0.5
@@ -265,6 +269,7 @@ class EtcdProcess:
             "--election-timeout", str(self.election_timeout),
             "--logger", "zap",
             "--log-level", self.log_level,
+            "--experimental-watch-progress-notify-interval", WATCH_PROGRESS_INTERVAL,
             *self._tls_args(),
             *self.extra_args,
         ]  # fmt: skip

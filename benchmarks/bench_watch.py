@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""The REST watch: event latency with 1 and 1,000 watchers, and what 1,000
+idle watchers cost the service.
+
+Starts its own etcd (``EtcdProcess`` in a temp dir) and ``statestore serve``
+(``--workers`` uvicorn workers, default 1; ``harness.Service``). Watchers run in separate client
+processes (``--procs``, aiohttp, one connection per watcher): each loops on
+``GET /v1/namespaces/{ns}/watch?since=R`` with the answer's revision as the
+next ``since``, and reports when each revision reached it.
+
+* **Latency**: the benchmark adds a handle with the SDK (``add_and_lock``,
+  blobs on ``memory://`` in the benchmark process: the service only reads
+  the record) and takes the moment the add returned, its commit
+  acknowledged; an event's latency is the moment a watcher's answer holding
+  it arrived minus that (CLOCK_MONOTONIC, shared by the processes; an answer
+  that beat the writer's own acknowledgement counts as 0). One write per
+  round; the next round starts once every watcher had it and a pause
+  (``--pause``) let them poll again.
+* **Idle cost**: the service's resident memory (VmRSS of the serve process
+  and its children) before the 1,000 watchers connect and while they are
+  held (no writes), and its CPU over ``--idle-seconds`` of holding them.
+
+Usage::
+
+    python benchmarks/bench_watch.py [--quick] [--rounds 50] [--json out.json]
+
+See benchmarks/README.md ("REST watch") for the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import Service, cancel_on_sigterm, scratch_etcd
+
+from statestore import StateHandleStore, StoreConfig
+
+NS = "bench-watch"
+MiB = 1024 * 1024
+POLL_TIMEOUT = 30  # seconds a poll is held without a change (the default)
+
+
+# ---------------------------------------------------------------------------
+# a client process: `bench_watch.py --client URL SINCE COUNT`
+
+
+async def client_main(url: str, since: int, count: int) -> None:
+    """``count`` watchers; prints ``{"rev": r, "times": [...]}`` once every
+    one of them has an answer holding revision ``r``."""
+    import aiohttp
+
+    arrivals: dict[int, list[float]] = {}
+    session = aiohttp.ClientSession(
+        base_url=url,
+        connector=aiohttp.TCPConnector(limit=count + 10),
+        timeout=aiohttp.ClientTimeout(total=POLL_TIMEOUT + 30),
+    )
+
+    async def watcher() -> None:
+        revision = since
+        while True:
+            params = {"since": str(revision), "timeout": str(POLL_TIMEOUT)}
+            async with session.get(f"/v1/namespaces/{NS}/watch", params=params) as r:
+                body = await r.json()
+            now = time.monotonic()
+            for event in body["events"]:
+                seen = arrivals.setdefault(event["revision"], [])
+                seen.append(now)
+                if len(seen) == count:
+                    print(json.dumps({"rev": event["revision"], "times": seen}), flush=True)
+            revision = body["revision"]
+
+    print("started", flush=True)
+    try:
+        await asyncio.gather(*(watcher() for _ in range(count)))
+    finally:
+        await session.close()
+
+
+# ---------------------------------------------------------------------------
+# the benchmark
+
+
+@dataclass
+class Clients:
+    """Client processes holding ``count`` watchers between them."""
+
+    procs: list[asyncio.subprocess.Process] = field(default_factory=list)
+    reports: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    readers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, url: str, since: int, count: int, procs: int) -> Clients:
+        self = cls()
+        shares = [count // procs + (i < count % procs) for i in range(procs)]
+        for share in shares:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--client", url, str(since), str(share),
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            started = await proc.stdout.readline()
+            assert started.strip() == b"started", started
+            self.procs.append(proc)
+            self.readers.append(asyncio.create_task(self._read(proc)))
+        return self
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            await self.reports.put(json.loads(line))
+
+    async def arrivals(self, revision: int) -> list[float]:
+        """Every watcher's arrival time of ``revision`` (reports of earlier
+        revisions are skipped)."""
+        times: list[float] = []
+        pending = len(self.procs)
+        while pending:
+            report = await asyncio.wait_for(self.reports.get(), POLL_TIMEOUT)
+            if report["rev"] == revision:
+                times += report["times"]
+                pending -= 1
+        return times
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in self.procs:
+            await proc.wait()
+        for task in self.readers:
+            task.cancel()
+
+
+async def latencies(
+    store: StateHandleStore, clients: Clients, rounds: int, pause: float
+) -> list[float]:
+    """``rounds`` writes; every watcher's latency of each, in ms."""
+    out: list[float] = []
+    for _ in range(rounds):
+        revision = (await store.add_and_lock(f"h-{time.monotonic_ns()}", b"x" * 1024)).version
+        acked = time.monotonic()
+        out += [max(0.0, t - acked) * 1000 for t in await clients.arrivals(revision)]
+        await asyncio.sleep(pause)  # the watchers poll again
+    return out
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    ordered = sorted(ms)
+    return {
+        "samples": len(ordered),
+        "median_ms": statistics.median(ordered),
+        "p99_ms": ordered[max(0, int(len(ordered) * 0.99) - 1)],
+        "max_ms": ordered[-1],
+    }
+
+
+async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> dict[str, Any]:
+    cancel_on_sigterm()
+    service = Service(
+        args.workers, endpoint, f"file://{tmp}/blobs", tmp / "service.log", args.log_level
+    )
+    results: dict[str, Any] = {}
+    try:
+        await asyncio.to_thread(service.wait_ready)
+        cfg = StoreConfig(etcd_endpoints=[endpoint], blob_root="memory://bench", namespace=NS)
+        async with StateHandleStore.open(cfg) as store:
+            since = (await store.snapshot()).revision
+            one = await Clients.start(service.url, since, 1, 1)
+            try:
+                results["latency_1"] = summary(await latencies(store, one, args.rounds, 0.05))
+            finally:
+                await one.stop()
+            print(f"1 watcher: {results['latency_1']}", file=sys.stderr)
+            since = (await store.snapshot()).revision
+            await asyncio.sleep(1)  # the one watcher's last connection closes
+            rss_before = service.rss()
+            many = await Clients.start(service.url, since, args.watchers, args.procs)
+            try:
+                await asyncio.sleep(args.settle)  # every watcher connected and held
+                cpu0, t0 = service.cpu_seconds(), time.monotonic()
+                await asyncio.sleep(args.idle_seconds)
+                cpu = (service.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+                rss_held = service.rss()
+                results["idle"] = {
+                    "watchers": args.watchers,
+                    "rss_before_mib": rss_before / MiB,
+                    "rss_held_mib": rss_held / MiB,
+                    "rss_extra_mib": (rss_held - rss_before) / MiB,
+                    "cpu_percent": 100 * cpu,
+                }
+                print(f"idle: {results['idle']}", file=sys.stderr)
+                results["latency_many"] = summary(
+                    await latencies(store, many, args.rounds, args.pause)
+                )
+                print(f"{args.watchers} watchers: {results['latency_many']}", file=sys.stderr)
+            finally:
+                await many.stop()
+    finally:
+        service.stop()
+    return results
+
+
+def table(results: dict[str, Any], watchers: int) -> str:
+    rows = [
+        "| watchers | events × watchers | median | p99 | max |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n, key in ((1, "latency_1"), (watchers, "latency_many")):
+        r = results[key]
+        rows.append(
+            f"| {n:,} | {r['samples']:,} | {r['median_ms']:.1f} ms | {r['p99_ms']:.1f} ms "
+            f"| {r['max_ms']:.1f} ms |"
+        )
+    idle = results["idle"]
+    rows += [
+        "",
+        "| idle watchers | service RSS before | held | extra | service CPU while held |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {idle['watchers']:,} | {idle['rss_before_mib']:.1f} MiB | "
+        f"{idle['rss_held_mib']:.1f} MiB | {idle['rss_extra_mib']:.1f} MiB | "
+        f"{idle['cpu_percent']:.1f} % of a core |",
+    ]
+    return "\n".join(rows)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        url, since, count = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(client_main(url, since, count))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="10 rounds, 5 s idle: a smoke run")
+    p.add_argument("--rounds", type=int, default=50, help="writes per measurement (default 50)")
+    p.add_argument("--watchers", type=int, default=1000, help="the many watchers (default 1000)")
+    p.add_argument("--procs", type=int, default=4, help="client processes (default 4)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn workers of the service")
+    p.add_argument("--pause", type=float, default=0.5, help="seconds between writes")
+    p.add_argument("--settle", type=float, default=5.0, help="seconds for watchers to connect")
+    p.add_argument("--idle-seconds", type=float, default=15.0, help="idle CPU window")
+    p.add_argument("--log-level", default="info", help="STATESTORE_LOG_LEVEL of the service")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument("--etcd-dir", metavar="DIR", help="parent dir for etcd's data")
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.idle_seconds = 10, 5.0
+    with scratch_etcd("bench-watch", args.etcd_dir) as (member, tmp):
+        results = asyncio.run(run(args, member.endpoint, tmp))
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "loadavg_1m_at_end": os.getloadavg()[0],
+        "python": platform.python_version(),
+    }
+    print(table(results, args.watchers))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), **results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
