@@ -21,8 +21,10 @@ from statestore.local.etcd_process import free_port
 class ServiceProcess:
     """``statestore serve`` on a free loopback port, in its own process."""
 
-    def __init__(self, env: dict[str, str], log_file: Path, workers: int = 1) -> None:
-        self.port = free_port()
+    def __init__(
+        self, env: dict[str, str], log_file: Path, workers: int = 1, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = log_file
