@@ -36,10 +36,7 @@ public final class StatestoreCheckpointIDCounter implements CheckpointIDCounter 
             try {
                 Resp r = client.call("DELETE", path, null,
                         StatestoreClient.headers("X-Fencing-Token", client.fencingHeader()), null);
-                if (r.status == 405) {
-                    // a statestore without DELETE .../counters/{name} (rest-v1 bulk calls): the counter stays
-                    LOG.warn("statestore cannot delete counter {} ({}); it is left behind", path, r);
-                } else if (r.status != 204 && r.status != 200 && r.status != 404) {
+                if (r.status != 204 && r.status != 200 && r.status != 404) {
                     return CompletableFuture.failedFuture(new StatestoreException("delete counter " + path, r));
                 }
             } catch (Exception e) {

@@ -404,30 +404,8 @@ public final class StatestoreClient implements AutoCloseable {
         if (r.status != 200) {
             throw new StatestoreException("GET leader", r);
         }
-        JsonNode body = r.json();
-        if (!body.has("info")) {
-            // a server without leader info (before rest-v1 "For job managers"): see LEGACY_INFO
-            legacyLeaderInfo = true;
-            ObjectNode info = ((ObjectNode) body).putObject("info");
-            long token = body.get("fencing_token").asLong();
-            for (JsonNode h : list(LEGACY_INFO, false)) {
-                JsonNode m = h.path("metadata");
-                if (m.path("fencing_token").asLong(-1) == token) {
-                    info.set(h.get("name").asText().substring(LEGACY_INFO.length()), m);
-                }
-            }
-        }
-        return new LeaderState(body);
+        return new LeaderState(r.json());
     }
-
-    /**
-     * Compatibility with a statestore that predates leader info: the leader keeps each component's
-     * info as the metadata of handle {@code leader-info/<component>} (written with its fencing
-     * token, and carrying it), and readers accept only entries of the current leadership's token.
-     */
-    static final String LEGACY_INFO = "leader-info/";
-
-    volatile boolean legacyLeaderInfo;
 
     private synchronized void publish(LeaderState s) {
         if (leaderKnown && (s == null ? lastLeader == null : s.sameAs(lastLeader))) {
@@ -451,7 +429,6 @@ public final class StatestoreClient implements AutoCloseable {
 
     private void watchLoop() {
         long rev = -1;
-        boolean polling = false;
         long backoff = 100;
         while (!closed) {
             try {
@@ -459,38 +436,22 @@ public final class StatestoreClient implements AutoCloseable {
                     rev = currentRevision();
                     publish(readLeader());
                 }
-                if (polling) {
-                    sleepQuietly(500);
-                    publish(readLeader());
-                    continue;
-                }
-                boolean legacy = legacyLeaderInfo;
-                String kinds = legacy ? "leader,handles&prefix=" + enc(LEGACY_INFO) : "leader";
-                Resp r = once("GET", "/watch?kinds=" + kinds + "&timeout=30&since=" + rev, null, null,
+                Resp r = once("GET", "/watch?kinds=leader&timeout=30&since=" + rev, null, null,
                         Duration.ofSeconds(45));
                 if (r.status == 200) {
                     JsonNode body = r.json();
                     JsonNode last = null;
-                    int events = 0;
                     for (JsonNode ev : body.get("events")) {
-                        events++;
-                        if ("leader".equals(ev.path("kind").asText())) {
-                            last = ev;
-                        }
+                        last = ev; // kinds=leader: every event is a leader event, the newest wins
                     }
                     rev = body.get("revision").asLong();
-                    if (legacy && events > 0) {
-                        publish(readLeader()); // info lives in handles: read leader and info together
-                    } else if (last != null) {
+                    if (last != null) {
                         JsonNode l = last.get("leader");
                         publish(l == null || l.isNull() ? null : new LeaderState(l));
                     }
                     backoff = 100;
                 } else if (r.status == 410) {
                     rev = -1;
-                } else if (r.status == 404 || r.status == 405) {
-                    LOG.warn("statestore has no watch API ({}); polling the leader every 500 ms", r);
-                    polling = true;
                 } else {
                     throw new StatestoreException("watch", r);
                 }

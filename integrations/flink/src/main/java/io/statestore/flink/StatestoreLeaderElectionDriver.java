@@ -198,9 +198,7 @@ public final class StatestoreLeaderElectionDriver implements LeaderElectionDrive
                     StatestoreClient.JSON.writeValueAsBytes(body),
                     StatestoreClient.headers("X-Session-Id", sid, "Content-Type", "application/json",
                             "X-Fencing-Token", client.fencingHeader()), null);
-            if (r.status == 404 || r.status == 405) {
-                publishLegacy(sid, componentId, body);
-            } else if (r.status == 204 || r.status == 200) {
+            if (r.status == 204 || r.status == 200) {
                 LOG.info("published leader information of {}: {}", componentId, info);
             } else if (r.status == 409 || r.status == 410) {
                 LOG.warn("leader information of {} refused ({}); leadership is being lost", componentId, r);
@@ -215,27 +213,6 @@ public final class StatestoreLeaderElectionDriver implements LeaderElectionDrive
         }
     }
 
-    /** See {@link StatestoreClient#LEGACY_INFO}. */
-    private void publishLegacy(String sid, String componentId, ObjectNode body) throws IOException {
-        client.legacyLeaderInfo = true;
-        body.put("fencing_token", Long.parseLong(client.fencingHeader()));
-        byte[] bytes = StatestoreClient.JSON.writeValueAsBytes(body);
-        String name = StatestoreClient.LEGACY_INFO + componentId;
-        JsonNode existing = client.getHandle(name);
-        Resp r = client.call("PUT", StatestoreClient.handlePath(name), bytes,
-                StatestoreClient.headers("X-Session-Id", sid, "X-Fencing-Token", client.fencingHeader(),
-                        "X-Handle-Metadata", new String(bytes, java.nio.charset.StandardCharsets.UTF_8),
-                        "If-Match", existing == null ? null : "\"" + existing.get("version").asLong() + "\""),
-                null);
-        client.checkSessionAndFence(r, sid, "publish " + name);
-        if (r.status != 200 && r.status != 201) {
-            throw new StatestoreClient.StatestoreException("publish " + name, r);
-        }
-        client.call("DELETE", StatestoreClient.handlePath(name) + "/lock", null,
-                StatestoreClient.headers("X-Session-Id", sid), null);
-        LOG.info("published leader information of {} as handle {}: {}", componentId, name, body);
-    }
-
     @Override
     public void deleteLeaderInformation(String componentId) {
         String sid;
@@ -248,11 +225,7 @@ public final class StatestoreLeaderElectionDriver implements LeaderElectionDrive
         try {
             Resp r = client.call("DELETE", "/leader/info/" + StatestoreClient.enc(componentId), null,
                     StatestoreClient.headers("X-Session-Id", sid, "X-Fencing-Token", client.fencingHeader()), null);
-            if (r.status == 404 || r.status == 405 || client.legacyLeaderInfo) {
-                client.call("DELETE", StatestoreClient.handlePath(StatestoreClient.LEGACY_INFO + componentId), null,
-                        StatestoreClient.headers("X-Session-Id", sid, "X-Fencing-Token", client.fencingHeader()),
-                        null);
-            } else if (r.status != 204 && r.status != 200 && r.status != 409) {
+            if (r.status != 204 && r.status != 200 && r.status != 409) {
                 LOG.warn("deleting leader information of {} answered {}", componentId, r);
             }
         } catch (IOException e) {

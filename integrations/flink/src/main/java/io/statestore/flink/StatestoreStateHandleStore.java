@@ -193,17 +193,9 @@ public final class StatestoreStateHandleStore<T extends Serializable>
         String sid = client.sessionId();
         Map<String, String> h = StatestoreClient.headers("X-Session-Id", sid, "X-Fencing-Token", client.fencingHeader());
         Resp r = client.call("DELETE", "/handles?deferred=true&prefix=" + StatestoreClient.enc(prefix), null, h, null);
-        if (r.status == 200 || r.status == 204) {
-            return;
-        }
         client.checkSessionAndFence(r, sid, "remove " + prefix + "*");
-        for (JsonNode handle : client.list(prefix, false)) {
-            String name = handle.get("name").asText();
-            Resp d = client.call("DELETE", StatestoreClient.handlePath(name) + "?deferred=true", null, h, null);
-            client.checkSessionAndFence(d, sid, "remove " + name);
-            if (d.status != 204 && d.status != 200 && d.status != 202 && d.status != 404) {
-                throw new StatestoreException("remove " + name, d);
-            }
+        if (r.status != 200) {
+            throw new StatestoreException("remove " + prefix + "*", r);
         }
     }
 
