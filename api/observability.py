@@ -69,6 +69,18 @@ class Metrics:
             "Watch long polls held by this process right now.",
             registry=r,
         )
+        self.watch_feeds = Gauge(
+            "statestore_watch_feeds",
+            "Namespaces this process watches right now (one etcd watch each).",
+            registry=r,
+        )
+        self.watch_refused = Counter(
+            "statestore_watch_polls_refused_total",
+            "Watch polls refused with 503 because this process was at a limit, by the limit "
+            "(feeds: STATESTORE_MAX_WATCH_FEEDS, polls: STATESTORE_MAX_WATCH_POLLS).",
+            ["limit"],
+            registry=r,
+        )
         self.sessions_created = Counter(
             "statestore_sessions_created_total", "Sessions created here.", registry=r
         )
@@ -128,6 +140,9 @@ class Metrics:
 
     def observe_blob(self, op: str, seconds: float) -> None:
         self.blob_latency.labels(op).observe(seconds)
+
+    def observe_watch_refused(self, limit: str) -> None:
+        self.watch_refused.labels(limit).inc()
 
 
 class JsonFormatter(logging.Formatter):
