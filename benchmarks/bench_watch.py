@@ -260,6 +260,95 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> dict[str, A
     return results
 
 
+# ---------------------------------------------------------------------------
+# --app-cpu: the application's own CPU, without HTTP
+
+
+async def app_cpu(endpoint: str, tmp: Path, watchers: int, rounds: int) -> dict[str, float]:
+    """The service's ASGI app in this process, driven directly (no sockets,
+    no HTTP parsing): ``watchers`` polls held, then per write the CPU time
+    of this thread (``time.thread_time``, which other processes' load
+    disturbs little) until every poll was answered (the write's own SDK call
+    included), and until the same number of new polls were all waiting
+    again. Medians over ``rounds`` writes after 2 warm-up writes, in ms."""
+    os.environ.update(
+        STATESTORE_ETCD_ENDPOINTS=endpoint, STATESTORE_BLOB_ROOT=f"file://{tmp}/blobs"
+    )
+    from statestore_api.app import create_app_from_env
+
+    app = create_app_from_env()
+    lifespan: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    started = asyncio.Event()
+
+    async def lifespan_send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    await lifespan.put({"type": "lifespan.startup"})
+    serving = asyncio.create_task(
+        app({"type": "lifespan", "state": {}}, lifespan.get, lifespan_send)
+    )
+    await started.wait()
+    answered = 0
+    all_answered = asyncio.Event()
+    never = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await never.wait()  # the client never disconnects
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal answered
+        if message["type"] == "http.response.body":
+            answered += 1
+            if answered == watchers:
+                all_answered.set()
+
+    path = f"/v1/namespaces/{NS}/watch"
+
+    async def poll(since: int) -> None:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": f"since={since}&timeout={POLL_TIMEOUT}".encode(),
+            "root_path": "", "headers": [(b"host", b"bench")], "state": {},
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+        }  # fmt: skip
+        await app(scope, receive, send)
+
+    answer_ms: list[float] = []
+    repoll_ms: list[float] = []
+    cfg = StoreConfig(etcd_endpoints=[endpoint], blob_root="memory://bench", namespace=NS)
+    async with StateHandleStore.open(cfg) as store:
+        since = (await store.snapshot()).revision
+        polls = [asyncio.create_task(poll(since)) for _ in range(watchers)]
+        await asyncio.sleep(1)
+        for n in range(rounds + 2):
+            answered = 0
+            all_answered.clear()
+            t0 = time.thread_time()
+            since = (await store.add_and_lock(f"h-{n}", b"x")).version
+            await all_answered.wait()
+            t1 = time.thread_time()
+            await asyncio.gather(*polls)
+            t2 = time.thread_time()
+            polls = [asyncio.create_task(poll(since)) for _ in range(watchers)]
+            await asyncio.sleep(0.3)  # (their compaction checks come back from etcd)
+            if n >= 2:
+                answer_ms.append((t1 - t0) * 1000)
+                repoll_ms.append((time.thread_time() - t2) * 1000)
+        for task in polls:
+            task.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
+    await lifespan.put({"type": "lifespan.shutdown"})
+    await serving
+    return {
+        "watchers": watchers,
+        "answer_all_cpu_ms": statistics.median(answer_ms),
+        "repoll_all_cpu_ms": statistics.median(repoll_ms),
+    }
+
+
 def table(results: dict[str, Any], watchers: int) -> str:
     rows = [
         "| watchers | events × watchers | median | p99 | max | service CPU per write |",
@@ -303,9 +392,19 @@ def main() -> int:
     p.add_argument("--log-level", default="info", help="STATESTORE_LOG_LEVEL of the service")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--etcd-dir", metavar="DIR", help="parent dir for etcd's data")
+    p.add_argument(
+        "--app-cpu",
+        action="store_true",
+        help="only the app's CPU per write, in this process without HTTP (see app_cpu)",
+    )
     args = p.parse_args()
     if args.quick:
         args.rounds, args.idle_seconds = 10, 5.0
+    if args.app_cpu:
+        with scratch_etcd("bench-watch", args.etcd_dir) as (member, tmp):
+            figures = asyncio.run(app_cpu(member.endpoint, tmp, args.watchers, args.rounds))
+        print(json.dumps(figures))
+        return 0
     with scratch_etcd("bench-watch", args.etcd_dir) as (member, tmp):
         results = asyncio.run(run(args, member.endpoint, tmp))
     results["machine"] = {
