@@ -74,6 +74,8 @@ class _Param:
         if self.kind == "header":
             value = request.headers.get(self.source)
             if value is None:
+                if self.default is inspect.Parameter.empty:
+                    raise _NotDirect()  # a required header is missing: FastAPI's 400
                 return self.default
             if self.check is not None:
                 try:
@@ -82,7 +84,7 @@ class _Param:
                     raise _NotDirect() from None
             return value
         if self.kind == "query":
-            if request.scope.get("query_string"):
+            if request.scope.get("query_string") or self.default is inspect.Parameter.empty:
                 raise _NotDirect()
             return self.default
         return request  # request; a dependency is awaited by the caller
@@ -92,6 +94,8 @@ def _param(name: str, hint: Any, default: Any, path_names: set[str]) -> _Param:
     if hint is Request:
         return _Param(name, "request")
     if name in path_names:
+        if hint is not str:  # FastAPI would convert and validate any other type
+            raise TypeError(f"direct route: path parameter {name!r} must be a str")
         return _Param(name, "path", name)
     marker = next(
         (m for m in get_args(hint)[1:] if isinstance(m, params.Param | params.Depends)), None
@@ -100,9 +104,17 @@ def _param(name: str, hint: Any, default: Any, path_names: set[str]) -> _Param:
         raise TypeError(f"direct route: cannot bind parameter {name!r} ({hint!r})")
     if isinstance(marker, params.Depends):
         dep = marker.dependency
-        if dep is None or list(inspect.signature(dep).parameters) != ["request"]:
-            raise TypeError(f"direct route: dependency of {name!r} must take only the request")
+        if (
+            dep is None
+            or not inspect.iscoroutinefunction(dep)
+            or list(inspect.signature(dep).parameters) != ["request"]
+        ):
+            raise TypeError(
+                f"direct route: dependency of {name!r} must be an async function of the request"
+            )
         return _Param(name, "depends", dep)
+    if isinstance(marker, params.Header) and get_args(hint)[0] not in (str, str | None):
+        raise TypeError(f"direct route: header {name!r} must be a str (FastAPI would convert)")
     if isinstance(marker, params.Header):
         alias = marker.alias or (name.replace("_", "-") if marker.convert_underscores else name)
         check = TypeAdapter(Annotated[str, *marker.metadata]) if marker.metadata else None

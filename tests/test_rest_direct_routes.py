@@ -18,6 +18,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from statestore.errors import NotFound
 from statestore.keys import IDEMPOTENCY_KEY_PATTERN, MAX_IDEMPOTENCY_KEY_CHARS
@@ -124,15 +125,58 @@ async def test_other_paths_and_methods_reach_the_router() -> None:
         assert (await c.put("/v1/things/ns/n/deeper")).status_code == 404
 
 
-def test_a_parameter_it_cannot_bind_is_refused_when_built() -> None:
-    odd = APIRouter()
+async def test_a_missing_required_header_gets_fastapis_answer() -> None:
+    strict = APIRouter()
 
-    @odd.post("/x")
-    async def with_body(doc: Annotated[dict[str, Any], Body()]) -> None:
-        return None
+    @strict.get("/s")
+    async def needs_header(x_token: Annotated[str, Header()]) -> JSONResponse:
+        return JSONResponse({"token": x_token})
 
-    with pytest.raises(TypeError, match=r"cannot bind|not supported"):
-        DirectRoutes(_app(), routers=[odd])
+    app = FastAPI()
+    problems.install(app)
+    app.include_router(strict)
+    app.add_middleware(DirectRoutes, routers=[strict])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.get("/s", headers={"X-Token": "t"})).json() == {"token": "t"}
+        missing = await c.get("/s")
+        assert missing.status_code == 400 and "x-token" in missing.json()["detail"]
+
+
+def _sync_dependency(request: Request) -> str:
+    return ""
+
+
+#: Endpoints DirectRoutes must refuse to bind: FastAPI would read, convert or
+#: validate what it would pass on as is.
+unbindable = APIRouter()
+
+
+@unbindable.post("/body")
+async def with_body(doc: Annotated[dict[str, Any], Body()]) -> None:
+    return None
+
+
+@unbindable.get("/int/{n}")
+async def int_path(n: int) -> None:
+    return None
+
+
+@unbindable.get("/int-header")
+async def int_header(x_n: Annotated[int | None, Header()] = None) -> None:
+    return None
+
+
+@unbindable.get("/sync")
+async def sync_dependency(v: Annotated[str, Depends(_sync_dependency)]) -> None:
+    return None
+
+
+@pytest.mark.parametrize("route", unbindable.routes, ids=lambda r: r.path)
+def test_a_parameter_it_cannot_bind_is_refused_when_built(route: APIRoute) -> None:
+    one = APIRouter()
+    one.routes.append(route)
+    with pytest.raises(TypeError, match="direct route"):
+        DirectRoutes(_app(), routers=[one])
 
 
 def test_the_service_serves_every_handle_route_directly() -> None:
