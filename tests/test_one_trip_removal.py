@@ -15,14 +15,16 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from helpers import OpenStore
+from interleave import Send, deletes, hook_txn
 
 from statestore import CompletedCheckpointStore, StateHandleStore, StoreConfig
 from statestore.election import LeaderElection
 from statestore.errors import Fenced
-from statestore.etcd import Txn
+from statestore.etcd import Ambiguous, Txn, TxnResult
 from statestore.keys import prefix_end
 from statestore.maintenance.cleanup import clear_namespace
 from statestore.records import GcEntry, RemovalMarker
@@ -82,6 +84,35 @@ async def test_removal_of_a_locked_handle_is_one_etcd_request(
     assert await store.etcd.get(store.keys.handle("h")) is None
     assert await lock_holders(store, "h") == []
     assert (await gc_entries(store))[h.blob_ref].blob_url == h.blob_url
+
+
+@pytest.mark.parametrize("then", ["get-only", "release", "release_all", "lease-lost"])
+async def test_records_are_held_only_while_locked(
+    make_config: Callable[..., StoreConfig], open_store: OpenStore, then: str
+) -> None:
+    """The bound: reading a handle without its lock holds nothing, and letting
+    go of the lock (one, all, or with a lost lease) forgets the record, so
+    the removal reads first again. Breaks if reads add records or a release
+    keeps them."""
+    cfg = make_config()
+    writer, store = await open_store(cfg), await open_store(cfg)
+    await writer.add_and_lock("h", b"state")
+    await writer.release("h")
+    if then == "get-only":
+        await store.get("h")
+    else:
+        await store.get_and_lock("h")
+        if then == "release":
+            await store.release("h")
+        elif then == "release_all":
+            await store.release_all()
+        else:
+            await store.session.report_lost(store.session.lease_id, "test: lease gone")
+
+    with requests_of(store) as calls:
+        assert await store.release_and_try_remove("h") is True
+
+    assert calls == Counter({"get": 1, "release_and_try_remove": 1}), calls
 
 
 async def test_subsume_removes_each_checkpoint_in_one_request(
@@ -228,6 +259,50 @@ async def test_fenced_removal_of_a_held_record_changes_nothing(
     assert (await store.etcd.status()).revision == before, "something was written"
     assert await store.get("h") == h
     assert await lock_holders(store, "h") == [store.instance_id]
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+async def test_ambiguous_removal_of_a_held_record_resolves_as_before(
+    make_config: Callable[..., StoreConfig],
+    open_store: OpenStore,
+    monkeypatch: pytest.MonkeyPatch,
+    applied: bool,
+) -> None:
+    """The answer to the one-trip txn is lost. Applied: B writes the handle
+    again (unlocked) before A re-reads; A must say True and leave B's later
+    write alone. Breaks if the re-read takes the new handle for the one
+    asked for (the held record's generation must count as first seen).
+    Not applied: the re-read finds the held handle and removes it."""
+    cfg = make_config()
+    a, b = await open_store(cfg), await open_store(cfg)
+    held = await a.add_and_lock("h", b"v1")
+    hkey = a.keys.handle("h")
+    later: list[Any] = []
+
+    async def hook(t: Txn, send: Send) -> TxnResult:
+        if later or hkey not in deletes(t):
+            return await send(t)
+        if applied:
+            await send(t)
+            later.append(await b.add_and_lock("h", b"a later write"))
+            await b.release("h")
+        else:
+            later.append(None)
+        raise Ambiguous("injected: the answer to the removal txn was lost")
+
+    hook_txn(monkeypatch, a.etcd, hook)
+    assert await a.release_and_try_remove("h") is True
+    monkeypatch.undo()
+
+    assert later, "the injection did not run"
+    kv = await a.etcd.get(hkey)
+    entries = await gc_entries(a)
+    assert entries[held.blob_ref].blob_url == held.blob_url
+    if applied:
+        assert kv is not None and kv.mod_revision == later[0].version, "the later write was lost"
+        assert later[0].blob_ref not in entries
+    else:
+        assert kv is None
 
 
 async def test_randomized_interference_never_changes_the_outcome(
