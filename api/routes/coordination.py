@@ -7,7 +7,10 @@ caller's session, so the HTTP rows behave exactly as the Python ones:
 cancelled when the client goes away so that its candidacy is withdrawn;
 ``PUT``/``DELETE .../leader/info/{key}`` are ``publish_info`` /
 ``remove_info``; ``GET .../leader`` is ``leadership()`` (one read: never
-one leader's token with another's info); writes carrying
+one leader's token with another's info), and both leadership answers name
+the revision they were read at (watch from it: exact); ``GET``/``DELETE
+.../counters?prefix=`` are ``counter.list_counters`` / ``delete_counters``;
+writes carrying
 ``X-Fencing-Token`` use a fenced store. Counter writes take no lock, so they
 accept the token without ``X-Session-Id``: it is fenced by the leader key
 whose create revision the token is.
