@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from faces import FACES, rest_clients
+from interleave import Send, deletes, hook_txn, wire_size
 from rest import assert_problem, client, cpath, enc, leader_path, lpath, new_session, sess
 from service import ServiceProcess
 
@@ -24,6 +25,7 @@ from statestore.config import StoreConfig
 from statestore.counter import CheckpointIDCounter, delete_counters, list_counters
 from statestore.election import LeaderElection
 from statestore.errors import Fenced, InvalidArgument
+from statestore.etcd import Txn, TxnResult
 from statestore.local.etcd_process import EtcdProcess
 from statestore.store import StateHandleStore
 
@@ -224,3 +226,37 @@ async def test_sdk_deletes_by_prefix_only_while_its_fence_holds(
     assert (await list_counters(leader)).counters == {"a.1": 3, "a.2": 3, "b.1": 3}
     assert await delete_counters(leader, "a.") == ["a.1", "a.2"]
     assert (await list_counters(leader)).counters == {"b.1": 3}
+
+
+async def test_sdk_delete_is_fenced_in_every_batch(
+    open_store: Callable[..., Any],
+    make_config: Callable[..., StoreConfig],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Leadership lost between two batches: the first batch is deleted, the
+    second is refused inside etcd (``Fenced``) and its counters stay."""
+    store: StateHandleStore = await open_store(make_config())
+    other: StateHandleStore = await open_store(make_config())
+    store.backend.max_ops = 4
+    election = LeaderElection(store)
+    await election.campaign(timeout=5)
+    names = [f"j.{i}" for i in range(10)]
+    for name in names:
+        await CheckpointIDCounter(store, name).set_count(2)
+    batches: list[list[bytes]] = []
+
+    async def lose_leadership_before_the_second_batch(t: Txn, send: Send) -> TxnResult:
+        gone = [k for k in deletes(t) if k.startswith(store.keys.counters_prefix)]
+        if gone:
+            assert wire_size(t) <= 4, "within max_txn_ops"
+            batches.append(gone)
+            if len(batches) == 2:
+                await other.etcd.delete(election.leader_key)  # as a lease expiry would
+        return await send(t)
+
+    hook_txn(monkeypatch, store.etcd, lose_leadership_before_the_second_batch)
+    with pytest.raises(Fenced):
+        await delete_counters(store.with_fencing(election), "j.")
+
+    assert len(batches) == 2 and len(batches[0]) == 4
+    assert list((await list_counters(other, "j.")).counters) == sorted(names)[4:]
