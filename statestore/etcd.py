@@ -31,6 +31,11 @@ wrong etcd username/password                   ``Unavailable`` naming the creden
 ``invalid auth token`` (token expired)         re-authenticate once and retry
 =============================================  ==================================
 
+With group commit (``group_commit=True``) concurrent write txns share one
+request (:class:`_TxnBatcher`); each caller still gets the outcome of this
+table for its own txn: a whole-request refusal is resent member by member,
+a lost answer is ``Ambiguous`` for each.
+
 Security: with ``https://`` endpoints or any of ``ca_file``/``cert_file``/
 ``key_file`` the channel is a TLS one (``grpc.ssl_channel_credentials``); the
 server certificate is checked against the endpoint host (give certificates an
