@@ -13,6 +13,7 @@ request is decided by the test, not by timing.
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,7 +24,15 @@ from helpers import Gate, OpenStore, async_wait_until
 from statestore import StateHandleStore, StoreConfig
 from statestore.election import LeaderElection
 from statestore.errors import AlreadyExists, Fenced, SessionExpired
-from statestore.etcd import GROUP_COMMIT_MAX_BYTES, Ambiguous, EtcdClient, Txn, TxnResult
+from statestore.etcd import (
+    GROUP_COMMIT_MAX_BYTES,
+    Ambiguous,
+    EtcdClient,
+    Txn,
+    TxnResult,
+    _KeySpans,
+    _span,
+)
 from statestore.keys import prefix_end
 from statestore.local.etcd_process import EtcdProcess
 from statestore.local.faultproxy import FaultProxy
@@ -311,3 +320,31 @@ async def test_ambiguous_batched_adds_resolve_by_their_own_reread(
     finally:
         proxy.close()
         await direct.close()
+
+
+def test_key_spans_overlap_exactly_as_a_brute_force_check() -> None:
+    """The interval union that decides which txns may share a request, against
+    the definition: [a, b) and [c, d) overlap iff a < d and c < b (None: no end)."""
+    rng = random.Random(14)
+    keys = [bytes([c]) * n for c in b"abcdef" for n in (1, 2)]
+
+    def span() -> tuple[bytes, bytes | None]:
+        start = rng.choice(keys)
+        kind = rng.random()
+        if kind < 0.4:
+            return _span(start, b"")  # one key
+        if kind < 0.5:
+            return _span(start, b"\0")  # every key from start on
+        return start, rng.choice([k for k in keys if k > start] or [None])
+
+    def meet(x: tuple[bytes, bytes | None], y: tuple[bytes, bytes | None]) -> bool:
+        return (y[1] is None or x[0] < y[1]) and (x[1] is None or y[0] < x[1])
+
+    for _ in range(300):
+        spans, added = _KeySpans(), []
+        for _ in range(rng.randint(1, 8)):
+            s = span()
+            spans.add(s)
+            added.append(s)
+        probe = span()
+        assert spans.overlaps(probe) == any(meet(probe, a) for a in added), (added, probe)
