@@ -611,17 +611,9 @@ class _TxnBatcher:
             )
             await asyncio.gather(*(self._send_alone(m) for m in batch))
             return
-        except BaseException as e:
+        except BaseException as e:  # cancelled (the client is closing), or a bug
             for m in batch:
-                _settle(
-                    m.future,
-                    error=Unavailable(
-                        f"{m.what}: the group commit carrying it ended without an answer ({e!r}); "
-                        "it may or may not have been applied"
-                    )
-                    if not isinstance(e, Exception)
-                    else e,
-                )
+                _settle(m.future, error=e if isinstance(e, Exception) else _cut_short(m))
             raise
         self.batches += 1
         self.batched_txns += len(batch)
@@ -641,12 +633,22 @@ class _TxnBatcher:
             _settle(m.future, res)
 
     def close(self) -> None:
-        """Fail what is queued or in flight (the client is closing)."""
+        """Fail what is queued (never sent: ``Unavailable``) or in flight
+        (maybe applied: ``Ambiguous``); the client is closing."""
         if self._flusher is not None:
             self._flusher.cancel()
-        for m in (*self._queue, *self._in_flight):
+        for m in self._queue:
             _settle(m.future, error=Unavailable(f"{m.what}: the etcd client was closed"))
+        for m in self._in_flight:
+            _settle(m.future, error=_cut_short(m))
         self._queue.clear()
+
+
+def _cut_short(m: _Member) -> Ambiguous:
+    return Ambiguous(
+        f"{m.what}: the etcd client was closed while the request carrying it was in flight; "
+        "it may or may not have been applied"
+    )
 
 
 def _settle(

@@ -23,7 +23,7 @@ from helpers import Gate, OpenStore, async_wait_until
 
 from statestore import StateHandleStore, StoreConfig
 from statestore.election import LeaderElection
-from statestore.errors import AlreadyExists, Fenced, SessionExpired
+from statestore.errors import AlreadyExists, Fenced, SessionExpired, Unavailable
 from statestore.etcd import (
     GROUP_COMMIT_MAX_BYTES,
     Ambiguous,
@@ -214,6 +214,29 @@ async def test_a_batch_without_answer_is_ambiguous_for_every_member(
     finally:
         proxy.close()
         await client.close()
+        await direct.close()
+
+
+async def test_closing_fails_queued_txns_as_never_sent(etcd: EtcdProcess, prefix: bytes) -> None:
+    proxy = FaultProxy("127.0.0.1", etcd.client_port)
+    client = EtcdClient([proxy.endpoint], group_commit=True, timeout=5)
+    direct = EtcdClient([etcd.endpoint])
+    try:
+        await client.get(b"warm-up")
+        proxy.set_mode("drop_responses")  # the first txn stays in flight
+        keys = [prefix + f"k{i}".encode() for i in range(4)]
+        tasks = [asyncio.create_task(client.txn(create(k))) for k in keys]
+        await async_wait_until(lambda: len(stats(client)._queue) == 3, timeout=5, interval=0.01)
+        await client.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+
+        # (the first, sent alone, ends as any call cut by closing the channel)
+        for r in results[1:]:
+            assert isinstance(r, Unavailable) and not isinstance(r, Ambiguous), r
+            assert "closed" in r.message
+        assert [await direct.get(k) is None for k in keys[1:]] == [True] * 3
+    finally:
+        proxy.close()
         await direct.close()
 
 
