@@ -215,6 +215,8 @@ class StoreBackend:
             tls_server_name=cfg.etcd_tls_server_name,
             tls=cfg.etcd_tls,
             page_size=cfg.etcd_page_size,
+            group_commit=cfg.group_commit,
+            max_txn_ops=cfg.max_txn_ops,
         )
         self.blobs = BlobStore(cfg.blob_root, cfg.storage_options, chunk_size=cfg.blob_chunk_size)
         # Learned from etcd when it refuses a txn as too large (--max-txn-ops).
