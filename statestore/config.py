@@ -77,6 +77,13 @@ class StoreConfig(BaseSettings):
         description="Name to check etcd's server certificate against instead of the "
         "endpoint host (gRPC ssl_target_name_override).",
     )
+    group_commit: bool = Field(
+        default=True,
+        description="Send concurrent write transactions of this process to etcd as nested "
+        "transactions of one request (each keeps its own compares and outcome): fewer "
+        "requests under load, no wait for a lone caller; false sends one request per "
+        'transaction. See docs/design.md, "Group commit".',
+    )
     etcd_page_size: int = Field(
         default=5000,
         ge=1,

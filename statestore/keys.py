@@ -363,6 +363,10 @@ class Layout:
     def counter(self, name: str) -> bytes:
         return self.counters_prefix + encode(name).encode()
 
+    def parse_counter_key(self, key: bytes) -> str:
+        """The counter name of a ``counters/`` key."""
+        return decode(key[len(self.counters_prefix) :].decode())
+
     @property
     def leader_prefix(self) -> bytes:
         return self.ns_prefix + b"leader/"
