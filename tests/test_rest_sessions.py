@@ -378,3 +378,41 @@ def test_a_deleted_session_is_410_at_once_through_every_service(
         assert [(h["name"], h["version"]) for h in after] == [
             (h["name"], h["version"]) for h in before
         ]
+
+
+def _etcd_reads(c: httpx.Client) -> float:
+    """How many etcd reads (``get`` and ``range`` requests) the service has
+    made, by its /metrics."""
+    ops = ('{op="get"}', '{op="range"}')
+    lines = c.get("/metrics").text.splitlines()
+    return sum(
+        float(line.split()[-1])
+        for line in lines
+        if line.startswith("statestore_etcd_request_seconds_count")
+        and line.split()[0].endswith(ops)
+    )
+
+
+def test_a_session_removes_what_it_added_in_one_round_trip(
+    service_factory: Callable[..., ServiceProcess], namespace: str
+) -> None:
+    """A service keeps one store identity per session (docs/design.md, "One
+    store identity per session"), so a removal of a handle the session added
+    through it sends its txn without reading the handle first: the only read
+    is the session lookup. (Maintenance off: no background reads.)"""
+    svc = service_factory(maintenance="false")
+    with client(svc.url) as c:
+        sid = new_session(c)
+        put(c, namespace, "added", sid)
+        scrape = _etcd_reads(c)
+        scrape = _etcd_reads(c) - scrape  # what a scrape itself reads (live sessions)
+        before = _etcd_reads(c)
+        assert c.delete(hpath(namespace, "added"), headers=sess(sid)).status_code == 204
+        assert _etcd_reads(c) - before - scrape == 1
+        assert c.get(hpath(namespace, "added")).status_code == 404
+        # A handle it did not lock through this service is read first, as before.
+        put(c, namespace, "other", new_session(c))
+        c.delete(hpath(namespace, "other", "/lock"), headers=sess(sid))
+        before = _etcd_reads(c)
+        assert c.delete(hpath(namespace, "other"), headers=sess(sid)).status_code == 409
+        assert _etcd_reads(c) - before - scrape == 2
