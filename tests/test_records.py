@@ -27,10 +27,10 @@ from statestore.handle import Handle, blob_id_of
 from statestore.records import (
     GcEntry,
     IdempotencyRecord,
+    LivenessRecord,
     MalformedRecord,
     RemovalMarker,
     SessionRecord,
-    LivenessRecord,
     UploadIntent,
     decode_compactor_revision,
     decode_counter,
