@@ -830,25 +830,42 @@ class StateHandleStore:
         Ordering:
 
         1. validate name and metadata (nothing written on error);
-        2. put ``uploads/<blob-id>`` on our lease (a crashed writer's blob
-           becomes sweepable when the lease expires);
+        2. record the writer's liveness mark (``<root>/_live/<writer-id>``
+           and its create revision; put first only after the liveness lease
+           changed) and start the upload's claim: with
+           ``intent_after_seconds`` 0, put ``uploads/<blob-id>`` on the
+           liveness lease now; else a timer puts it once the upload has run
+           that long (protocol.md s5, deferred intent);
         3. stream the data to a fresh blob, hashing it;
-        4. ONE txn: ``If(create_revision(handle) == 0 [and fence]) Then(put
-           handle, put own lock on own lease, delete upload intent, delete
-           removal marker)`` (a marker without its handle removes nothing;
-           the new handle must not inherit it).
+        4. ONE txn: ``If(create_revision(handle) == 0, claim [and fence])
+           Then(put handle, put own lock on own lease, [delete upload
+           intent,] delete removal marker)`` (a marker without its handle
+           removes nothing; the new handle must not inherit it). The claim
+           is ``create_revision(intent) > 0`` when the intent was put, else
+           ``create_revision(liveness key) == mark``: a quick add is this
+           one request.
 
         Failures:
 
         - 1: ``InvalidArgument``/``TooLarge``, nothing written.
         - 2/3: the error (``Unavailable``, ``TooLarge``, ``IntegrityError``);
-          the partial blob and the intent are deleted.
+          the partial blob and the intent (if put) are deleted.
+        - 2/3, intent put refused "lease not found" (the liveness lease was
+          lost since the upload began) -> ``SessionExpired`` (the store's own
+          lease carries the key) or ``Unavailable`` (the service's); confirmed
+          later than ``5 x intent_after`` after the start (the writer was
+          paused, or etcd slow: a sweep may have come first) ->
+          ``Unavailable``. Blob deleted, nothing committed.
+        - 4, claim compare fails (the liveness lease was lost and renewed, or
+          expired with the intent, during the upload: the GC may have swept
+          the blob) -> the same errors; the blob is deleted, no handle.
         - 4, definite "no": the new blob is deleted; ``AlreadyExists`` (or
           ``Fenced``). If the existing handle carries our ``request_id`` this
           is a retry of a write that did succeed, and its handle is returned.
         - 4, ambiguous (sent, no answer): re-read the handle. Our request id
           -> success. Absent -> the write did not happen; the txn is sent
-          again (safe: it still compares that the handle is absent). Another
+          again (safe: it still compares that the handle is absent; an upload
+          now older than ``intent_after`` puts its intent first). Another
           request id, or etcd still unreachable -> ``PossibleInconsistentState``
           and the blob is kept for the GC to resolve.
         - Whenever the handle is found under our request id (retry, ambiguous
@@ -1203,16 +1220,22 @@ class StateHandleStore:
         ``metadata=None`` keeps the current metadata. Locks are untouched.
 
         Ordering: read the handle (``NotFound``/``VersionConflict`` before
-        uploading anything); put the upload intent; write the new blob; ONE
-        txn ``If(mod_revision(handle) == expected_version and no removal
-        pending [and fence]) Then(put handle, put gc/<old blob>, delete
-        intent)``. The old blob is queued for deletion in the same txn, so it
-        can never leak and is never deleted while the handle still names it.
+        uploading anything); record the liveness mark and start the upload's
+        claim (as :meth:`add_and_lock` step 2: the intent now, or once the
+        upload has run ``intent_after_seconds``); write the new blob; ONE txn
+        ``If(mod_revision(handle) == expected_version and no removal pending,
+        claim [and fence]) Then(put handle, put gc/<old blob>, [delete
+        intent])``. The old blob is queued for deletion in the same txn, so
+        it can never leak and is never deleted while the handle still names
+        it. A quick replace is two requests: the read and the commit.
 
         Failures: definite "no" -> new blob deleted, ``VersionConflict`` /
-        ``NotFound`` / ``Fenced``. Ambiguous -> re-read: our request id ->
-        success; still at ``expected_version`` -> send again; otherwise
-        ``PossibleInconsistentState`` (new blob kept for the GC).
+        ``NotFound`` / ``Fenced``; the claim lost (liveness lease lost during
+        the upload, intent late) -> ``SessionExpired`` / ``Unavailable`` as
+        for :meth:`add_and_lock`, new blob deleted, old one untouched.
+        Ambiguous -> re-read: our request id -> success; still at
+        ``expected_version`` -> send again (its claim checked again first);
+        otherwise ``PossibleInconsistentState`` (new blob kept for the GC).
 
         ``idempotency_key``: as for :meth:`add_and_lock`, the txn also puts
         the key's record (the handle written), and a call whose key has one
