@@ -190,6 +190,9 @@ class Raw:
         self.instance_id = uuid.uuid4().hex
         self.iid = encode_holder(self.instance_id)  # the value of our lock keys
         self.lease = 0
+        #: handle key -> (mod_revision, record) of the handles recovered: a
+        #: removal of one needs no read (as the SDK's held records).
+        self.known: dict[bytes, tuple[int, bytes]] = {}
 
     async def start(self) -> Raw:
         lease = await self.c.lease(RAW_LEASE_TTL)
@@ -219,22 +222,26 @@ class Raw:
         if not ok:
             raise RuntimeError(f"raw add: {name!r} exists")
 
-    # -- remove: get, then one txn ------------------------------------------------
+    # -- remove: one txn (a get first for a handle not recovered) ------------------
 
     async def remove(self, name: str) -> bool:
         k, tx = self.keys, self.tx
         hkey = k.handle(name)
         lp = k.lock_prefix(name)
         own = k.lock(name, self.instance_id)
-        kv = await self.c.get(hkey)
-        if kv is None:
-            await self.c.delete(own)
-            return True
-        h = decode_handle(kv.value, kv.mod_revision)
+        known = self.known.pop(hkey, None)
+        if known is None:
+            kv = await self.c.get(hkey)
+            if kv is None:
+                await self.c.delete(own)
+                return True
+            known = (kv.mod_revision, kv.value)
+        version, record = known
+        h = decode_handle(record, version)
         gc_value = GcEntry(h.blob_url, name, "removed", time.time(), self.instance_id).encode()
         ok, _ = await self.c.transaction(
             compare=[
-                tx.mod(hkey) == kv.mod_revision,
+                tx.mod(hkey) == version,
                 tx.create(lp, own) == 0,  # no lock in [prefix, own)
                 tx.create(own + b"\0", prefix_range_end(lp)) == 0,  # nor in (own, end)
             ],
@@ -256,6 +263,7 @@ class Raw:
             if not self.keys.is_handle_key(kv.key):
                 continue  # a lock key
             handles.append((kv.key, kv.mod_revision, json.loads(kv.value)))
+            self.known[kv.key] = (kv.mod_revision, kv.value)
         sem = asyncio.Semaphore(in_flight)
         suffix = Layout.lock_suffix(self.instance_id)
 
@@ -378,6 +386,7 @@ async def raw_side(ctx: Ctx, ns: str, backend: Backend) -> AsyncIterator[Side]:
 
         async def hold(names: list[str]) -> None:
             await populate(ctx.admin, ns, names, backend, lock_as=(raw.instance_id, raw.lease))
+            await raw.recover(1)  # knows their records now, as the SDK side does
 
         yield Side(raw.add, raw.remove, raw.recover, hold, lambda: raw.c.get(b"warm-up"))
     finally:
@@ -398,6 +407,9 @@ async def sdk_side(ctx: Ctx, ns: str, backend: Backend, **cfg: Any) -> AsyncIter
             async def hold(names: list[str]) -> None:
                 lock_as = (store.instance_id, store.session.lease_id)
                 await populate(ctx.admin, ns, names, backend, lock_as=lock_as)
+                # As a leader that recovered them: the store now holds their
+                # records, as it does for handles it added (one-trip removal).
+                await store.get_all_and_lock()
 
             yield store_side("sdk", store, recover, hold, lambda: store.exists("warm-up"))
     finally:

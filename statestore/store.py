@@ -434,6 +434,65 @@ class _ReleaseGate:
         await self._none_in_flight.wait()
 
 
+class _HeldRecords:
+    """The handle records this instance holds a lock on, as it last saw them
+    (handle key -> ``Handle``), so that a removal can send its txn at once,
+    comparing the version it knows, instead of reading the handle first.
+
+    A record here is only a guess: the removal txn compares the handle's
+    mod_revision with its version, and a mod_revision names one write of
+    one key, so the txn acts only while the handle is exactly that record
+    (the gc entry it puts names that record's blob). A stale guess costs
+    the read it was meant to save, never a wrong outcome.
+
+    Bound: an entry enters only when this instance takes its lock
+    (``add_and_lock``, ``get_and_lock``, ``get_all_and_lock``/``lock_all``);
+    reads (``get``, ``replace``) refresh an entry already here, never add
+    one, so reading tens of thousands of handles without locks costs
+    nothing. It leaves when the lock is let go (``release``,
+    ``release_prefix``, a removal with any outcome); all leave on
+    ``release_all`` and once the lease is found lost (``lost_count`` moved:
+    the locks went with it). So it holds at most one entry per lock taken
+    since, and the newest version seen of each (mod_revisions only grow)."""
+
+    def __init__(self, session: LeaseHolder) -> None:
+        self._session = session
+        self._lost = session.lost_count
+        self._records: dict[bytes, Handle] = {}
+
+    def _current(self) -> dict[bytes, Handle]:
+        if self._session.lost_count != self._lost:  # every lock went with the lease
+            self._records.clear()
+            self._lost = self._session.lost_count
+        return self._records
+
+    def locked(self, key: bytes, h: Handle) -> None:
+        """We hold a lock on ``h`` (key ``key``) now."""
+        records = self._current()
+        known = records.get(key)
+        if h.create_revision > 0 and (known is None or known.version < h.version):
+            records[key] = h
+
+    def seen(self, key: bytes, h: Handle) -> None:
+        """``h`` was read (or written) without locking: refresh, never add."""
+        records = self._current()
+        known = records.get(key)
+        if known is not None and known.version < h.version and h.create_revision > 0:
+            records[key] = h
+
+    def get(self, key: bytes) -> Handle | None:
+        return self._current().get(key)
+
+    def drop(self, key: bytes) -> None:
+        self._current().pop(key, None)
+
+    def clear(self) -> None:
+        self._current().clear()
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
 class _Shared:
     """One identity (instance id and lease) on a backend; shared by a store and
     its fenced and other-namespace views."""
@@ -449,6 +508,8 @@ class _Shared:
         self.owns_backend = owns_backend
         self.writes_in_flight = 0
         self.release_gate = _ReleaseGate()
+        #: Records of the handles this identity locks, for one-trip removals.
+        self.held = _HeldRecords(session)
         self.closed = False
         #: Namespaces this instance has views on (their removals may wait on us).
         self.namespaces: set[str] = {backend.cfg.namespace}
@@ -917,6 +978,29 @@ class StateHandleStore:
         """:meth:`add_and_lock` sent as ``call`` (from :meth:`idempotent_call`,
         or ``None``), also returning the stored answer when it was one (for
         the checkpoint store, whose answer holds more than the handle)."""
+        h, replay = await self._add_and_lock_answer(
+            call,
+            name,
+            data,
+            metadata,
+            request_id=request_id,
+            expected_sha256=expected_sha256,
+            max_size=max_size,
+        )
+        self._s.held.locked(self._keys.handle(h.name), h)
+        return h, replay
+
+    async def _add_and_lock_answer(
+        self,
+        call: IdempotentCall | None,
+        name: str,
+        data: Data,
+        metadata: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        expected_sha256: str | None = None,
+        max_size: int | None = None,
+    ) -> tuple[Handle, Replay | None]:
         name = validate_name(name)
         meta = encode_metadata(metadata, self._cfg.max_metadata_bytes)
         replay = await self._fence_or_replay(call)  # fail fast before uploading anything
@@ -1263,7 +1347,9 @@ class StateHandleStore:
         meta = old.metadata if new_meta is None else new_meta
         rid = request_id or uuid.uuid4().hex
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
-            return await self._commit_replace(name, expected_version, old, st, rid, call)
+            h = await self._commit_replace(name, expected_version, old, st, rid, call)
+        self._s.held.seen(hkey, h)
+        return h
 
     async def _commit_replace(
         self,
@@ -1363,7 +1449,9 @@ class StateHandleStore:
         kv = await self._s.client.get(self._keys.handle(name))
         if kv is None:
             raise NotFound(f"handle {name!r} does not exist in namespace {self.namespace!r}")
-        return _read_handle(kv.value, kv.mod_revision, kv.create_revision)
+        h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
+        self._s.held.seen(kv.key, h)
+        return h
 
     async def describe(self, name: str) -> tuple[Handle, list[str]]:
         """The handle and its lock holders, read together at one revision."""
@@ -1513,7 +1601,9 @@ class StateHandleStore:
         if res.succeeded:
             kv = res.results[1][0]
             holders = sorted(Layout.holder_of(lp, k.key) for k in res.results[2])
-            return _read_handle(kv.value, kv.mod_revision, kv.create_revision), holders
+            h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
+            self._s.held.locked(hkey, h)
+            return h, holders
         if res.results[0]:
             raise NotFound(
                 f"cannot lock handle {name!r}: its removal is pending (it goes as soon as "
@@ -1575,6 +1665,8 @@ class StateHandleStore:
 
         n = self._batch_size()
         await _gather([run(wanted[i : i + n]) for i in range(0, len(wanted), n)])
+        for key, h in out:
+            self._s.held.locked(key, h)
         handles = [h for _, h in out]
         handles.sort(key=lambda h: h.name)
         if with_holders:
@@ -1666,6 +1758,7 @@ class StateHandleStore:
         lock_key = self._keys.lock(name, self._s.instance_id)
         rkey = self._keys.removal(name)
         t = Txn().then(Txn.delete(lock_key), Txn.get(rkey))
+        self._s.held.drop(self._keys.handle(name))
         res = await self._until_definite(
             lambda: self._s.client.txn(t, what="release"), f"release({name!r})"
         )
@@ -1699,6 +1792,7 @@ class StateHandleStore:
         if self._s.writes_in_flight == 0 and not await self._holds_election_key():
             spare = await session.spare_lease()
         async with self._s.release_gate.releasing():
+            self._s.held.clear()
             if spare is not None and self._s.writes_in_flight == 0:
                 await self._s.client.lease_revoke(session.swap(spare))
             else:
@@ -1728,10 +1822,10 @@ class StateHandleStore:
     async def release_and_try_remove(self, name: str, deferred: bool = False) -> bool:
         """Release our lock and remove the handle if nobody else holds one.
 
-        ONE txn: ``If(mod_revision(handle) == read version, no lock key in
+        ONE txn: ``If(mod_revision(handle) == known version, no lock key in
         [lock prefix, own lock), no lock key in (own lock, prefix end) [and
         fence]) Then(delete handle, delete own lock, delete removal marker,
-        put gc/<blob>) Else(delete own lock, list lock holders)``.
+        put gc/<blob>) Else(delete own lock, get handle, list lock holders)``.
 
         Returns True when the handle is gone (also when it never existed);
         False when others hold locks: our lock is released and the handle kept.
@@ -1739,11 +1833,30 @@ class StateHandleStore:
         (``removals/<name>``) and completes as soon as the last lock goes, by
         release or lease expiry; meanwhile the handle cannot be locked.
 
-        The removal is of the handle as first read: a replace meanwhile makes
-        it decide again on the new version, but a handle removed and added
-        again meanwhile is a new one that this call does not touch (True: the
-        one asked for is gone). So the marker is put only by a txn comparing
-        the version it decided on: a removal can never land on a later write.
+        Ordering: when this instance holds the record (it locked the handle:
+        ``_HeldRecords``) the txn is sent at once with that record's version
+        and blob: one round trip. Otherwise the handle is read first, then the
+        txn is sent. The else branch returns the handle as it is now, so a
+        retry decides on that without reading again.
+
+        The removal is of the handle as first seen in etcd (by the read, or
+        by the first txn: its compare, or its else branch): a replace
+        meanwhile makes it decide again on the new version, but a handle
+        removed and added again meanwhile is a new one that this call does
+        not touch (True: the one asked for is gone). So the marker is put
+        only by a txn comparing the version it decided on: a removal can
+        never land on a later write.
+
+        Failures: a held record that is stale (replaced, removed, or added
+        again since) fails the version compare; nothing is deleted, and the
+        else branch shows the current handle, on which the call decides as
+        if it had read it (one extra round trip, only then). The gc entry is
+        always built from the record whose version the txn compares, so it
+        names the blob of the handle it deletes. Ambiguous answer -> read
+        and decide again (both branches are safe to re-run; a handle of
+        another generation than the one sent is a later write: True).
+        ``Fenced``: nothing changed, our lock is kept. No definite answer in
+        ``_MAX_ROUNDS`` -> ``Unavailable``.
         """
         return (await self.try_remove(name, deferred=deferred)).removed
 
@@ -1751,41 +1864,55 @@ class StateHandleStore:
         """``release_and_try_remove`` with the holders that blocked it."""
         name = validate_name(name)
         hkey = self._keys.handle(name)
+        try:
+            return await self._try_remove(name, hkey, deferred, self._s.held.get(hkey))
+        finally:
+            # Our lock is let go whatever the outcome (or its state is unknown).
+            self._s.held.drop(hkey)
+
+    async def _try_remove(
+        self, name: str, hkey: bytes, deferred: bool, held: Handle | None
+    ) -> Removal:
+        """:meth:`try_remove`; ``held``: the record this instance holds, if
+        any, tried first without reading."""
         lp = self._keys.lock_prefix(name)
         own = self._keys.lock(name, self._s.instance_id)
         rkey = self._keys.removal(name)
         # The handle as the last txn's else branch returned it: a retry after
         # a lost race decides on that instead of reading it again.
         seen: list[KV] | None = None
-        # The create revision of the handle first read: the one asked for.
+        # The create revision of the handle first seen in etcd: the one asked for.
         generation: int | None = None
         for _ in range(_MAX_ROUNDS):
-            if seen is None:
-                kv = await self._s.client.get(hkey)
+            if held is not None:
+                h, held = held, None  # one try: a stale record falls back to etcd's
             else:
-                kv, seen = (seen[0] if seen else None), None
-            if kv is not None and generation not in (None, kv.create_revision):
-                # Removed and added again meanwhile: that is a later write, and
-                # the handle this removal was asked for is gone (own lock: let go
-                # by the else branch that showed the new one).
-                return Removal(True, [])
-            if kv is None:
-                # Nothing to remove; still, a fenced caller must prove leadership
-                # (a deposed leader learns it is deposed, not "removed").
-                await self._txn(
-                    lambda lease: Txn().compare("create", hkey, "==", 0).then(Txn.delete(own)),
-                    "release_and_try_remove",
-                    fenced=True,
-                )
-                return Removal(True, [])
-            generation = kv.create_revision
-            h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
+                if seen is None:
+                    kv = await self._s.client.get(hkey)
+                else:
+                    kv, seen = (seen[0] if seen else None), None
+                if kv is not None and generation not in (None, kv.create_revision):
+                    # Removed and added again meanwhile: that is a later write, and
+                    # the handle this removal was asked for is gone (own lock: let go
+                    # by the else branch that showed the new one).
+                    return Removal(True, [])
+                if kv is None:
+                    # Nothing to remove; still, a fenced caller must prove leadership
+                    # (a deposed leader learns it is deposed, not "removed").
+                    await self._txn(
+                        lambda lease: Txn().compare("create", hkey, "==", 0).then(Txn.delete(own)),
+                        "release_and_try_remove",
+                        fenced=True,
+                    )
+                    return Removal(True, [])
+                generation = kv.create_revision
+                h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
             gc_key = self._keys.gc(h.blob_ref)
             gc_value = self._gc_entry(h, "removed")
 
             def build(
                 lease: int,
-                version: int = kv.mod_revision,
+                version: int = h.version,
                 gc_key: bytes = gc_key,
                 gc_value: bytes = gc_value,
             ) -> Txn:
@@ -1812,6 +1939,10 @@ class StateHandleStore:
             try:
                 res = await self._txn(build, "release_and_try_remove", fenced=True)
             except Ambiguous:
+                if generation is None:
+                    # The held record was sent: if that txn landed, the handle
+                    # asked for is gone and a later one must not be touched.
+                    generation = h.create_revision
                 continue  # both branches are safe to re-run after a re-read
             if res.succeeded:
                 return Removal(True, [])
@@ -1820,13 +1951,18 @@ class StateHandleStore:
                 await self._s.client.delete(own)
                 first = 0
             current, lock_kvs = res.results[first], res.results[first + 1]
-            if not current or current[0].mod_revision != kv.mod_revision:
-                seen = current
-                continue  # replaced or removed meanwhile: decide again
+            if generation is None and current:
+                generation = current[0].create_revision  # first seen: the one asked for
             holders = sorted(Layout.holder_of(lp, k.key) for k in lock_kvs if k.key != own)
-            if not holders:
+            if not current or current[0].create_revision != generation or not holders:
+                # Removed, or removed and added again (the next round says
+                # True), or nobody else locks it now (replaced, a stale
+                # record, or they let go): decide again on what it is now.
                 seen = current
-                continue  # they let go meanwhile: try again
+                continue
+            # Others lock the handle as it is now (replaced meanwhile or not):
+            # a removal txn on this version would fail, as this one did.
+            h = _read_handle(current[0].value, current[0].mod_revision, generation)
             if not deferred:
                 return Removal(False, holders)
             marked = await self._defer_removal(name, h, holders)
@@ -2079,6 +2215,9 @@ class StateHandleStore:
             return await self._remove_batch(batch)
         except Ambiguous:
             return False  # try_remove re-reads each: safe whichever way it went
+        if res.succeeded:
+            for h in batch:  # our locks went with them
+                self._s.held.drop(self._keys.handle(h.name))
         return res.succeeded
 
     async def release_prefix(self, prefix: str = "") -> list[str]:
@@ -2110,6 +2249,7 @@ class StateHandleStore:
                 lambda t=t: self._s.client.txn(t, what="release_prefix"), "release_prefix"
             )
             for j, hkey in enumerate(handle_keys):
+                self._s.held.drop(hkey)
                 name = self._keys.parse_handles_key(hkey)[0]
                 names.append(name)
                 if res.results[len(part) + j]:
