@@ -71,7 +71,7 @@ from kazoo.client import KazooClient
 from statestore import StateHandleStore, StoreConfig
 from statestore.keys import Layout
 from statestore.local.etcd_process import find_etcd_binary
-from statestore.records import GcEntry, UploadIntent, decode_handle, encode_handle, encode_holder
+from statestore.records import GcEntry, decode_handle, encode_handle, encode_holder
 
 ROOT = "/statestore/v1"
 ZK_ROOT = "/flink-bench"  # the ZooKeeper peer's handles: ZK_ROOT/<namespace>/<name>
@@ -205,14 +205,11 @@ class Raw:
         with contextlib.suppress(Exception):
             await self.c.revoke_lease(self.lease)
 
-    # -- add: intent put, blob write, one commit txn ---------------------------------
+    # -- add: blob write, one commit txn (no intent: issue 14's "raw") --------------
 
     async def add(self, name: str, data: bytes = STATE) -> None:
         k, tx = self.keys, self.tx
         blob_id, path, url = self.backend.new_blob(self.ns)
-        ukey = k.upload(blob_id)
-        intent = UploadIntent(url, time.time(), self.instance_id)
-        await self.c.put(ukey, intent.encode(), lease=self.lease)
         await self.blobs.write(path, data)
         record = handle_record(name, blob_id, url, data, self.instance_id)
         hkey = k.handle(name)
@@ -221,7 +218,6 @@ class Raw:
             success=[
                 tx.put(hkey, record),
                 tx.put(k.lock(name, self.instance_id), self.iid, self.lease),
-                tx.delete(ukey),
             ],
             failure=[tx.get(hkey)],
         )
