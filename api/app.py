@@ -69,9 +69,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             settings.root,
             buffer_bytes=settings.watch_buffer_bytes,
             idle_seconds=settings.watch_idle_seconds,
+            max_feeds=settings.max_watch_feeds,
+            max_polls=settings.max_watch_polls,
         )
         hub = app.state.watches
-        metrics.watch_polls.set_function(lambda: sum(f.waiters for f in hub.feeds.values()))
+        metrics.watch_polls.set_function(lambda: hub.polls)
+        metrics.watch_feeds.set_function(lambda: len(hub.feeds))
+        hub.observer = metrics.observe_watch_refused
         if not auth.enabled:
             log.warning(
                 "AUTH IS OFF: no STATESTORE_AUTH_TOKENS_FILE is configured, so anyone who can "

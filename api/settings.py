@@ -69,6 +69,19 @@ class ServiceSettings(StoreConfig):
         gt=0,
         description="A namespace's shared etcd watch stops after this long without a poll.",
     )
+    max_watch_feeds: int = Field(
+        default=1024,
+        ge=1,
+        description="Per process: namespaces watched at once (one etcd watch each). A poll "
+        "that needs one more first stops the feed idle the longest; with none idle it is "
+        "refused (503 unavailable, Retry-After).",
+    )
+    max_watch_polls: int = Field(
+        default=10_000,
+        ge=1,
+        description="Per process: watch long polls held at once (about 18 KiB each); past "
+        "it a poll is refused (503 unavailable, Retry-After).",
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_json: bool = Field(default=True, description="One JSON object per log line.")
 

@@ -13,8 +13,12 @@ Protocol:
 2. A long poll with ``since >= floor`` is answered from the buffer: the
    matching events after ``since``, whole revisions, at most 1000 (the
    revision that would cross 1000 waits for the next answer, so an etcd
-   revision is never split), or it waits on a future the feed resolves
-   after every revision it delivers. Nothing polls etcd per waiter.
+   revision is never split), or it waits on its own future, which the feed
+   resolves, with every other waiter's, in one pass after each revision it
+   delivers. Nothing polls etcd per waiter. The body depends only on
+   ``(since, kinds, prefix)`` and the buffer, and most waiters share all
+   three (they polled from the last answer's revision): it is built once
+   per revision and shared as bytes.
 3. A long poll with ``since < floor`` (older than the buffer) reads the gap
    itself, once: a temporary ``EventStream`` from ``since`` (the leadership
    keys read at ``since``) until its position reaches ``floor`` (a change at
@@ -28,6 +32,12 @@ Protocol:
    without, ``max(since, delivered)``, never more than the feed has seen.
 5. A feed without waiters for ``idle_seconds`` stops its watch and frees
    its buffer; the next poll starts a new one.
+6. Limits per process: at most ``max_feeds`` feeds (one etcd watch each) and
+   ``max_polls`` held polls. A poll that would start a feed past the limit
+   first stops the feed idle the longest (no waiters); with none idle, and
+   a poll past ``max_polls``, it is refused at once with
+   :class:`WatchesFull` (503 ``unavailable``, ``Retry-After``), having
+   started and counted nothing.
 
 Memory: per namespace being watched, the buffer (``buffer_bytes``, default
 4 MiB of encoded events plus ~200 bytes each), the leadership keys and one
@@ -45,7 +55,9 @@ Failures:
 - ``since`` compacted: 410 ``compacted`` with ``compact_revision``;
 - etcd does not answer the reads a poll needs (starting the feed, reading
   a gap) before ``timeout`` + 1.5 s: 503 ``unavailable``; no poll is held
-  past ``timeout`` + 2 s.
+  past ``timeout`` + 2 s;
+- the process is at its feed or poll limit: 503 ``unavailable`` with
+  ``Retry-After`` (:class:`WatchesFull`), nothing started.
 """
 
 from __future__ import annotations
@@ -58,7 +70,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from statestore.errors import Compacted, InvalidArgument, Unavailable
@@ -74,6 +86,9 @@ MAX_EVENTS = 1000
 GAP_QUIET = 0.2
 #: How long past ``timeout`` a poll may wait for etcd (the spec allows 2 s).
 HARD_MARGIN = 1.5
+
+#: Seconds a poll refused for the process's limits is told to wait (Retry-After).
+RETRY_AFTER = 1
 
 #: The hubs of this process, so that the HTTP protocol can drain them when the
 #: server begins a graceful shutdown (see :func:`drain_all`).
@@ -94,6 +109,19 @@ def drain_all() -> None:
 _EVENT_OVERHEAD = 200
 # Backoff while the feed cannot restart after its position was compacted.
 _RESTART_BACKOFF = (0.1, 2.0)
+
+
+class WatchesFull(Unavailable):
+    """This process holds as many watch feeds or polls as it may: retry
+    after :data:`RETRY_AFTER` seconds (another replica may have room)."""
+
+    retry_after = RETRY_AFTER
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    """A waiting poll's timeout: it answers what it has (nothing)."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _encode(event: WatchEvent) -> bytes:
@@ -185,11 +213,17 @@ class NamespaceFeed:
         self.floor = 0
         #: ... up to ``delivered``, where the feed's stream is.
         self.delivered = 0
-        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: The futures of the polls waiting for the next revision (a dict:
+        #: ordered, so the first to wait is the first answered; O(1) removal).
+        self._waiting: dict[asyncio.Future[None], None] = {}
+        #: Answer bodies built since the last revision, by (since, kinds, prefix).
+        self._answers: dict[tuple[int, frozenset[str], str | None], bytes] = {}
         self._task: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
         self.waiters = 0
         self._idle: asyncio.TimerHandle | None = None
+        #: ``time.monotonic()`` when the last poll left (for choosing which idle feed to stop).
+        self.idle_since = time.monotonic()
         # Polls waiting to learn whether etcd still keeps their `since`.
         self._checks: list[tuple[int, asyncio.Future[None]]] = []
         self._checker: asyncio.Task[None] | None = None
@@ -264,8 +298,12 @@ class NamespaceFeed:
         self._wake()
 
     def _wake(self) -> None:
-        woken, self._changed = self._changed, asyncio.get_running_loop().create_future()
-        woken.set_result(None)
+        """Something changed: forget the shared answers, wake every waiter."""
+        self._answers.clear()
+        woken, self._waiting = self._waiting, {}
+        for waiter in woken:
+            if not waiter.done():  # (a poll cancelled meanwhile)
+                waiter.set_result(None)
 
     async def _kept(self, since: int) -> None:
         """Raise ``Compacted`` when etcd has compacted ``since`` away (the
@@ -310,6 +348,9 @@ class NamespaceFeed:
                 checked.set_result(None)
 
     def stop(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -327,6 +368,7 @@ class NamespaceFeed:
     def leave(self) -> None:
         self.waiters -= 1
         if self.waiters == 0:
+            self.idle_since = time.monotonic()
             self._idle = asyncio.get_running_loop().call_later(
                 self._hub.idle_seconds, self._hub.retire, self
             )
@@ -355,16 +397,34 @@ class NamespaceFeed:
             since = self.delivered
         elif since >= self.floor:  # (older ones read their gap at `since`: 410 there)
             await self._kept(since)
+        loop = asyncio.get_running_loop()
         while True:
             if since < self.floor:
                 since = await self._read_gap(since, deadline, answer)
                 if answer.full or since < self.floor:  # cut at 1000, or stopped short
                     return answer.body(since)
+            # Nothing of its own from a gap: the answer is the one every poll
+            # from `since` with these filters gets, maybe built already.
+            shared = None if answer.bodies else (since, kinds, prefix)
+            if shared is not None and (body := self._answers.get(shared)) is not None:
+                return body
             since = self._scan(since, answer)
+            if answer.bodies:
+                body = answer.body(since)
+                if shared is not None:
+                    self._answers[shared] = body
+                return body
             remaining = deadline - time.monotonic()
-            if answer.bodies or remaining <= 0 or self._hub.draining:
+            if remaining <= 0 or self._hub.draining:
                 return answer.body(since)
-            await asyncio.wait([self._changed], timeout=remaining)
+            waiter = loop.create_future()
+            self._waiting[waiter] = None
+            expiry = loop.call_later(remaining, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                expiry.cancel()
+                self._waiting.pop(waiter, None)  # (timed out: still there)
 
     async def _read_gap(self, since: int, deadline: float, answer: _Answer) -> int:
         """Add the events after ``since`` that the buffer no longer has, from
@@ -390,16 +450,30 @@ class NamespaceFeed:
 
 
 class WatchHub:
-    """The feeds of one service process, one per watched namespace."""
+    """The feeds of one service process, one per watched namespace, within
+    ``max_feeds`` feeds and ``max_polls`` held polls."""
 
     def __init__(
-        self, etcd: EtcdClient, root: str, *, buffer_bytes: int, idle_seconds: float
+        self,
+        etcd: EtcdClient,
+        root: str,
+        *,
+        buffer_bytes: int,
+        idle_seconds: float,
+        max_feeds: int = 1024,
+        max_polls: int = 10_000,
     ) -> None:
         self.etcd = etcd
         self.root = root
         self.buffer_bytes = buffer_bytes
         self.idle_seconds = idle_seconds
+        self.max_feeds = max_feeds
+        self.max_polls = max_polls
         self._feeds: dict[str, NamespaceFeed] = {}
+        #: Polls held right now, over all feeds.
+        self.polls = 0
+        #: Called with ``"feeds"`` or ``"polls"`` for each poll refused at that limit.
+        self.observer: Callable[[str], None] | None = None
         #: Set once the server shuts down: polls answer at once from then on.
         self.draining = False
         _HUBS.add(self)
@@ -425,13 +499,31 @@ class WatchHub:
         kinds: frozenset[str],
         prefix: str | None,
     ) -> bytes:
-        """The 200 body of ``GET .../watch``; ``Compacted`` (410) or
-        ``Unavailable`` (503) as the module docstring says."""
+        """The 200 body of ``GET .../watch``; ``Compacted`` (410),
+        ``Unavailable`` (503) or ``WatchesFull`` (503) as the module
+        docstring says."""
         deadline = time.monotonic() + timeout
+        if self.polls >= self.max_polls:
+            self._refuse(
+                "polls",
+                f"this service process already holds {self.polls} watch polls, its limit "
+                f"(STATESTORE_MAX_WATCH_POLLS={self.max_polls})",
+                namespace,
+            )
         feed = self._feeds.get(namespace)
         if feed is None:
+            if len(self._feeds) >= self.max_feeds and not self._make_room():
+                self._refuse(
+                    "feeds",
+                    f"this service process already watches {len(self._feeds)} namespaces, "
+                    f"each with polls waiting, its limit "
+                    f"(STATESTORE_MAX_WATCH_FEEDS={self.max_feeds})",
+                    namespace,
+                )
             feed = self._feeds[namespace] = NamespaceFeed(self, namespace)
-        feed.enter()  # no await since the lookup: an idle stop cannot come between
+        # No await since the lookup: an idle stop cannot come between.
+        feed.enter()
+        self.polls += 1
         try:
             async with asyncio.timeout(timeout + HARD_MARGIN):
                 return await feed.poll(since, deadline, kinds, prefix)
@@ -441,7 +533,33 @@ class WatchHub:
                 f"within its timeout of {timeout:g} s; retry"
             ) from None
         finally:
+            self.polls -= 1
             feed.leave()
+
+    def _refuse(self, limit: str, why: str, namespace: str) -> None:
+        if self.observer is not None:
+            self.observer(limit)
+        raise WatchesFull(
+            f"cannot watch namespace {namespace!r}: {why}; retry in {RETRY_AFTER} s, or "
+            "through another replica"
+        )
+
+    def _make_room(self) -> bool:
+        """Stop the feed idle the longest (no polls waiting) to make room for
+        another; False when every feed has polls waiting."""
+        idle = [f for f in self._feeds.values() if f.waiters == 0]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda f: f.idle_since)
+        del self._feeds[oldest.namespace]
+        oldest.stop()
+        log.info(
+            "watch feed of namespace %r stopped early to make room for another "
+            "(STATESTORE_MAX_WATCH_FEEDS=%d)",
+            oldest.namespace,
+            self.max_feeds,
+        )
+        return True
 
     def retire(self, feed: NamespaceFeed) -> None:
         """Stop an idle feed (called ``idle_seconds`` after its last poll left)."""
