@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import re
@@ -146,6 +147,8 @@ class ZooKeeperBackend:
     def __init__(self, hosts: str, ttl: float) -> None:
         self.hosts = hosts
         self.ttl = ttl
+        # kazoo warns of the dropped probe connection while it connects: not news here
+        logging.getLogger("kazoo.client").setLevel(logging.ERROR)
         self.zk = KazooClient(hosts=hosts, timeout=30)
         self.zk.start(timeout=30)
         self._latch: dict[str, str] = {}
@@ -219,6 +222,7 @@ class Run:
     first_new: int = 0
     granted_timeouts: list[float] = field(default_factory=list)
     output_rows: int = 0
+    steps: dict[str, float] = field(default_factory=dict)  # new leader's log, s after its grant
 
 
 def job_running(jm: FlinkProcess, job_id: str) -> bool:
@@ -238,6 +242,39 @@ def latest_completed(jm: FlinkProcess, job_id: str) -> int | None:
 def at(predicate: Callable[[], bool]) -> Callable[[], float | None]:
     """A wait_until predicate answering the monotonic time it first held."""
     return lambda: time.monotonic() if predicate() else None
+
+
+# What the new leader logs on its way from the grant to the first checkpoint (Flink's
+# own INFO lines, the same for both backends), in order.
+STEP_LINES = {
+    "granted": r"DefaultDispatcherRunner was granted leadership",
+    "JobMaster granted (execution plan recovered)": r"JobMasterServiceLeadershipRunner .* granted",
+    "recovering checkpoints": r"Recovering checkpoints from",
+    "restoring from a checkpoint": r"Restoring job \S+ from Checkpoint",
+    "execution started": r"Starting execution of job",
+    "tasks RUNNING": r"switched from INITIALIZING to RUNNING",
+    "first new checkpoint": r"Completed checkpoint",
+}
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def leader_steps(text: str) -> dict[str, float]:
+    """Seconds from the grant to each step in the new leader's log (its log clock;
+    only differences within one process are used). "tasks RUNNING" is the last task
+    to get there before the first new checkpoint."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        m = LOG_TIME.match(line)
+        if not m:
+            continue
+        t = time.mktime(time.strptime(m[1][:19], "%Y-%m-%d %H:%M:%S")) + int(m[1][20:]) / 1000
+        for step, pattern in STEP_LINES.items():
+            if step == "granted" or "granted" in found:
+                repeatable = step == "tasks RUNNING" and "first new checkpoint" not in found
+                if (step not in found or repeatable) and re.search(pattern, line):
+                    found[step] = t
+    grant = found.pop("granted", None)
+    return {k: v - grant for k, v in found.items()} if grant is not None else {}
 
 
 def one_failover(backend: Backend, index: int, base: Path, args: argparse.Namespace) -> Run:
@@ -325,6 +362,7 @@ def one_failover(backend: Backend, index: int, base: Path, args: argparse.Namesp
         # state continuity: read_output asserts count == n // keys + 1 on every line
         run.output_rows = len(read_output(out, KEYS))
         run.granted_timeouts = backend.granted_timeouts([p.log() for p in cluster.processes])
+        run.steps = leader_steps(standby.log())
         wrong = [t for t in run.granted_timeouts if abs(t - args.ttl) > 1e-6]
         if not run.granted_timeouts or wrong:
             raise RuntimeError(
@@ -332,7 +370,7 @@ def one_failover(backend: Backend, index: int, base: Path, args: argparse.Namesp
                 f"asked {args.ttl} s"
             )
         return run
-    except BaseException:
+    except Exception:
         for p in cluster.processes:
             log(f"  {p.name} log tail:\n" + "\n".join(p.log().splitlines()[-15:]))
         raise
@@ -364,6 +402,15 @@ def summary(runs: list[Run]) -> dict[str, dict[str, float]]:
     return out
 
 
+def step_summary(runs: list[Run]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for step in STEP_LINES:
+        xs = [r.steps[step] for r in runs if step in r.steps]
+        if xs:
+            out[step] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+    return out
+
+
 def table(results: dict[str, Any], ttl: float) -> str:
     def cell(s: dict[str, float]) -> str:
         return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
@@ -385,6 +432,19 @@ def table(results: dict[str, Any], ttl: float) -> str:
     for name, stats in results["summary"].items():
         runs = sum(1 for r in results["runs"] if r["backend"] == name)
         lines.append(f"| {name} | {runs} | " + " | ".join(cell(stats[c]) for c in cols) + " |")
+    steps = [s for s in STEP_LINES if s != "granted"]
+    lines += [
+        "",
+        "The new leader's log, seconds after it was granted leadership, median (min-max)",
+        "",
+        "| step | " + " | ".join(results["steps"]) + " |",
+        "|---" * (len(results["steps"]) + 1) + "|",
+    ]
+    for step in steps:
+        cells = [
+            cell(by_step[step]) if step in by_step else "-" for by_step in results["steps"].values()
+        ]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -453,6 +513,7 @@ def main() -> int:
         "zookeeper_tick_ms": tick,
         "runs": [asdict(r) for r in runs],
         "summary": {b: summary([r for r in runs if r.backend == b]) for b in args.backends},
+        "steps": {b: step_summary([r for r in runs if r.backend == b]) for b in args.backends},
         "machine": {
             "cpus": os.cpu_count(),
             "loadavg_before": load_before,

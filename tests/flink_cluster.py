@@ -134,6 +134,7 @@ class FlinkCluster:
         self.extra = extra
         base.mkdir(parents=True, exist_ok=True)
         (base / "log").mkdir(exist_ok=True)
+        (base / "tmp").mkdir(exist_ok=True)
         self.home = base / "home"
         if not self.home.exists():
             (self.home / "lib").mkdir(parents=True)
@@ -173,6 +174,9 @@ class FlinkCluster:
             "heartbeat.interval": 2000,
             "heartbeat.timeout": 10000,
             "web.upload.dir": str(self.base / "uploads"),
+            # working dirs, BLOB caches, archived jobs: under base, not /tmp, where a
+            # SIGKILLed JobManager would leave them behind
+            "io.tmp.dirs": str(self.base / "tmp"),
         }
         settings.update(self.ha)
         settings.update(self.extra)
