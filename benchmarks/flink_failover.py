@@ -13,8 +13,9 @@ SIGKILLs the leading JobManager and times, on CLOCK_MONOTONIC from the kill:
   waiting ``POST .../leader?wait=`` won). ZooKeeper: the killed JobManager's
   ephemeral Curator ``LeaderLatch`` node is gone (its session expired) and the
   standby's node is first. Neither can happen before the dead process's session
-  times out: this part is bounded below by about 2/3 T .. T (the last keepalive
-  or ping came up to T/3 before the kill) plus the server's expiry granularity.
+  times out: 2/3 T .. T for statestore (a lease is renewed by keepalives, every
+  T/3), about T plus up to one tick for ZooKeeper (a session is renewed by every
+  request, and the leader writes to it every checkpoint).
 * **running**: ``GET /jobs/<id>`` on the standby (the only live JobManager) says
   RUNNING with every vertex RUNNING: leader election, job recovery from the HA
   store, the TaskManager finding the new ResourceManager by itself (it stays up),
@@ -32,22 +33,25 @@ timeout only between 2 and 20 ticks (``--zk-tick-ms``, default 2000 ms, its
 usual value, lowered when T needs it); the negotiated timeout is read from
 every Flink process's log and the run fails if it is not T. Runs interleave
 the backends (statestore, zookeeper, statestore, ...); after each run the job
-output is checked for state continuity (no count lost or doubled).
+output is checked for state continuity (no count lost or doubled). A second
+table gives, per backend, when the new leader's own log shows each recovery
+step (seconds after its grant), to see where the time after the takeover goes.
 
 statestore runs as ``statestore serve`` (one worker, like ``make run``) on a
 scratch etcd (``harness.scratch_etcd`` and ``harness.Service``); ZooKeeper is
 Debian's 3.8 (``zk_peer.scratch_zookeeper``). Everything the benchmark starts
 (Flink JVMs, serve, etcd, ZooKeeper) is stopped and every temp dir removed on
 the way out, on errors, Ctrl-C and SIGTERM too. Progress goes to stderr, the
-markdown table to stdout.
+markdown tables to stdout.
 
 Usage::
 
     python benchmarks/flink_failover.py [--runs 5] [--ttl 10] [--json OUT]
     python benchmarks/flink_failover.py --quick          # one run per backend
 
-Needs ``make flink-plugin`` (the cached Flink home, the plugin and the job jar)
-and ``make bench`` (ZooKeeper, kazoo). Results: benchmarks/README.md, "Flink failover".
+Needs ``make flink-plugin`` (the cached Flink home, the plugin and the job jar;
+its ``setup`` installs ZooKeeper, Java and kazoo). Results: benchmarks/README.md,
+"Flink failover".
 """
 
 from __future__ import annotations
