@@ -71,7 +71,10 @@ flink-dist: tools $(FLINK_DIST)
 
 flink-plugin: tools $(FLINK_PLUGIN) $(FLINK_JOB)
 
-$(FLINK_DIST): $(VENV)/.installed
+# Order-only on the venv (its pip downloads the wheels): a newer venv, as in a
+# fresh clone or worktree, must not unpack the cached Flink home again under a
+# Flink that is running from it.
+$(FLINK_DIST): | $(VENV)/.installed
 	mkdir -p $(FLINK_CACHE)/wheels
 	ls $(FLINK_CACHE)/wheels/apache_flink-$(FLINK_VERSION)-*.whl $(FLINK_CACHE)/wheels/apache_flink_libraries-$(FLINK_VERSION)-*.whl >/dev/null 2>&1 || \
 	  $(BIN)/python -m pip download -q --no-deps -d $(FLINK_CACHE)/wheels \

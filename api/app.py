@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings)``.
 
 Layers, outside in: request context (request id, log line, metrics) ->
-segment-safe paths (names with ``/``) -> FastAPI routing -> handlers, which
+segment-safe paths (names with ``/``) -> the watch and handle shortcuts
+(``statestore_api.shortcut``) -> FastAPI routing -> handlers, which
 act through one shared :class:`~statestore.store.StoreBackend`; each session
 is its own store identity on its own lease (``statestore_api.service``).
 """
@@ -27,6 +28,7 @@ from statestore_api.routes import watch as watch_routes
 from statestore_api.service import Service
 from statestore_api.session_registry import SessionRegistry
 from statestore_api.settings import ServiceSettings
+from statestore_api.shortcut import DirectRoutes
 from statestore_api.watch import WatchHub
 
 log = logging.getLogger("statestore.api")
@@ -110,7 +112,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(coordination.ns_router)
     app.include_router(watch_routes.router)
     app.include_router(ops.router)
-    app.add_middleware(watch_routes.WatchShortcut)  # inside the two below
+    # Both shortcuts inside the two below; the handle routes, which every
+    # checkpoint calls, skip FastAPI's routing and parameter solving.
+    app.add_middleware(DirectRoutes, routers=[handles.router])
+    app.add_middleware(watch_routes.WatchShortcut)
     app.add_middleware(EncodedSegments)
     app.add_middleware(RequestContext, metrics=metrics)
     return app

@@ -27,6 +27,8 @@ from statestore.http import Forbidden, Unauthorized
 log = logging.getLogger("statestore.api")
 
 PROBLEM = "application/problem+json"
+#: Methods that only read: an integrity error there is the blob store's (502).
+READS = frozenset({"GET", "HEAD"})
 
 #: The type words of rest-v1.md, with their titles.
 TITLES = {
@@ -135,7 +137,7 @@ def api_error_response(e: ApiError) -> JSONResponse:
 def install(app: FastAPI) -> None:
     @app.exception_handler(StateStoreError)
     async def _store(request: Request, e: StateStoreError) -> JSONResponse:
-        return store_error_response(e, reading=request.method in ("GET", "HEAD"))
+        return store_error_response(e, reading=request.method in READS)
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, e: ApiError) -> JSONResponse:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 from urllib.parse import unquote
 
@@ -33,6 +34,10 @@ from statestore_api.settings import ServiceSettings
 
 T = TypeVar("T")
 
+#: Session identities a process keeps (``Service.identity``), least recently used
+#: dropped first; each holds only the records of the handles its session locks.
+MAX_IDENTITIES = 4096
+
 
 @dataclass
 class Service:
@@ -42,6 +47,8 @@ class Service:
     auth: Authorizer
     metrics: Metrics
     maintenance: Maintenance | None = None
+    #: session id -> the session's store identity (see :meth:`identity`).
+    identities: OrderedDict[str, StateHandleStore] = field(default_factory=OrderedDict)
 
     # -- request helpers ---------------------------------------------------------
 
@@ -101,7 +108,7 @@ class Service:
         if session is None:
             store = self.backend.reader(namespace)
         else:
-            store = self.backend.store(namespace, session.session_id, FixedLease(session.lease_id))
+            store = self.identity(namespace, session)
         raw = request.headers.get("x-fencing-token") if request is not None else None
         if raw is not None:
             if session is None:
@@ -110,6 +117,26 @@ class Service:
                 )
             store = store.with_fencing(instance_fence(store, fencing_token(raw)))
         return store
+
+    def identity(self, namespace: str, session: SessionInfo) -> StateHandleStore:
+        """The store of ``session`` on ``namespace``: one identity per session,
+        kept from request to request as an SDK instance keeps its own, so what
+        it learns outlives a request: the records of the handles it locks, with
+        which its removals take one etcd round trip, not two (``_HeldRecords``
+        in statestore/store.py; a stale record costs the read it saves, never a
+        wrong outcome). It proves nothing: every call still looks the session
+        up first (:meth:`session`). Dropped when the session is deleted here,
+        else least recently used first (``MAX_IDENTITIES``); another process
+        serving the same session keeps its own."""
+        sid = session.session_id
+        known = self.identities.get(sid)
+        if known is None:  # (a session id names its lease: no other lease can come)
+            known = self.backend.store(namespace, sid, FixedLease(session.lease_id))
+            self.identities[sid] = known
+            while len(self.identities) > MAX_IDENTITIES:
+                self.identities.popitem(last=False)
+        self.identities.move_to_end(sid)
+        return known if known.namespace == namespace else known.for_namespace(namespace)
 
     async def token_fenced_store(self, namespace: str, raw_token: str) -> StateHandleStore:
         """A lock-less writer fenced by a token sent without ``X-Session-Id``

@@ -72,7 +72,10 @@ ROOT = "/statestore/v1"
 STATE = os.urandom(1024)  # 1 KiB of state per handle
 CONCURRENCY = 64
 WARMUP = CONCURRENCY  # one op per task: every pooled connection is opened before timing
-SESSION_TTL = 600  # long enough that the REST side needs no keepalive during a run
+# The service's longest allowed TTL (max_session_ttl_seconds' default): one
+# repetition's REST side (warm-up, N adds, gets, removes) takes far less, so
+# it needs no keepalive.
+SESSION_TTL = 120
 OPS = ("add", "get", "remove")
 OP_NAMES = {
     "add": "add_and_lock",
@@ -302,8 +305,9 @@ async def run(args: argparse.Namespace, endpoint: str, tmp: Path) -> tuple[list[
     try:
         await admin.status()
         for workers in args.workers:
+            profile = Path(args.profile) / f"serve-w{workers}.prof" if args.profile else None
             service = Service(workers, endpoint, blob_root, tmp / f"serve-w{workers}.log",
-                              args.server_log_level)  # fmt: skip
+                              args.server_log_level, profile)  # fmt: skip
             try:
                 service.wait_ready()
                 clients = [CLIENTS[name](service.url) for name in args.clients]
@@ -432,8 +436,17 @@ def main() -> int:
         help="STATESTORE_LOG_LEVEL of the service (default info: one log line per request)",
     )
     p.add_argument("--json", metavar="OUT", help="write all samples and medians as JSON")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run the service under cProfile (main thread CPU time) and write "
+        "DIR/serve-wN.prof; only the 1-worker service profiles its requests. "
+        "Read with: python -m pstats DIR/serve-w1.prof",
+    )
     p.add_argument("--etcd-dir", metavar="DIR", help="parent dir for etcd's data")
     args = p.parse_args()
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
 
     started = time.monotonic()
     load_start = os.getloadavg()

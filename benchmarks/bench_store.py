@@ -13,7 +13,9 @@ operation and concurrency, the throughput of
   API), plus the same fsspec blob write, with no statestore code (only
   ``statestore.keys.Layout`` for the key strings and ``statestore.records``
   for the bytes of the records);
-* **SDK**: ``StateHandleStore`` on the same etcd and the same blob backend.
+* **SDK**: ``StateHandleStore`` on the same etcd and the same blob backend;
+* **SDK+GC**: the same with ``group_commit=True`` (concurrent txns of the
+  process sent as nested txns of one etcd request).
 
 Operations: ``add_and_lock`` (1 KiB of state), ``release_and_try_remove``
 and ``get_all_and_lock`` of 5000 handles. Each measurement uses a fresh
@@ -22,7 +24,7 @@ median ops/s is reported, with the client's and the server's CPU per op.
 
 Usage::
 
-    python benchmarks/bench_store.py [--quick] [--json out.json]
+    python benchmarks/bench_store.py [--quick] [--json out.json] [--sides raw sdk sdk_gc]
 
 See benchmarks/README.md for the definitions and the results.
 """
@@ -69,7 +71,7 @@ from kazoo.client import KazooClient
 from statestore import StateHandleStore, StoreConfig
 from statestore.keys import Layout
 from statestore.local.etcd_process import find_etcd_binary
-from statestore.records import GcEntry, UploadIntent, decode_handle, encode_handle, encode_holder
+from statestore.records import GcEntry, decode_handle, encode_handle, encode_holder
 
 ROOT = "/statestore/v1"
 ZK_ROOT = "/flink-bench"  # the ZooKeeper peer's handles: ZK_ROOT/<namespace>/<name>
@@ -77,8 +79,8 @@ STATE = os.urandom(1024)  # 1 KiB of state per handle
 RAW_LEASE_TTL = 600  # long enough that the raw side needs no keepalive task
 TXN_OPS = 128  # etcd's default --max-txn-ops (and the SDK's default max_txn_ops)
 
-SIDES = ("zk", "raw", "sdk")
-SIDE_NAMES = {"zk": "ZooKeeper", "raw": "raw etcd", "sdk": "SDK"}
+SIDES = ("zk", "raw", "sdk", "sdk_gc")
+SIDE_NAMES = {"zk": "ZooKeeper", "raw": "raw etcd", "sdk": "SDK", "sdk_gc": "SDK+GC"}
 
 # Targets of the issue: SDK throughput / raw throughput, and SDK throughput /
 # ZooKeeper peer throughput (none for recovery).
@@ -190,6 +192,9 @@ class Raw:
         self.instance_id = uuid.uuid4().hex
         self.iid = encode_holder(self.instance_id)  # the value of our lock keys
         self.lease = 0
+        #: handle key -> (mod_revision, record) of the handles recovered: a
+        #: removal of one needs no read (as the SDK's held records).
+        self.known: dict[bytes, tuple[int, bytes]] = {}
 
     async def start(self) -> Raw:
         lease = await self.c.lease(RAW_LEASE_TTL)
@@ -200,14 +205,11 @@ class Raw:
         with contextlib.suppress(Exception):
             await self.c.revoke_lease(self.lease)
 
-    # -- add: intent put, blob write, one commit txn ---------------------------------
+    # -- add: blob write, one commit txn (no intent: issue 14's "raw") --------------
 
     async def add(self, name: str, data: bytes = STATE) -> None:
         k, tx = self.keys, self.tx
         blob_id, path, url = self.backend.new_blob(self.ns)
-        ukey = k.upload(blob_id)
-        intent = UploadIntent(url, time.time(), self.instance_id)
-        await self.c.put(ukey, intent.encode(), lease=self.lease)
         await self.blobs.write(path, data)
         record = handle_record(name, blob_id, url, data, self.instance_id)
         hkey = k.handle(name)
@@ -216,29 +218,32 @@ class Raw:
             success=[
                 tx.put(hkey, record),
                 tx.put(k.lock(name, self.instance_id), self.iid, self.lease),
-                tx.delete(ukey),
             ],
             failure=[tx.get(hkey)],
         )
         if not ok:
             raise RuntimeError(f"raw add: {name!r} exists")
 
-    # -- remove: get, then one txn ------------------------------------------------
+    # -- remove: one txn (a get first for a handle not recovered) ------------------
 
     async def remove(self, name: str) -> bool:
         k, tx = self.keys, self.tx
         hkey = k.handle(name)
         lp = k.lock_prefix(name)
         own = k.lock(name, self.instance_id)
-        kv = await self.c.get(hkey)
-        if kv is None:
-            await self.c.delete(own)
-            return True
-        h = decode_handle(kv.value, kv.mod_revision)
+        known = self.known.pop(hkey, None)
+        if known is None:
+            kv = await self.c.get(hkey)
+            if kv is None:
+                await self.c.delete(own)
+                return True
+            known = (kv.mod_revision, kv.value)
+        version, record = known
+        h = decode_handle(record, version)
         gc_value = GcEntry(h.blob_url, name, "removed", time.time(), self.instance_id).encode()
         ok, _ = await self.c.transaction(
             compare=[
-                tx.mod(hkey) == kv.mod_revision,
+                tx.mod(hkey) == version,
                 tx.create(lp, own) == 0,  # no lock in [prefix, own)
                 tx.create(own + b"\0", prefix_range_end(lp)) == 0,  # nor in (own, end)
             ],
@@ -260,6 +265,7 @@ class Raw:
             if not self.keys.is_handle_key(kv.key):
                 continue  # a lock key
             handles.append((kv.key, kv.mod_revision, json.loads(kv.value)))
+            self.known[kv.key] = (kv.mod_revision, kv.value)
         sem = asyncio.Semaphore(in_flight)
         suffix = Layout.lock_suffix(self.instance_id)
 
@@ -332,6 +338,7 @@ class Ctx:
     pool: ThreadPoolExecutor
     server_cpu: dict[str, Callable[[], float]]  # side -> CPU seconds of its server so far
     profile: cProfile.Profile | None = None
+    sides: tuple[str, ...] = SIDES  # the sides measured (--sides)
 
 
 def _ns(op: str, side: str, conc: int) -> str:
@@ -382,6 +389,7 @@ async def raw_side(ctx: Ctx, ns: str, backend: Backend) -> AsyncIterator[Side]:
 
         async def hold(names: list[str]) -> None:
             await populate(ctx.admin, ns, names, backend, lock_as=(raw.instance_id, raw.lease))
+            await raw.recover(1)  # knows their records now, as the SDK side does
 
         yield Side(raw.add, raw.remove, raw.recover, hold, lambda: raw.c.get(b"warm-up"))
     finally:
@@ -402,8 +410,12 @@ async def sdk_side(ctx: Ctx, ns: str, backend: Backend, **cfg: Any) -> AsyncIter
             async def hold(names: list[str]) -> None:
                 lock_as = (store.instance_id, store.session.lease_id)
                 await populate(ctx.admin, ns, names, backend, lock_as=lock_as)
+                # As a leader that recovered them: the store now holds their
+                # records, as it does for handles it added (one-trip removal).
+                await store.get_all_and_lock()
 
-            yield store_side("sdk", store, recover, hold, lambda: store.exists("warm-up"))
+            side = "sdk_gc" if config.group_commit else "sdk"
+            yield store_side(side, store, recover, hold, lambda: store.exists("warm-up"))
     finally:
         await drop_namespace(ctx.admin, ns, backend)
 
@@ -440,7 +452,7 @@ def open_side(ctx: Ctx, side: str, ns: str, backend: Backend, **sdk_cfg: Any) ->
         return zk_side(ctx, ns, backend)
     if side == "raw":
         return raw_side(ctx, ns, backend)
-    return sdk_side(ctx, ns, backend, **sdk_cfg)
+    return sdk_side(ctx, ns, backend, group_commit=side == "sdk_gc", **sdk_cfg)
 
 
 async def populate_unlocked(
@@ -513,7 +525,7 @@ async def warm_up_servers(ctx: Ctx, n: int, backend: Backend) -> None:
     that ZooKeeper's JVM has compiled its hot paths before the first sample (etcd,
     in Go, has no JIT; it gets the same work so that the sides start alike)."""
     names = handle_names("w", n)
-    for side in SIDES:
+    for side in ctx.sides:
         async with open_side(ctx, side, _ns("warm-up", side, 64), backend) as s:
             await run_split(s.add, names, 64)
             await run_split(s.remove, names, 64)
@@ -540,7 +552,14 @@ class Row:
     zk_target: float | None = None  # for SDK / ZooKeeper
 
     def median(self, side: str, samples: str = "ops") -> float:
-        return statistics.median(getattr(self, samples)[side])
+        """The median of ``side``'s samples; NaN for a side not measured (--sides)."""
+        values = getattr(self, samples)[side]
+        return statistics.median(values) if values else float("nan")
+
+    @property
+    def gc_ratio(self) -> float:
+        """SDK with group commit / SDK without."""
+        return self.median("sdk_gc") / self.median("sdk")
 
     @property
     def ratio(self) -> float:
@@ -617,8 +636,9 @@ async def run(
     zk_admin = await zk_peer.start_client(zk.hosts)
     pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="raw-blob")
     etcd_cpu = lambda: proc_cpu_seconds(etcd_pid)  # noqa: E731
-    server_cpu = {"zk": zk.cpu_seconds, "raw": etcd_cpu, "sdk": etcd_cpu}
-    ctx = Ctx(endpoint, admin, zk.hosts, zk_admin, pool, server_cpu, prof)
+    server_cpu = {"zk": zk.cpu_seconds, "raw": etcd_cpu, "sdk": etcd_cpu, "sdk_gc": etcd_cpu}
+    sides = tuple(side for side in SIDES if side in args.sides)
+    ctx = Ctx(endpoint, admin, zk.hosts, zk_admin, pool, server_cpu, prof, sides)
     try:
         status = await admin.status()
         etcd_version = status.version
@@ -646,7 +666,7 @@ async def run(
             for rep in range(row_reps):
                 # Interleave, rotating who goes first, so drift in the machine's
                 # load hits every side alike.
-                order = SIDES[rep % len(SIDES) :] + SIDES[: rep % len(SIDES)]
+                order = sides[rep % len(sides) :] + sides[: rep % len(sides)]
                 for side in order:
                     t = await fn(ctx, side, conc, n, backend)
                     ops, cpu_us, server_us = n / t.wall, t.cpu / n * 1e6, t.server_cpu / n * 1e6
@@ -681,8 +701,8 @@ def _met(met: bool | None) -> str:
 def table(rows: list[Row]) -> str:
     out = [
         "| operation | concurrency | blobs | ZooKeeper ops/s | raw etcd ops/s | SDK ops/s "
-        "| SDK/raw | target | met? | SDK/ZK | target | met? |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| SDK/raw | target | met? | SDK/ZK | target | met? | SDK+GC ops/s | SDK+GC/SDK |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         target = f">= {r.target:.1f}" if r.target is not None else "(info)"
@@ -690,7 +710,8 @@ def table(rows: list[Row]) -> str:
         out.append(
             f"| {r.operation} | {r.concurrency} | {r.backend} | {r.median('zk'):,.0f} | "
             f"{r.median('raw'):,.0f} | {r.median('sdk'):,.0f} | {r.ratio:.2f} | {target} | "
-            f"{_met(r.met)} | {r.zk_ratio:.2f} | {zk_target} | {_met(r.zk_met)} |"
+            f"{_met(r.met)} | {r.zk_ratio:.2f} | {zk_target} | {_met(r.zk_met)} | "
+            f"{r.median('sdk_gc'):,.0f} | {r.gc_ratio:.2f} |"
         )
     return "\n".join(out)
 
@@ -698,8 +719,9 @@ def table(rows: list[Row]) -> str:
 def cpu_table(rows: list[Row]) -> str:
     out = [
         "| operation | concurrency | blobs | ZK client | ZK server (JVM) | raw client "
-        "| raw server (etcd) | SDK client | SDK server (etcd) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| raw server (etcd) | SDK client | SDK server (etcd) | SDK+GC client "
+        "| SDK+GC server (etcd) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cells = [
@@ -725,6 +747,7 @@ def row_json(r: Row) -> dict[str, Any]:
         out[f"{side}_server_cpu_median"] = r.median(side, "server_cpu")
     out |= {"ratio": r.ratio, "target": r.target, "met": r.met}
     out |= {"zk_ratio": r.zk_ratio, "zk_target": r.zk_target, "zk_met": r.zk_met}
+    out |= {"gc_ratio": r.gc_ratio}
     return out
 
 
@@ -744,6 +767,13 @@ def main() -> int:
         nargs="+",
         choices=sorted(TARGETS),
         help="run only these operations",
+    )
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        choices=SIDES,
+        default=list(SIDES),
+        help="measure only these sides (default all; sdk_gc = the SDK with group_commit)",
     )
     p.add_argument(
         "--cprofile",

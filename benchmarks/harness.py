@@ -162,12 +162,43 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+# ``statestore serve`` under cProfile: argv[1] is the stats file. The clock is
+# the main thread's CPU time, so time waiting on the network (the event loop's
+# epoll) and gRPC's own threads do not count: what is left is where the
+# request path spends the CPU. The SIGTERM of ``stop()`` ends ``serve`` with
+# SystemExit after uvicorn's graceful shutdown, so the stats get written.
+_PROFILED_SERVE = """
+import cProfile, sys, time
+from statestore.cli import app
+out, sys.argv = sys.argv[1], ["statestore", *sys.argv[2:]]
+profile = cProfile.Profile(time.thread_time)
+profile.enable()
+try:
+    app()
+except SystemExit:
+    pass
+finally:
+    profile.disable()
+    profile.dump_stats(out)
+"""
+
+
 class Service:
     """``statestore serve`` with N uvicorn workers on a free loopback port."""
 
     def __init__(
-        self, workers: int, etcd_endpoint: str, blob_root: str, log_file: Path, log_level: str
+        self,
+        workers: int,
+        etcd_endpoint: str,
+        blob_root: str,
+        log_file: Path,
+        log_level: str,
+        profile: Path | None = None,
     ) -> None:
+        """``profile``: run the serve process under cProfile, timed by its main
+        thread's CPU clock, and write the stats there when it stops (with one
+        worker that process serves every request; with more it profiles only
+        the supervisor)."""
         self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -180,8 +211,11 @@ class Service:
                 "STATESTORE_LOG_JSON": "true",
             }
         )
-        cmd = [sys.executable, "-m", "statestore.cli", "serve", "--port", str(self.port),
-               "--workers", str(workers)]  # fmt: skip
+        serve = ["serve", "--port", str(self.port), "--workers", str(workers)]
+        if profile is None:
+            cmd = [sys.executable, "-m", "statestore.cli", *serve]
+        else:
+            cmd = [sys.executable, "-c", _PROFILED_SERVE, str(profile), *serve]
         self.log_file = log_file
         self._log = open(log_file, "ab")  # closed in stop()
         self.proc = subprocess.Popen(

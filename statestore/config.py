@@ -25,6 +25,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from statestore.errors import InvalidArgument
 
 DEFAULT_ROOT = "/statestore/v1"
+#: The orphan sweep's minimum age is at least this many times
+#: ``intent_after_seconds`` (protocol.md s5: "by a wide margin"). A writer's
+#: intent must be confirmed within ``INTENT_DEADLINE_FACTOR`` times it, so
+#: the rest is margin for the rates of the clocks involved (the writer's
+#: monotonic clock, the blob store's, the sweeper's).
+ORPHAN_AGE_FACTOR = 10
+INTENT_DEADLINE_FACTOR = 5
 C = TypeVar("C", bound="StoreConfig")
 
 
@@ -77,6 +84,13 @@ class StoreConfig(BaseSettings):
         description="Name to check etcd's server certificate against instead of the "
         "endpoint host (gRPC ssl_target_name_override).",
     )
+    group_commit: bool = Field(
+        default=True,
+        description="Send concurrent write transactions of this process to etcd as nested "
+        "transactions of one request (each keeps its own compares and outcome): fewer "
+        "requests under load, no wait for a lone caller; false sends one request per "
+        'transaction. See docs/design.md, "Group commit".',
+    )
     etcd_page_size: int = Field(
         default=5000,
         ge=1,
@@ -112,6 +126,16 @@ class StoreConfig(BaseSettings):
         ge=0,
         description="An unreferenced blob younger than this is never swept (a live or "
         "just-committed write).",
+    )
+    intent_after_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="An add or replace whose upload has run this long puts its upload intent "
+        "then; a quicker one commits without one, proving its writer's liveness key in the "
+        "commit instead (one etcd round trip per add). 0: put the intent before the first "
+        "byte. orphan_min_age_seconds must be at least 10 times this, and at least twice "
+        "this plus lease_ttl.",
     )
     lock_concurrency: int = Field(
         default=8, ge=1, description="Lock batches get_all_and_lock keeps in flight."
@@ -208,6 +232,31 @@ class StoreConfig(BaseSettings):
                 f"({longest} s): a reader whose lock silently expired could still be reading "
                 "a blob the GC deletes (protocol.md s4/s5). Set STATESTORE_GC_GRACE_SECONDS to "
                 f"at least {longest}, or lower STATESTORE_{setting.upper()}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_orphan_age(self) -> Self:
+        """protocol.md s5: the orphan sweep's minimum age exceeds
+        ``intent_after_seconds`` by a wide margin. A blob with no intent is
+        at most ``intent_after`` old on its writer's clock when its commit is
+        sent, and that commit lands only while the writer's liveness lease
+        lives (at most ``lease_ttl`` after a pause begins, twice that across
+        an etcd leader change, which renews leases): the sweep must wait
+        longer than both (docs/design.md, "Deferred upload intents")."""
+        after = self.intent_after_seconds
+        if after <= 0:
+            return self
+        least = max(ORPHAN_AGE_FACTOR * after, 2 * (after + self.lease_ttl))
+        if self.orphan_min_age_seconds < least:
+            raise ValueError(
+                f"orphan_min_age_seconds ({self.orphan_min_age_seconds:g} s) is below "
+                f"{least:g} s, the least that intent_after_seconds ({after:g} s) and lease_ttl "
+                f"({self.lease_ttl} s) allow: it must be at least {ORPHAN_AGE_FACTOR} x "
+                "intent_after_seconds and 2 x (intent_after_seconds + lease_ttl), or the sweep "
+                "could take the blob of a live upload that has not put its intent yet "
+                "(protocol.md s5). Raise STATESTORE_ORPHAN_MIN_AGE_SECONDS, lower "
+                "STATESTORE_INTENT_AFTER_SECONDS, or set it to 0 (intent before every upload)"
             )
         return self
 

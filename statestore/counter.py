@@ -19,6 +19,21 @@ deposed leader cannot hand out or reset ids (``Fenced``).
 With an idempotency key (``statestore.idempotency``) the CAS txn also puts
 the key's record, holding the value handed out; a retry whose first attempt
 landed answers that value and increments nothing.
+
+Counters by name prefix (rest-v1 extension ``GET/DELETE .../counters?prefix=``,
+for a job manager that cleans up jobs whose ids it no longer knows):
+
+- :func:`list_counters`: every counter whose name starts with the prefix,
+  with its value, from ONE revision (read in pages: tens of thousands are
+  fine), sorted by name, and that revision.
+- :func:`delete_counters`: read the names at one revision (keys only), then
+  txns of ``[fence] Then(delete counter ...)``, each within ``max_txn_ops``
+  operations. A stale fence fails the first txn: ``Fenced``, nothing
+  deleted (with no counter under the prefix, a txn of the fence alone still
+  proves leadership); leadership lost midway: ``Fenced`` after what earlier
+  txns deleted. A txn with no definite answer is sent again (a delete is
+  safe to repeat). Counters created after the read are not deleted: call
+  again.
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ import asyncio
 import uuid
 
 from statestore.config import StoreConfig
-from statestore.data import MAX_INT64
+from statestore.data import MAX_INT64, CounterListing
 from statestore.errors import (
     Fenced,
     InvalidArgument,
@@ -35,9 +50,9 @@ from statestore.errors import (
     StateStoreError,
     Unavailable,
 )
-from statestore.etcd import Ambiguous, Txn
+from statestore.etcd import Ambiguous, TooManyOps, Txn
 from statestore.idempotency import IdempotentCall, Replay
-from statestore.keys import validate_name
+from statestore.keys import prefix_end, validate_name
 from statestore.records import decode_counter, encode_counter
 from statestore.store import StateHandleStore
 
@@ -201,3 +216,70 @@ class CheckpointIDCounter:
         if self._owns:
             await self._store.close()
             self._started = False
+
+
+# -- counters by name prefix --------------------------------------------------------
+
+
+def _counters_range(store: StateHandleStore, prefix: str) -> tuple[bytes, bytes]:
+    """The key range of the counters whose names start with ``prefix``
+    (empty: all); ``InvalidArgument`` for a prefix that breaks the name rules.
+    Names are encoded character by character, so the encoded prefix is a
+    prefix of every encoded name that starts with it."""
+    keys = store.keys
+    if not prefix:
+        return keys.counters_prefix, prefix_end(keys.counters_prefix)
+    try:
+        start = keys.counter(validate_name(prefix))
+    except InvalidArgument as e:
+        raise InvalidArgument(f"counter name prefix: {e}") from None
+    return start, prefix_end(start)
+
+
+async def list_counters(store: StateHandleStore, prefix: str = "") -> CounterListing:
+    """Every counter whose name starts with ``prefix`` (empty: all), with
+    its value, read at ONE revision in pages. ``Unavailable`` when etcd does
+    not answer; ``MalformedRecord`` for a counter value that is not one."""
+    start, end = _counters_range(store, prefix)
+    kvs, revision = await store.etcd.range_all(start, end)
+    counters = {store.keys.parse_counter_key(kv.key): decode_counter(kv.value) for kv in kvs}
+    return CounterListing(dict(sorted(counters.items())), revision)
+
+
+async def delete_counters(store: StateHandleStore, prefix: str = "") -> list[str]:
+    """Delete every counter whose name starts with ``prefix`` (empty: all);
+    returns their names, sorted. Ordering and failures: the module docstring."""
+    start, end = _counters_range(store, prefix)
+    kvs, _ = await store.etcd.range_all(start, end, keys_only=True)
+    keys = [kv.key for kv in kvs]
+    if not keys:
+        await _delete_keys(store, [])  # a fenced store still proves its leadership
+    while keys:
+        n = max(1, store.backend.max_ops)
+        try:
+            await _delete_keys(store, keys[:n])
+        except TooManyOps:
+            if n == 1:
+                raise  # etcd's limit is below one delete
+            # Shrink from the size refused, as the store's batches do.
+            store.backend.max_ops = max(1, min(store.backend.max_ops, n // 2))
+            continue
+        keys = keys[n:]
+    return sorted(store.keys.parse_counter_key(kv.key) for kv in kvs)
+
+
+async def _delete_keys(store: StateHandleStore, keys: list[bytes]) -> None:
+    """ONE txn ``[fence] Then(delete each key)``, sent again while etcd gives
+    no definite answer."""
+    for _ in range(_DELETE_ROUNDS):
+        try:
+            await store.fenced_txn(
+                lambda lease: Txn().then(*(Txn.delete(k) for k in keys)), "counter prefix delete"
+            )
+            return
+        except Ambiguous:
+            continue
+    raise Unavailable(
+        f"deleting {len(keys)} counters of namespace {store.namespace!r}: etcd gave no definite "
+        "answer; nothing is lost by calling again"
+    )

@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from statestore.errors import InvalidArgument
 
 #: The largest signed 64-bit integer: the bound of checkpoint ids, counter
 #: values and fencing tokens (Flink's ``long``, and JSON integers everywhere).
 MAX_INT64 = 2**63 - 1
+
+
+class CounterListing(NamedTuple):
+    """Counters of a namespace at one revision, as both faces answer them
+    (``statestore.counter.list_counters``, REST ``GET .../counters?prefix=``).
+    Unpacks as ``counters, revision``."""
+
+    #: name -> value (what the next increment answers), sorted by name.
+    counters: dict[str, int]
+    #: The etcd revision the counters were read at.
+    revision: int
+
 
 #: The forms state may take (see :func:`data_kind`).
 DataKind = Literal["bytes", "file", "async-file", "iterable", "async-iterable"]

@@ -198,7 +198,8 @@ class LeaderElection:
       failing while it waits -> the candidacy this call put is withdrawn
       (shielded) and the cancellation or error goes on; the lease gone ->
       ``SessionExpired`` (an SDK session takes a new lease and lines up
-      again); etcd down -> ``Unavailable``.
+      again); etcd down -> ``Unavailable``. A win records the revision of
+      the read that found the instance leading (``won_at``).
     - ``leader()`` / ``leadership()``: one read (``leadership()``: the
       candidates and the info in one txn, so never one leader's token with
       another's info); ``Unavailable``.
@@ -228,6 +229,7 @@ class LeaderElection:
         self._info_prefix = store.keys.leader_info_prefix if prefix is None else None
         self._key = Layout.leader_of(self._prefix, store.instance_id)
         self._token: int | None = None
+        self._won_at: int | None = None
         self._lease = 0
         self._lost_count = 0
         on_lost = getattr(store.session, "on_lost", None)
@@ -255,6 +257,15 @@ class LeaderElection:
     def is_leader(self) -> bool:
         return self.token is not None
 
+    @property
+    def won_at(self) -> int | None:
+        """The etcd revision of the read that found this instance at the head
+        of the line when ``campaign`` last won (``None``: it never won).
+        Watching the namespace from it yields every later change of the
+        leadership once and none earlier (REST: ``revision`` of ``POST
+        .../leader``)."""
+        return self._won_at
+
     def _on_session_lost(self, lease_id: int) -> None:
         # Only says so: ``token`` already reads None (the loss count moved).
         # Logged for the first loss of the lease we led on, not for a repeat
@@ -274,8 +285,12 @@ class LeaderElection:
             )
 
     async def _line(self) -> list[KV]:
-        kvs, _ = await self._store.etcd.range_all(self._prefix, prefix_end(self._prefix))
-        return sorted(kvs, key=lambda kv: kv.create_revision)
+        return (await self._line_at())[0]
+
+    async def _line_at(self) -> tuple[list[KV], int]:
+        """The candidates sorted by create revision, and the revision read at."""
+        kvs, revision = await self._store.etcd.range_all(self._prefix, prefix_end(self._prefix))
+        return sorted(kvs, key=lambda kv: kv.create_revision), revision
 
     async def leader(self) -> tuple[str, int] | None:
         """(leader's instance id, fencing token) of the namespace, or None."""
@@ -381,7 +396,7 @@ class LeaderElection:
             mine, fresh = await self._enter_shielded()
             created = mine if fresh else None
             while True:
-                line = await self._line()
+                line, read_at = await self._line_at()
                 ahead = [kv for kv in line if kv.create_revision < mine]
                 if not any(kv.key == self._key for kv in line):
                     # our key vanished (lease loss, a withdrawal): line up again
@@ -390,6 +405,7 @@ class LeaderElection:
                     continue
                 if not ahead:
                     self._token, created = mine, None  # won on the lease _enter() recorded
+                    self._won_at = read_at
                     log.info("leading namespace %r with token %d", self._store.namespace, mine)
                     return mine
                 remaining = None if deadline is None else deadline - time.monotonic()

@@ -31,6 +31,11 @@ wrong etcd username/password                   ``Unavailable`` naming the creden
 ``invalid auth token`` (token expired)         re-authenticate once and retry
 =============================================  ==================================
 
+With group commit (``group_commit=True``) concurrent write txns share one
+request (:class:`_TxnBatcher`); each caller still gets the outcome of this
+table for its own txn: a whole-request refusal is resent member by member,
+a lost answer is ``Ambiguous`` for each.
+
 Security: with ``https://`` endpoints or any of ``ca_file``/``cert_file``/
 ``key_file`` the channel is a TLS one (``grpc.ssl_channel_credentials``); the
 server certificate is checked against the endpoint host (give certificates an
@@ -45,11 +50,14 @@ so a call refused with ``invalid auth token`` re-authenticates and retries.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import copy
 import ipaddress
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +348,333 @@ class Status:
     revision: int
 
 
+def _results(resp: Any) -> list[Any]:
+    """The results of a ``TxnResponse``'s branch, as :attr:`TxnResult.results`."""
+    results: list[Any] = []
+    for r in resp.responses:
+        kind = r.WhichOneof("response")
+        if kind == "response_range":
+            results.append([KV.of(kv) for kv in r.response_range.kvs])
+        elif kind == "response_delete_range":
+            results.append(int(r.response_delete_range.deleted))
+        else:
+            results.append(None)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# group commit
+
+#: Bytes of nested txns per group-commit request. etcd refuses a request over
+#: its ``--max-request-bytes`` (1.5 MiB by default) as a whole; this keeps a
+#: third of it as margin for the outer txn and the raft entry around it.
+GROUP_COMMIT_MAX_BYTES = 1024 * 1024
+
+#: A key interval ``[start, end)``; ``end`` None: every key from ``start`` on.
+_Span = tuple[bytes, bytes | None]
+
+
+def _span(key: bytes, range_end: bytes) -> _Span:
+    """The keys a request names: one key, or ``[key, range_end)`` (etcd's
+    ``range_end == b"\\0"`` means every key from ``key`` on)."""
+    if not range_end:
+        return key, key + b"\0"
+    return key, (None if range_end == b"\0" else range_end)
+
+
+def _later(a: bytes | None, b: bytes | None) -> bytes | None:
+    return None if a is None or b is None else max(a, b)
+
+
+class _KeySpans:
+    """A union of key intervals as sorted disjoint lists: a test of overlap
+    costs O(log n), so checking a member against a batch of 100 stays cheap."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[bytes] = []
+        self.ends: list[bytes | None] = []
+
+    def overlaps(self, span: _Span) -> bool:
+        start, end = span
+        i = bisect.bisect_right(self.starts, start)
+        if i and (self.ends[i - 1] is None or self.ends[i - 1] > start):  # type: ignore[operator]
+            return True
+        return i < len(self.starts) and (end is None or self.starts[i] < end)
+
+    def add(self, span: _Span) -> None:
+        start, end = span
+        i = bisect.bisect_right(self.starts, start)
+        if i and (self.ends[i - 1] is None or self.ends[i - 1] >= start):  # type: ignore[operator]
+            i -= 1
+            start, end = self.starts[i], _later(self.ends[i], end)
+        j = i
+        while j < len(self.starts) and (end is None or self.starts[j] <= end):
+            end = _later(self.ends[j], end)
+            j += 1
+        self.starts[i:j] = [start]
+        self.ends[i:j] = [end]
+
+
+@dataclass(slots=True, eq=False)
+class _Member:
+    """One caller's txn waiting for a group commit."""
+
+    request: Any  # its TxnRequest
+    what: str
+    future: asyncio.Future[TxnResult]
+    #: What etcd counts against --max-txn-ops: its longest list.
+    ops: int
+    size: int
+    #: Keys its compares and gets read, keys its puts and deletes write
+    #: (both branches: which one runs is unknown until etcd evaluates it).
+    reads: list[_Span]
+    writes: list[_Span]
+
+    @classmethod
+    def of(cls, txn: Txn, what: str, future: asyncio.Future[TxnResult]) -> _Member | None:
+        """The member for ``txn``; None for a txn holding a nested txn (never batched)."""
+        reads = [_span(c.key, c.range_end) for c in txn.compares]
+        writes: list[_Span] = []
+        for op in (*txn.success, *txn.failure):
+            kind = op.WhichOneof("request")
+            if kind == "request_put":
+                writes.append(_span(op.request_put.key, b""))
+            elif kind == "request_delete_range":
+                writes.append(_span(op.request_delete_range.key, op.request_delete_range.range_end))
+            elif kind == "request_range":
+                reads.append(_span(op.request_range.key, op.request_range.range_end))
+            else:
+                return None
+        request = txn.request()
+        ops = max(len(txn.compares), len(txn.success), len(txn.failure))
+        return cls(request, what, future, ops, request.ByteSize(), reads, writes)
+
+
+class _TxnBatcher:
+    """Group commit: concurrent write txns of one client sent as ONE etcd txn
+    whose success branch holds each caller's txn as a nested txn
+    (``RequestOp.request_txn``, etcd >= 3.3), each with its own compares, so
+    each caller gets its own succeeded flag and results (and the revision of
+    the one request).
+
+    Batching is natural, with no timer: while no request of this batcher is
+    in flight a txn goes out at once, alone, as without group commit (one
+    caller waits no longer); txns arriving while one is in flight queue, and
+    when its answer comes the queue goes out as one request.
+
+    What etcd 3.4 does with nested txns, and the rules that follow (each
+    checked by tests/test_group_commit.py against a real etcd):
+
+    - It evaluates EVERY nested txn's compares before any write of the
+      request, then applies the branches in order (a get sees the puts of an
+      earlier sibling). Two members where one writes a key the other reads
+      (a compare or a get) would therefore not behave as either order of two
+      separate txns: a removal comparing "no lock key" beside a lock put
+      under the same prefix would both succeed. So a member joins a batch
+      only if its writes overlap no key the batch reads or writes, and its
+      reads overlap no key the batch writes: then every order gives the same
+      outcome, that of the txns sent one after the other.
+    - It refuses ("duplicate key given in txn request") a request where a
+      put of one sibling meets a put of another (in either branch) or a
+      delete range of an earlier one; the rule above already excludes that.
+    - ``--max-txn-ops`` applies per level: the outer txn counts its nested
+      txns, and each nested txn's longest list must fit what is left, so a
+      batch of ``n`` members whose longest list is ``m`` needs
+      ``n + m <= max_txn_ops``. A txn too wide to nest beside one other goes
+      alone.
+    - A put on a lease that does not exist fails the WHOLE request ("lease
+      not found"), nothing written. So does any definite refusal (too many
+      ops, too large): the members are then sent again one by one, so only
+      the guilty one fails, with its own error.
+    - A request with no answer is ambiguous for every member: each caller
+      gets :class:`Ambiguous`, as it would alone, and resolves it by its own
+      re-read. An unreachable etcd (``Unavailable``) is reported to each.
+
+    A caller cancelled while queued leaves the queue; one cancelled while its
+    batch is in flight does not cancel the others' request.
+    """
+
+    def __init__(
+        self, client: EtcdClient, max_ops: int, max_bytes: int = GROUP_COMMIT_MAX_BYTES
+    ) -> None:
+        self._client = client
+        #: Bounds of one request, lowered when etcd refuses one as too big.
+        self.max_ops = max_ops
+        self.max_bytes = max_bytes
+        self._queue: deque[_Member] = deque()
+        self._in_flight: list[_Member] = []
+        self._busy = False  # a request of this batcher is in flight
+        self._flusher: asyncio.Task[None] | None = None
+        #: Requests answered holding more than one txn, the txns they held,
+        #: the most txns and bytes one held, and how many etcd refused whole.
+        self.batches = 0
+        self.batched_txns = 0
+        self.largest_batch = 0
+        self.largest_batch_bytes = 0
+        self.refused = 0
+
+    async def txn(self, txn: Txn, what: str) -> TxnResult:
+        if not self._busy and not self._queue:
+            # Nothing in flight: send at once, alone; newcomers queue meanwhile.
+            self._busy = True
+            try:
+                return await self._client._send_txn(txn.request(), what)
+            finally:
+                self._busy = False
+                self._kick()
+        ops = max(len(txn.compares), len(txn.success), len(txn.failure))
+        member = None
+        if ops + 2 <= self.max_ops:  # fits beside at least one other
+            member = _Member.of(txn, what, asyncio.get_running_loop().create_future())
+        if member is None or member.size > self.max_bytes:
+            return await self._client._send_txn(txn.request(), what)
+        self._queue.append(member)
+        self._kick()
+        return await member.future
+
+    def _kick(self) -> None:
+        """Start sending the queue unless a request is in flight."""
+        if self._busy or not self._queue:
+            return
+        self._busy = True
+        self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch = self._take()
+                self._in_flight = batch
+                await self._send(batch)
+        finally:
+            self._in_flight = []
+            self._busy = False
+
+    def _take(self) -> list[_Member]:
+        """The next batch: queued members in order, within the bounds, each
+        independent of those taken before it (see the class docstring); a
+        member that is not stays queued, first in line for the next batch."""
+        batch: list[_Member] = []
+        skipped: list[_Member] = []
+        reads, writes = _KeySpans(), _KeySpans()
+        size = widest = 0
+        while self._queue:
+            m = self._queue[0]
+            if m.future.done():  # its caller was cancelled
+                self._queue.popleft()
+                continue
+            if batch and (
+                len(batch) + 1 + max(widest, m.ops) > self.max_ops or size + m.size > self.max_bytes
+            ):
+                break
+            self._queue.popleft()
+            if any(writes.overlaps(s) for s in m.reads) or any(
+                writes.overlaps(s) or reads.overlaps(s) for s in m.writes
+            ):
+                skipped.append(m)
+                continue
+            for s in m.reads:
+                reads.add(s)
+            for s in m.writes:
+                writes.add(s)
+            batch.append(m)
+            size += m.size
+            widest = max(widest, m.ops)
+        self._queue.extendleft(reversed(skipped))
+        return batch
+
+    async def _send(self, batch: list[_Member]) -> None:
+        if len(batch) == 1:
+            await self._send_alone(batch[0])
+            return
+        outer = rpc.TxnRequest(success=[rpc.RequestOp(request_txn=m.request) for m in batch])
+        try:
+            resp = await self._client._call("group commit", self._client._kv.Txn, outer, write=True)
+        except (Ambiguous, Unavailable) as e:
+            # No answer (or etcd unreachable): the same for every member.
+            for m in batch:
+                _settle(m.future, error=_for_member(e, m.what, len(batch)))
+            return
+        except StateStoreError as e:
+            # A definite refusal of the whole request, nothing written: each
+            # member again alone, so only a guilty one fails (with its error).
+            self.refused += 1
+            if isinstance(e, TooManyOps):
+                self.max_ops = max(2, (len(batch) + max(m.ops for m in batch)) // 2)
+            elif isinstance(e, TooLarge):
+                self.max_bytes = max(1, sum(m.size for m in batch) // 2)
+            log.info(
+                "etcd refused a group commit of %d txns (%s); sending each alone",
+                len(batch),
+                e.message,
+            )
+            await asyncio.gather(*(self._send_alone(m) for m in batch))
+            return
+        except BaseException as e:  # cancelled (the client is closing), or a bug
+            for m in batch:
+                _settle(m.future, error=e if isinstance(e, Exception) else _cut_short(m))
+            raise
+        self.batches += 1
+        self.batched_txns += len(batch)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        self.largest_batch_bytes = max(self.largest_batch_bytes, sum(m.size for m in batch))
+        revision = int(resp.header.revision)
+        for m, r in zip(batch, resp.responses, strict=True):
+            nested = r.response_txn
+            _settle(m.future, TxnResult(bool(nested.succeeded), revision, _results(nested)))
+
+    async def _send_alone(self, m: _Member) -> None:
+        try:
+            res = await self._client._send_txn(m.request, m.what)
+        except Exception as e:
+            _settle(m.future, error=e)
+        else:
+            _settle(m.future, res)
+
+    def close(self) -> None:
+        """Fail what is queued (never sent: ``Unavailable``) or in flight
+        (maybe applied: ``Ambiguous``); the client is closing."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        for m in self._queue:
+            _settle(m.future, error=Unavailable(f"{m.what}: the etcd client was closed"))
+        for m in self._in_flight:
+            _settle(m.future, error=_cut_short(m))
+        self._queue.clear()
+
+
+def _cut_short(m: _Member) -> Ambiguous:
+    return Ambiguous(
+        f"{m.what}: the etcd client was closed while the request carrying it was in flight; "
+        "it may or may not have been applied"
+    )
+
+
+def _settle(
+    future: asyncio.Future[TxnResult],
+    result: TxnResult | None = None,
+    *,
+    error: BaseException | None = None,
+) -> None:
+    """Answer one member (unless its caller gave up)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+
+
+def _for_member(e: StateStoreError, what: str, n: int) -> StateStoreError:
+    """``e`` of a group commit as the error of one of its ``n`` members: each
+    caller raises its own instance, naming its own operation."""
+    err = copy.copy(e)
+    err.message = f"{what} (sent with {n - 1} other txns in one group commit): {e.message}"
+    err.args = (err.message,)
+    return err
+
+
 # ---------------------------------------------------------------------------
 # the client
 
@@ -417,6 +752,8 @@ class EtcdClient:
         tls_server_name: str | None = None,
         tls: bool | None = None,
         page_size: int = 5000,
+        group_commit: bool = False,
+        max_txn_ops: int = 128,
     ) -> None:
         """Args:
         endpoints: ``host:port`` or ``https://host:port`` (TLS) of the members.
@@ -430,6 +767,10 @@ class EtcdClient:
             any TLS file.
         page_size: keys per range request of :meth:`range_all` and
             :meth:`read_ranges` (a page whose answer is too large shrinks).
+        group_commit: send concurrent write txns as nested txns of one etcd
+            request (:class:`_TxnBatcher`).
+        max_txn_ops: etcd's ``--max-txn-ops``, which bounds a group commit
+            (learned lower if etcd refuses one).
 
         Raises:
             InvalidArgument: a client certificate without its key, or a TLS
@@ -467,6 +808,7 @@ class EtcdClient:
         self._auth_stub: Any = None
         #: Called with (operation, seconds) after each call, for metrics.
         self.observer: Callable[[str, float], None] | None = None
+        self._batcher = _TxnBatcher(self, max_txn_ops) if group_commit else None
 
     @property
     def _where(self) -> str:
@@ -573,6 +915,8 @@ class EtcdClient:
             self._metadata = (("token", resp.token),)
 
     async def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         if self._channel is not None:
             ch, self._channel = self._channel, None
             self._metadata = None
@@ -771,18 +1115,19 @@ class EtcdClient:
     async def txn(self, txn: Txn, *, what: str = "txn", read_only: bool = False) -> TxnResult:
         """Send ``txn``. ``read_only=True`` for a txn of gets alone (one
         consistent read of several ranges): it is retried like a read, never
-        reported ``Ambiguous``."""
-        resp = await self._call(what, self._kv.Txn, txn.request(), write=not read_only)
-        results: list[Any] = []
-        for r in resp.responses:
-            kind = r.WhichOneof("response")
-            if kind == "response_range":
-                results.append([KV.of(kv) for kv in r.response_range.kvs])
-            elif kind == "response_delete_range":
-                results.append(int(r.response_delete_range.deleted))
-            else:
-                results.append(None)
-        return TxnResult(bool(resp.succeeded), int(resp.header.revision), results)
+        reported ``Ambiguous``.
+
+        With group commit on, a write txn may travel inside one etcd request
+        with other concurrent txns of this client (:class:`_TxnBatcher`); its
+        outcome, results and failures are the ones it would have alone."""
+        if self._batcher is not None and not read_only:
+            return await self._batcher.txn(txn, what)
+        return await self._send_txn(txn.request(), what, write=not read_only)
+
+    async def _send_txn(self, request: Any, what: str, *, write: bool = True) -> TxnResult:
+        """One txn request, alone."""
+        resp = await self._call(what, self._kv.Txn, request, write=write)
+        return TxnResult(bool(resp.succeeded), int(resp.header.revision), _results(resp))
 
     # -- leases ----------------------------------------------------------------
 

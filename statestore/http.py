@@ -84,7 +84,7 @@ from urllib.parse import quote
 
 import httpx
 
-from statestore.data import MAX_INT64, DataKind, as_bytes, data_kind
+from statestore.data import MAX_INT64, CounterListing, DataKind, as_bytes, data_kind
 from statestore.errors import (
     AlreadyExists,
     Compacted,
@@ -375,17 +375,29 @@ class Leadership(_LeaderPair):
     ``info``: what the leader published (``PUT .../leader/info/{key}``), by
     key. ``leader()`` fills it; ``campaign()`` answers without it (empty).
 
+    ``revision``: the etcd revision the answer was read at (``leader()``,
+    ``campaign()``); watching from it (``watch(since=revision)``) yields
+    every later leadership change once and none earlier. ``None`` in a
+    watch event (the event has its own revision) or from an older server.
+
     Still the ``(leader, fencing_token)`` pair it always was: it unpacks and
     indexes as that pair and equals a plain tuple of it; two ``Leadership``
-    values are equal when their info is too."""
+    values are equal when their info is too (whatever revision each was
+    read at)."""
 
     info: dict[str, Any]
+    revision: int | None
 
     def __new__(
-        cls, leader: str, fencing_token: int, info: Mapping[str, Any] | None = None
+        cls,
+        leader: str,
+        fencing_token: int,
+        info: Mapping[str, Any] | None = None,
+        revision: int | None = None,
     ) -> Leadership:
         self = super().__new__(cls, leader, fencing_token)
         self.info = dict(info or {})
+        self.revision = revision
         return self
 
     def __eq__(self, other: object) -> bool:
@@ -849,11 +861,26 @@ def _leadership_of(body: Any) -> Leadership:
     info = body.get("info", {})
     if not isinstance(info, dict):
         raise TypeError(f"info must be an object, got {info!r}")
-    return Leadership(_str(body["leader"]), _int(body["fencing_token"]), info)
+    revision = body.get("revision")
+    return Leadership(
+        _str(body["leader"]),
+        _int(body["fencing_token"]),
+        info,
+        None if revision is None else _int(revision),
+    )
 
 
 def _leadership(response: httpx.Response) -> Leadership:
     return _leadership_of(_body(response))
+
+
+def _counter_listing(response: httpx.Response) -> CounterListing:
+    body = _body(response)
+    counters = body["counters"]
+    if not isinstance(counters, dict):
+        raise TypeError(f"counters must be an object, got {counters!r}")
+    values = {_str(name): _int(value) for name, value in counters.items()}
+    return CounterListing(dict(sorted(values.items())), _int(body["revision"]))
 
 
 def _listing(response: httpx.Response) -> Listing:
@@ -1105,6 +1132,22 @@ class _Api:
     ) -> _Call[None]:
         headers = request_headers(session_id=session_id, fencing_token=fencing_token)
         return _Call("DELETE", self._counter_path(name, ns), _nothing, headers=headers)
+
+    def counter_list(self, prefix: str, ns: str | None) -> _Call[CounterListing]:
+        path = f"{self._ns_path(ns)}/counters"
+        return _Call("GET", path, _counter_listing, params={"prefix": prefix})
+
+    def counter_delete_prefix(
+        self, prefix: str, session_id: str | None, fencing_token: int | None, ns: str | None
+    ) -> _Call[list[str]]:
+        headers = request_headers(session_id=session_id, fencing_token=fencing_token)
+        return _Call(
+            "DELETE",
+            f"{self._ns_path(ns)}/counters",
+            lambda r: _names(_body(r), "deleted"),
+            params={"prefix": prefix},
+            headers=headers,
+        )
 
     def counter_set(
         self, name: str, value: int, fencing_token: int | None, ns: str | None
@@ -1780,6 +1823,24 @@ class StateStoreClient:
         """Set the counter to ``value``; returns the value stored."""
         return self._send(self._api.counter_set(name, value, fencing_token, ns))
 
+    def counter_list(self, prefix: str = "", *, ns: str | None = None) -> CounterListing:
+        """Every counter whose name starts with ``prefix`` (empty: all) with
+        its value, sorted by name, from one snapshot, and its revision."""
+        return self._send(self._api.counter_list(prefix, ns))
+
+    def counter_delete_prefix(
+        self,
+        prefix: str = "",
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> builtins.list[str]:
+        """Delete every counter whose name starts with ``prefix`` (empty: all);
+        returns their names, sorted. ``Fenced`` (nothing deleted) with a stale
+        ``fencing_token``."""
+        return self._send(self._api.counter_delete_prefix(prefix, session_id, fencing_token, ns))
+
     # leadership
 
     def campaign(self, session_id: str, *, wait: float = 0, ns: str | None = None) -> Leadership:
@@ -2256,6 +2317,26 @@ class AsyncStateStoreClient:
         """Set the counter to ``value``; returns the value stored."""
         return await self._send(self._api.counter_set(name, value, fencing_token, ns))
 
+    async def counter_list(self, prefix: str = "", *, ns: str | None = None) -> CounterListing:
+        """Every counter whose name starts with ``prefix`` (empty: all) with
+        its value, sorted by name, from one snapshot, and its revision."""
+        return await self._send(self._api.counter_list(prefix, ns))
+
+    async def counter_delete_prefix(
+        self,
+        prefix: str = "",
+        *,
+        session_id: str | None = None,
+        fencing_token: int | None = None,
+        ns: str | None = None,
+    ) -> builtins.list[str]:
+        """Delete every counter whose name starts with ``prefix`` (empty: all);
+        returns their names, sorted. ``Fenced`` (nothing deleted) with a stale
+        ``fencing_token``."""
+        return await self._send(
+            self._api.counter_delete_prefix(prefix, session_id, fencing_token, ns)
+        )
+
     # leadership
 
     async def campaign(
@@ -2374,6 +2455,7 @@ __all__ = [
     "CHUNK_SIZE",
     "AsyncStateStoreClient",
     "Body",
+    "CounterListing",
     "Forbidden",
     "Leadership",
     "Listing",

@@ -209,7 +209,14 @@ class RootLayout:
     (``decode`` them for names): the reconciler runs them on every lock
     deletion in the cluster, so they neither decode nor re-encode."""
 
-    __slots__ = ("compactor", "maintenance_leader_prefix", "prefix", "root", "sessions_prefix")
+    __slots__ = (
+        "compactor",
+        "live_prefix",
+        "maintenance_leader_prefix",
+        "prefix",
+        "root",
+        "sessions_prefix",
+    )
 
     def __init__(self, root: str) -> None:
         self.root = root
@@ -221,6 +228,12 @@ class RootLayout:
         self.maintenance_leader_prefix = _reserved_key(root, "maintenance/leader/")
         #: REST sessions: ``<root>/_sessions/<session-id>``, on the session's lease.
         self.sessions_prefix = _reserved_key(root, "sessions/")
+        #: Liveness keys: ``<root>/_live/<writer-id>``, one per writing process
+        #: (an SDK store, a service replica), on a lease only that process keeps
+        #: alive. A commit without an upload intent compares its create
+        #: revision (protocol.md s5, deferred intent). Beside the namespaces,
+        #: not in one: a process writes to many namespaces with one key.
+        self.live_prefix = _reserved_key(root, "live/")
 
     def __repr__(self) -> str:
         return f"RootLayout(root={self.root!r})"
@@ -230,6 +243,12 @@ class RootLayout:
 
     def parse_session_key(self, key: bytes) -> str:
         return decode(key[len(self.sessions_prefix) :].decode())
+
+    def live(self, writer_id: str) -> bytes:
+        """The liveness key of writer ``writer_id`` (a fresh hex id per
+        process, never reused: a key taken over by another process would
+        keep its create revision and prove nothing)."""
+        return self.live_prefix + writer_id.encode()
 
     def namespace_of(self, key: bytes) -> str | None:
         """The namespace a key under the root belongs to; None for
@@ -362,6 +381,10 @@ class Layout:
 
     def counter(self, name: str) -> bytes:
         return self.counters_prefix + encode(name).encode()
+
+    def parse_counter_key(self, key: bytes) -> str:
+        """The counter name of a ``counters/`` key."""
+        return decode(key[len(self.counters_prefix) :].decode())
 
     @property
     def leader_prefix(self) -> bytes:

@@ -14,6 +14,7 @@ what they hold::
     <ns>/idempotency/<id>/<key>     compact JSON                IdempotencyRecord
     <root>/_compactor               a revision, in decimal      encode_/decode_compactor_revision
     <root>/_sessions/<session-id>   JSON, json.dumps's spacing  SessionRecord
+    <root>/_live/<writer-id>        compact JSON                LivenessRecord
 
 (``<root>/_maintenance/leader/<id>`` holds a candidate's instance id, as
 ``leader/``.) These bytes are a wire format shared by every statestore
@@ -439,12 +440,36 @@ class SessionRecord(_JsonRecord):
         )
 
 
+# -- liveness: <root>/_live/<writer-id> -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessRecord(_JsonRecord):
+    """The liveness key of a writing process, on a lease only it keeps alive.
+
+    Only the key's create revision is acted on (a commit without an upload
+    intent compares it); the value tells an operator whose key it is."""
+
+    _WHAT = "a liveness record"
+
+    #: Host name and process id of the writer.
+    host: str
+    pid: int
+    #: Unix time the key was put, on the writer's clock (for people only).
+    since: float
+
+    @classmethod
+    def _from_json(cls, rec: dict[str, Any]) -> LivenessRecord:
+        return cls(str(rec["host"]), int(rec["pid"]), float(rec["since"]))
+
+
 __all__ = [
     "HANDLE_FORMAT",
     "IDEMPOTENT_OPS",
     "GcEntry",
     "IdempotencyRecord",
     "LeaderInfo",
+    "LivenessRecord",
     "MalformedRecord",
     "RemovalMarker",
     "SessionRecord",

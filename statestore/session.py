@@ -18,6 +18,22 @@ Protocol (protocol.md section 4):
   and swaps in one step (nothing can start in between).
 - ``close()`` stops the task and revokes the lease (best effort: if etcd is
   unreachable the lease simply expires after ``ttl``).
+
+:class:`Liveness` is a writing process's liveness key on such a lease
+(protocol.md s5, deferred upload intents):
+
+- ``current()`` answers the key's :class:`LivenessMark` (lease and create
+  revision), putting the key first if it is not on the current lease yet:
+  ``If(create(key) == 0) Then(put key (lease), get key) Else(delete key)``,
+  again after an Else (an old key, on a lease lost or swapped away, is
+  deleted so that the new one gets a new create revision). An upload
+  records the mark at its start; a commit without an upload intent compares
+  ``create_revision(key) == mark``, which fails once the lease was lost in
+  between, even if it was renewed since.
+- The key hangs on a lease only this process keeps alive: an SDK store's
+  own lease (``carry_on``), or in the service a lease of the backend's own,
+  granted on first use. Never a REST session's lease, which its client may
+  keep alive through another replica while this process is stopped.
 """
 
 from __future__ import annotations
@@ -25,11 +41,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from statestore.errors import StateStoreError
-from statestore.etcd import EtcdClient
+from statestore.errors import SessionExpired, StateStoreError, Unavailable
+from statestore.etcd import Ambiguous, EtcdClient, Txn
+from statestore.records import LivenessRecord
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +154,113 @@ class Session:
                 await self._client.lease_revoke(self.lease_id)
             except StateStoreError as e:
                 log.warning("could not revoke lease %x (it will expire): %s", self.lease_id, e)
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessMark:
+    """The liveness key as an upload found it at its start."""
+
+    key: bytes
+    lease_id: int
+    create_revision: int
+
+
+#: Attempts at putting the liveness key before giving up (``Unavailable``).
+_LIVENESS_ROUNDS = 5
+
+
+class Liveness:
+    """A writing process's liveness key (see the module docstring)."""
+
+    def __init__(self, client: EtcdClient, key: bytes, ttl: int) -> None:
+        self._client = client
+        self.key = key
+        self._ttl = ttl
+        self._holder: Session | None = None
+        self._owns_holder = True
+        self._mark: LivenessMark | None = None
+        self._putting: asyncio.Lock | None = None
+
+    def carry_on(self, session: Session) -> None:
+        """Hang the key on ``session``'s lease (an SDK store's own, started and
+        kept alive by the store) instead of granting a lease of its own."""
+        self._holder, self._owns_holder = session, False
+
+    @property
+    def carried(self) -> bool:
+        """Whether the key hangs on a store's own session lease (its loss is
+        then that session's: ``SessionExpired``)."""
+        return not self._owns_holder
+
+    @property
+    def lease_id(self) -> int:
+        """The lease the key hangs on now (0 before first use)."""
+        return self._holder.lease_id if self._holder is not None else 0
+
+    def _valid(self) -> LivenessMark | None:
+        mark = self._mark
+        if mark is not None and self._holder is not None and mark.lease_id == self.lease_id:
+            return mark
+        return None
+
+    async def current(self) -> LivenessMark:
+        """The key's mark on the current lease; no etcd request unless the key
+        has to be put (first use, or after the lease changed)."""
+        mark = self._valid()
+        if mark is not None:
+            return mark
+        if self._putting is None:
+            self._putting = asyncio.Lock()
+        async with self._putting:  # one put for every upload that found it stale
+            return self._valid() or await self._put()
+
+    async def _put(self) -> LivenessMark:
+        if self._holder is None:
+            self._holder = Session(self._client, self._ttl)
+            await self._holder.start()
+        holder = self._holder
+        for _ in range(_LIVENESS_ROUNDS):
+            lease = holder.lease_id
+            if not lease:
+                raise SessionExpired("the store is not started (or closed): it has no lease")
+            value = LivenessRecord(socket.gethostname(), os.getpid(), time.time()).encode()
+            t = (
+                Txn()
+                .compare("create", self.key, "==", 0)
+                .then(Txn.put(self.key, value, lease), Txn.get(self.key))
+                .orelse(Txn.delete(self.key))
+            )
+            try:
+                res = await self._client.txn(t, what="liveness key")
+            except Ambiguous:
+                continue  # put or not, the next round finds out
+            except SessionExpired:
+                await holder.report_lost(
+                    lease, "etcd answered 'lease not found' to the liveness key"
+                )
+                continue
+            if res.succeeded:
+                self._mark = LivenessMark(self.key, lease, res.results[1][0].create_revision)
+                return self._mark
+        raise Unavailable(
+            f"could not put this process's liveness key {self.key.decode()!r} in "
+            f"{_LIVENESS_ROUNDS} attempts (etcd gave no definite answer, or the lease kept "
+            "going); retry the write"
+        )
+
+    def forget(self, mark: LivenessMark) -> None:
+        """A commit found ``mark`` no longer holds (the key deleted, or put
+        again): the next :meth:`current` puts the key afresh."""
+        if self._mark == mark:
+            self._mark = None
+
+    async def report_lost(self, mark: LivenessMark, why: str) -> None:
+        """etcd answered "lease not found" for ``mark``'s lease."""
+        self.forget(mark)
+        if self._holder is not None:
+            await self._holder.report_lost(mark.lease_id, why)
+
+    async def close(self) -> None:
+        """Revoke the lease if it is this object's own (the key goes with it)."""
+        if self._holder is not None and self._owns_holder:
+            await self._holder.close()

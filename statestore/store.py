@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from statestore.blobs import BlobStore, Data, new_blob_id
-from statestore.config import StoreConfig
+from statestore.config import INTENT_DEADLINE_FACTOR, StoreConfig
 from statestore.errors import (
     AlreadyExists,
     Fenced,
@@ -45,6 +45,7 @@ from statestore.idempotency import IdempotencyLeases, IdempotentCall, Replay
 from statestore.keys import (
     READER_ID,
     Layout,
+    RootLayout,
     prefix_end,
     validate_idempotency_key,
     validate_instance_id,
@@ -60,12 +61,137 @@ from statestore.records import (
     encode_handle,
     encode_holder,
 )
-from statestore.session import Session
+from statestore.session import Liveness, LivenessMark, Session
 
 if TYPE_CHECKING:
     from statestore.watch import WatchEvent
 
 log = logging.getLogger(__name__)
+
+
+class _UploadClaim:
+    """An upload's claim to its new blob, up to its commit (protocol.md s5).
+
+    The claim is the upload intent ``uploads/<blob-id>`` on the writer's
+    liveness lease, put once the upload has run ``intent_after_seconds``
+    (before the first byte with 0), or, for an upload quicker than that,
+    the writer's liveness key as the upload found it at its start. The
+    commit txn compares the one it holds (:meth:`prove`): the intent exists,
+    or the key's create revision is the one recorded. Either fails once the
+    liveness lease was lost after the upload began, so a writer paused or
+    cut off for any length of time never commits a blob the GC may have
+    swept; and since the sweep waits far longer than ``intent_after``
+    (``StoreConfig``), a live upload's blob is covered by its intent before
+    it can look old.
+
+    Times are on ``time.monotonic`` (it runs on while the process is
+    stopped): an intent confirmed later than ``INTENT_DEADLINE_FACTOR x
+    intent_after`` after the start, or a commit without one wanted after
+    ``intent_after``, could come after a sweep, so the write fails instead.
+    """
+
+    def __init__(
+        self, store: StateHandleStore, name: str, blob_id: str, url: str, mark: LivenessMark
+    ) -> None:
+        self._store = store
+        self.name = name
+        self.blob_id = blob_id
+        self.url = url
+        self.mark = mark
+        self.upload_key = store.keys.upload(blob_id)
+        self.after = store.config.intent_after_seconds
+        self.started = time.monotonic()
+        #: The intent put, once begun (its outcome is awaited before any commit).
+        self.intent: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def begin(self) -> None:
+        """At the upload's start: put the intent now (``intent_after`` 0), or
+        arm the timer that puts it once the upload has run that long."""
+        if self.after <= 0:
+            self._put_intent()
+            await self.ready()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(self.after, self._put_intent)
+
+    def _put_intent(self) -> None:
+        if self.intent is None:
+            self.intent = asyncio.ensure_future(self._store._put_intent(self))
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def ready(self) -> None:
+        """Before each commit attempt: the intent confirmed, if the upload ran
+        long enough to need one (put now if the timer had no chance to).
+        Raises what the put raised: the write then fails."""
+        self.disarm()
+        if self.intent is None and time.monotonic() - self.started >= self.after:
+            self._put_intent()
+        if self.intent is not None:
+            await asyncio.shield(self.intent)
+
+    def check_deadline(self) -> None:
+        """``Unavailable`` once an intent put now could land after a sweep."""
+        ran = time.monotonic() - self.started
+        limit = INTENT_DEADLINE_FACTOR * self.after
+        if self.after > 0 and ran > limit:
+            raise Unavailable(
+                f"the upload of {self.url} ran {ran:.1f} s without its upload intent confirmed "
+                f"(at most {limit:g} s = {INTENT_DEADLINE_FACTOR} x intent_after_seconds): the "
+                "writer was paused or etcd was slow, and the GC may have swept the blob; "
+                "nothing was committed. Retry the write"
+            )
+
+    def prove(self, t: Txn) -> Txn:
+        """Add to the commit txn the compare of what the claim holds (and
+        the intent's delete when it is the intent)."""
+        if self.intent is not None:
+            return t.compare("create", self.upload_key, ">", 0).then(Txn.delete(self.upload_key))
+        return t.compare("create", self.mark.key, "==", self.mark.create_revision)
+
+    def probe(self) -> Any:
+        """The get, in the commit's Else branch, that :meth:`held` reads."""
+        return Txn.get(self.upload_key if self.intent is not None else self.mark.key)
+
+    def held(self, found: list[KV]) -> bool:
+        """Whether the claim still held when the commit was refused."""
+        if self.intent is not None:
+            return bool(found)
+        return bool(found) and found[0].create_revision == self.mark.create_revision
+
+    def lost(self) -> StateStoreError:
+        """The error of a commit refused because the claim no longer held:
+        ``SessionExpired`` when the liveness lease is the store's own
+        session lease (its locks went too), else ``Unavailable`` (the
+        service's own lease: the caller's session is fine, a retry is safe)."""
+        liveness = self._store.backend.liveness
+        liveness.forget(self.mark)
+        what = "upload intent" if self.intent is not None else "liveness key"
+        name = self.name
+        if liveness.carried:
+            return SessionExpired(
+                f"writing {name!r}: this instance's lease expired during the upload, so its "
+                f"{what} is gone and the blob may already be reclaimed; nothing was "
+                "committed. Retry the write"
+            )
+        return Unavailable(
+            f"writing {name!r}: this service process lost its liveness lease during the "
+            f"upload (it was paused or cut off from etcd), so its {what} is gone and the blob "
+            "may already be reclaimed; nothing was committed. Your session is unaffected: "
+            "retry the write"
+        )
+
+    async def forget_intent(self) -> None:
+        """Delete the intent if one was put (or may have been): after its put
+        is over, so that a put landing late leaves nothing behind."""
+        self.disarm()
+        if self.intent is None:
+            return
+        await asyncio.wait({self.intent})
+        await self._store._forget_intent(self.upload_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +201,7 @@ class _Staged:
     blob_id: str
     url: str
     record: bytes
+    claim: _UploadClaim
 
 
 #: A handle with its (encoded) etcd key, so hot loops need not re-encode names.
@@ -215,8 +342,15 @@ class StoreBackend:
             tls_server_name=cfg.etcd_tls_server_name,
             tls=cfg.etcd_tls,
             page_size=cfg.etcd_page_size,
+            group_commit=cfg.group_commit,
+            max_txn_ops=cfg.max_txn_ops,
         )
         self.blobs = BlobStore(cfg.blob_root, cfg.storage_options, chunk_size=cfg.blob_chunk_size)
+        #: This process's liveness key (deferred upload intents), on a lease of
+        #: its own unless a store carries it on its session (``Liveness.carry_on``).
+        self.liveness = Liveness(
+            self.client, RootLayout(cfg.root).live(uuid.uuid4().hex), cfg.lease_ttl
+        )
         # Learned from etcd when it refuses a txn as too large (--max-txn-ops).
         self.max_ops = cfg.max_txn_ops
         #: The lease idempotency records hang on, shared by every identity of
@@ -224,6 +358,7 @@ class StoreBackend:
         self.idempotency = IdempotencyLeases(self.client, cfg.idempotency_window_seconds)
 
     async def close(self) -> None:
+        await self.liveness.close()
         await self.client.close()
         self.blobs.close()
 
@@ -301,6 +436,65 @@ class _ReleaseGate:
         await self._none_in_flight.wait()
 
 
+class _HeldRecords:
+    """The handle records this instance holds a lock on, as it last saw them
+    (handle key -> ``Handle``), so that a removal can send its txn at once,
+    comparing the version it knows, instead of reading the handle first.
+
+    A record here is only a guess: the removal txn compares the handle's
+    mod_revision with its version, and a mod_revision names one write of
+    one key, so the txn acts only while the handle is exactly that record
+    (the gc entry it puts names that record's blob). A stale guess costs
+    the read it was meant to save, never a wrong outcome.
+
+    Bound: an entry enters only when this instance takes its lock
+    (``add_and_lock``, ``get_and_lock``, ``get_all_and_lock``/``lock_all``);
+    reads (``get``, ``replace``) refresh an entry already here, never add
+    one, so reading tens of thousands of handles without locks costs
+    nothing. It leaves when the lock is let go (``release``,
+    ``release_prefix``, a removal with any outcome); all leave on
+    ``release_all`` and once the lease is found lost (``lost_count`` moved:
+    the locks went with it). So it holds at most one entry per lock taken
+    since, and the newest version seen of each (mod_revisions only grow)."""
+
+    def __init__(self, session: LeaseHolder) -> None:
+        self._session = session
+        self._lost = session.lost_count
+        self._records: dict[bytes, Handle] = {}
+
+    def _current(self) -> dict[bytes, Handle]:
+        if self._session.lost_count != self._lost:  # every lock went with the lease
+            self._records.clear()
+            self._lost = self._session.lost_count
+        return self._records
+
+    def locked(self, key: bytes, h: Handle) -> None:
+        """We hold a lock on ``h`` (key ``key``) now."""
+        records = self._current()
+        known = records.get(key)
+        if h.create_revision > 0 and (known is None or known.version < h.version):
+            records[key] = h
+
+    def seen(self, key: bytes, h: Handle) -> None:
+        """``h`` was read (or written) without locking: refresh, never add."""
+        records = self._current()
+        known = records.get(key)
+        if known is not None and known.version < h.version and h.create_revision > 0:
+            records[key] = h
+
+    def get(self, key: bytes) -> Handle | None:
+        return self._current().get(key)
+
+    def drop(self, key: bytes) -> None:
+        self._current().pop(key, None)
+
+    def clear(self) -> None:
+        self._current().clear()
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
 class _Shared:
     """One identity (instance id and lease) on a backend; shared by a store and
     its fenced and other-namespace views."""
@@ -316,6 +510,8 @@ class _Shared:
         self.owns_backend = owns_backend
         self.writes_in_flight = 0
         self.release_gate = _ReleaseGate()
+        #: Records of the handles this identity locks, for one-trip removals.
+        self.held = _HeldRecords(session)
         self.closed = False
         #: Namespaces this instance has views on (their removals may wait on us).
         self.namespaces: set[str] = {backend.cfg.namespace}
@@ -346,6 +542,8 @@ class StateHandleStore:
         if _shared is None:
             backend = StoreBackend(cfg)
             session = Session(backend.client, cfg.lease_ttl)
+            # The instance's own lease, kept alive by it alone, carries the key.
+            backend.liveness.carry_on(session)
             _shared = _Shared(backend, instance_id or uuid.uuid4().hex, session, owns_backend=True)
         self._s = _shared
         self._s.namespaces.add(cfg.namespace)
@@ -637,34 +835,40 @@ class StateHandleStore:
             handle.blob_url, handle.name, reason, time.time(), self._s.instance_id
         ).encode()
 
-    async def _put_intent(self, blob_id: str, url: str) -> None:
-        """Upload intent on our lease, before the first byte (protocol.md s5)."""
-        key = self._keys.upload(blob_id)
+    async def _put_intent(self, claim: _UploadClaim) -> None:
+        """Upload intent on the liveness lease the upload started under
+        (protocol.md s5): never on another, so a lease lost meanwhile fails
+        the put, and with it the write. Confirmed after the claim's deadline
+        -> ``Unavailable`` (it may have landed after a sweep)."""
+        mark = claim.mark
+        intent = UploadIntent(claim.url, time.time(), self._s.instance_id).encode()
         for _ in range(3):
-            lease, lost = self._s.session.lease_id, self._s.session.lost_count
-            intent = UploadIntent(url, time.time(), self._s.instance_id)
+            claim.check_deadline()
             try:
-                await self._s.client.put(key, intent.encode(), lease=lease)
-                return
+                await self._s.client.put(claim.upload_key, intent, lease=mark.lease_id)
             except Ambiguous:
                 continue  # a put is idempotent: just send it again
             except SessionExpired:
-                if await self._lease_was_renewed(lease, lost, "add (upload intent)"):
-                    continue
-                self._fence_token()  # leadership went with the lease: say Fenced
-                raise
+                await self._s.backend.liveness.report_lost(
+                    mark, "etcd answered 'lease not found' to an upload intent"
+                )
+                raise claim.lost() from None
+            claim.check_deadline()
+            return
         raise Unavailable("could not record the upload intent: etcd gave no definite answer")
 
-    async def _drop_blob(self, blob_id: str, url: str) -> None:
-        """Delete a never-committed blob, then its intent, each best effort.
+    async def _drop_blob(self, claim: _UploadClaim) -> None:
+        """Delete a never-committed blob, then its intent if one was put,
+        each best effort.
 
         The intent goes even when the blob store refuses the delete (it is
         usually down when a write failed): the upload is no longer live, and
         only without its intent is what it left behind an orphan the GC
         sweeps. Kept, the intent would protect it as long as our lease lives."""
+        claim.disarm()
         with contextlib.suppress(StateStoreError):
-            await self._s.blobs.delete(url)
-        await self._forget_intent(self._keys.upload(blob_id))
+            await self._s.blobs.delete(claim.url)
+        await claim.forget_intent()
 
     def _precheck_wanted(self, data: Data) -> bool:
         # Streamed or big state: a cheap read first avoids uploading it all
@@ -689,25 +893,42 @@ class StateHandleStore:
         Ordering:
 
         1. validate name and metadata (nothing written on error);
-        2. put ``uploads/<blob-id>`` on our lease (a crashed writer's blob
-           becomes sweepable when the lease expires);
+        2. record the writer's liveness mark (``<root>/_live/<writer-id>``
+           and its create revision; put first only after the liveness lease
+           changed) and start the upload's claim: with
+           ``intent_after_seconds`` 0, put ``uploads/<blob-id>`` on the
+           liveness lease now; else a timer puts it once the upload has run
+           that long (protocol.md s5, deferred intent);
         3. stream the data to a fresh blob, hashing it;
-        4. ONE txn: ``If(create_revision(handle) == 0 [and fence]) Then(put
-           handle, put own lock on own lease, delete upload intent, delete
-           removal marker)`` (a marker without its handle removes nothing;
-           the new handle must not inherit it).
+        4. ONE txn: ``If(create_revision(handle) == 0, claim [and fence])
+           Then(put handle, put own lock on own lease, [delete upload
+           intent,] delete removal marker)`` (a marker without its handle
+           removes nothing; the new handle must not inherit it). The claim
+           is ``create_revision(intent) > 0`` when the intent was put, else
+           ``create_revision(liveness key) == mark``: a quick add is this
+           one request.
 
         Failures:
 
         - 1: ``InvalidArgument``/``TooLarge``, nothing written.
         - 2/3: the error (``Unavailable``, ``TooLarge``, ``IntegrityError``);
-          the partial blob and the intent are deleted.
+          the partial blob and the intent (if put) are deleted.
+        - 2/3, intent put refused "lease not found" (the liveness lease was
+          lost since the upload began) -> ``SessionExpired`` (the store's own
+          lease carries the key) or ``Unavailable`` (the service's); confirmed
+          later than ``5 x intent_after`` after the start (the writer was
+          paused, or etcd slow: a sweep may have come first) ->
+          ``Unavailable``. Blob deleted, nothing committed.
+        - 4, claim compare fails (the liveness lease was lost and renewed, or
+          expired with the intent, during the upload: the GC may have swept
+          the blob) -> the same errors; the blob is deleted, no handle.
         - 4, definite "no": the new blob is deleted; ``AlreadyExists`` (or
           ``Fenced``). If the existing handle carries our ``request_id`` this
           is a retry of a write that did succeed, and its handle is returned.
         - 4, ambiguous (sent, no answer): re-read the handle. Our request id
           -> success. Absent -> the write did not happen; the txn is sent
-          again (safe: it still compares that the handle is absent). Another
+          again (safe: it still compares that the handle is absent; an upload
+          now older than ``intent_after`` puts its intent first). Another
           request id, or etcd still unreachable -> ``PossibleInconsistentState``
           and the blob is kept for the GC to resolve.
         - Whenever the handle is found under our request id (retry, ambiguous
@@ -759,6 +980,29 @@ class StateHandleStore:
         """:meth:`add_and_lock` sent as ``call`` (from :meth:`idempotent_call`,
         or ``None``), also returning the stored answer when it was one (for
         the checkpoint store, whose answer holds more than the handle)."""
+        h, replay = await self._add_and_lock_answer(
+            call,
+            name,
+            data,
+            metadata,
+            request_id=request_id,
+            expected_sha256=expected_sha256,
+            max_size=max_size,
+        )
+        self._s.held.locked(self._keys.handle(h.name), h)
+        return h, replay
+
+    async def _add_and_lock_answer(
+        self,
+        call: IdempotentCall | None,
+        name: str,
+        data: Data,
+        metadata: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        expected_sha256: str | None = None,
+        max_size: int | None = None,
+    ) -> tuple[Handle, Replay | None]:
         name = validate_name(name)
         meta = encode_metadata(metadata, self._cfg.max_metadata_bytes)
         replay = await self._fence_or_replay(call)  # fail fast before uploading anything
@@ -820,14 +1064,19 @@ class StateHandleStore:
         max_size: int | None,
         expected_sha256: str | None,
     ) -> AsyncIterator[_Staged]:
-        """Steps 2-3 of add and replace: put the upload intent on our lease,
-        then stream the data to a fresh blob; yields what the commit txn needs.
-        A failed write deletes the partial blob and the intent."""
+        """Steps 2-3 of add and replace: record the liveness mark and start the
+        upload's claim (:class:`_UploadClaim`: the intent now with
+        ``intent_after_seconds`` 0, else its timer), then stream the data to
+        a fresh blob; yields what the commit txn needs. A failed write
+        deletes the partial blob and the intent if one was put."""
         blob_id = new_blob_id()
         url = self._s.blobs.url_of(self._s.blobs.path_for(self._cfg.namespace, blob_id))
         self._s.writes_in_flight += 1
+        claim: _UploadClaim | None = None
         try:
-            await self._put_intent(blob_id, url)
+            mark = await self._s.backend.liveness.current()
+            claim = _UploadClaim(self, name, blob_id, url, mark)
+            await claim.begin()
             try:
                 info = await self._s.blobs.write(
                     self._cfg.namespace,
@@ -837,7 +1086,7 @@ class StateHandleStore:
                     expected_sha256=expected_sha256,
                 )
             except BaseException:
-                await asyncio.shield(self._drop_blob(blob_id, url))
+                await asyncio.shield(self._drop_blob(claim))
                 raise
             record = encode_handle(
                 name=name,
@@ -849,17 +1098,11 @@ class StateHandleStore:
                 request_id=rid,
                 writer=self._s.instance_id,
             )
-            yield _Staged(blob_id, info.url, record)
+            yield _Staged(blob_id, info.url, record, claim)
         finally:
+            if claim is not None:
+                claim.disarm()
             self._s.writes_in_flight -= 1
-
-    @staticmethod
-    def _intent_lost(name: str) -> SessionExpired:
-        return SessionExpired(
-            f"writing {name!r}: this instance's lease expired during the upload, so its upload "
-            "intent is gone and the blob may already be reclaimed; nothing was committed. "
-            "Retry the write"
-        )
 
     def _already_exists(self, name: str, h: Handle) -> AlreadyExists:
         return AlreadyExists(
@@ -871,37 +1114,32 @@ class StateHandleStore:
     async def _commit_add(
         self, name: str, hkey: bytes, st: _Staged, rid: str, call: IdempotentCall | None
     ) -> tuple[Handle, Replay | None]:
-        blob_id, url, record = st.blob_id, st.url, st.record
+        url, record, claim = st.url, st.record, st.claim
         lock_key = self._keys.lock(name, self._s.instance_id)
-        upload_key = self._keys.upload(blob_id)
         rkey = self._keys.removal(name)
         answer = json.loads(record) if call is not None else None
 
         def build(lease: int) -> Txn:
-            t = (
-                Txn()
-                .compare("create", hkey, "==", 0)
-                # The intent went with a lost lease: the GC may have swept the blob.
-                .compare("create", upload_key, ">", 0)
-                .then(
-                    Txn.put(hkey, record),
-                    Txn.put(lock_key, encode_holder(self._s.instance_id), lease),
-                    Txn.delete(upload_key),
-                    # A marker without its handle (deleted by hand) removes
-                    # nothing; the new handle must not inherit it.
-                    Txn.delete(rkey),
-                )
-                .orelse(Txn.get(hkey), Txn.get(upload_key))
-            )
+            t = Txn().compare("create", hkey, "==", 0)
+            # The claim (intent, or liveness key) went with a lost lease: the
+            # GC may have swept the blob.
+            claim.prove(t).then(
+                Txn.put(hkey, record),
+                Txn.put(lock_key, encode_holder(self._s.instance_id), lease),
+                # A marker without its handle (deleted by hand) removes
+                # nothing; the new handle must not inherit it.
+                Txn.delete(rkey),
+            ).orelse(Txn.get(hkey), claim.probe())
             if call is not None:
                 call.guard(t).then(call.put(handle=answer)).orelse(call.get())
             return t
 
         for _ in range(_MAX_ROUNDS):
             try:
+                await claim.ready()
                 res = await self._txn(build, "add_and_lock", fenced=True, idem=call)
             except Ambiguous as e:
-                found, replay = await self._settle(hkey, call, e, blob_id, url)
+                found, replay = await self._settle(hkey, call, e, claim)
                 if replay is not None:
                     return await self._lock_replayed(name, replay), replay
                 if found is None:
@@ -910,7 +1148,7 @@ class StateHandleStore:
                 if h.request_id == rid:
                     # Applied; but the lock it put may have gone before we knew.
                     return await self._lock_own_write(name, h), None
-                await self._forget_intent(upload_key)
+                await claim.forget_intent()
                 raise PossibleInconsistentState(
                     f"add_and_lock({name!r}): etcd did not confirm the write and the handle now "
                     f"holds another writer's record (request {h.request_id}); the new blob "
@@ -918,20 +1156,20 @@ class StateHandleStore:
                     blob_url=url,
                 ) from None
             except Fenced as e:
-                await asyncio.shield(self._drop_blob(blob_id, url))
+                await asyncio.shield(self._drop_blob(claim))
                 replay = await self.replay_if_fenced(call, e)
                 return await self._lock_replayed(name, replay), replay
             except StateStoreError:  # definite: SessionExpired, refused, too large
-                await asyncio.shield(self._drop_blob(blob_id, url))
+                await asyncio.shield(self._drop_blob(claim))
                 raise
             if res.succeeded:
                 return _read_handle(record, res.revision, res.revision), None
-            existing, intent = res.results[0], res.results[1]
-            await asyncio.shield(self._drop_blob(blob_id, url))
+            existing, proof = res.results[0], res.results[1]
+            await asyncio.shield(self._drop_blob(claim))
             if call is not None and (replay := call.replay_of(res.results[2])) is not None:
                 return await self._lock_replayed(name, replay), replay
-            if not existing and not intent:
-                raise self._intent_lost(name)
+            if not existing and not claim.held(proof):
+                raise claim.lost()
             h = _read_handle(
                 existing[0].value, existing[0].mod_revision, existing[0].create_revision
             )
@@ -945,10 +1183,10 @@ class StateHandleStore:
         )
 
     async def _settle(
-        self, hkey: bytes, call: IdempotentCall | None, cause: Ambiguous, blob_id: str, url: str
+        self, hkey: bytes, call: IdempotentCall | None, cause: Ambiguous, claim: _UploadClaim
     ) -> tuple[KV | None, Replay | None]:
-        """After an ambiguous commit of an add or replace writing blob
-        ``blob_id``: the handle as it is now and, with ``call``, the answer
+        """After an ambiguous commit of an add or replace of ``claim``'s blob:
+        the handle as it is now and, with ``call``, the answer
         stored under its key, read at one revision (``_resolve``). A stored
         answer settles the outcome: it names our blob when our txn is the one
         that landed; otherwise our txn definitely did not (the record it
@@ -958,8 +1196,8 @@ class StateHandleStore:
             return await self._resolve(hkey, cause), None
         found, stored = await self._resolve_many([hkey, call.key], cause)
         replay = call.replay_of([stored] if stored else [])
-        if replay is not None and replay.handle().blob_ref != blob_id:
-            await asyncio.shield(self._drop_blob(blob_id, url))
+        if replay is not None and replay.handle().blob_ref != claim.blob_id:
+            await asyncio.shield(self._drop_blob(claim))
         return found, replay
 
     async def _lock_own_write(self, name: str, h: Handle) -> Handle:
@@ -1068,16 +1306,22 @@ class StateHandleStore:
         ``metadata=None`` keeps the current metadata. Locks are untouched.
 
         Ordering: read the handle (``NotFound``/``VersionConflict`` before
-        uploading anything); put the upload intent; write the new blob; ONE
-        txn ``If(mod_revision(handle) == expected_version and no removal
-        pending [and fence]) Then(put handle, put gc/<old blob>, delete
-        intent)``. The old blob is queued for deletion in the same txn, so it
-        can never leak and is never deleted while the handle still names it.
+        uploading anything); record the liveness mark and start the upload's
+        claim (as :meth:`add_and_lock` step 2: the intent now, or once the
+        upload has run ``intent_after_seconds``); write the new blob; ONE txn
+        ``If(mod_revision(handle) == expected_version and no removal pending,
+        claim [and fence]) Then(put handle, put gc/<old blob>, [delete
+        intent])``. The old blob is queued for deletion in the same txn, so
+        it can never leak and is never deleted while the handle still names
+        it. A quick replace is two requests: the read and the commit.
 
         Failures: definite "no" -> new blob deleted, ``VersionConflict`` /
-        ``NotFound`` / ``Fenced``. Ambiguous -> re-read: our request id ->
-        success; still at ``expected_version`` -> send again; otherwise
-        ``PossibleInconsistentState`` (new blob kept for the GC).
+        ``NotFound`` / ``Fenced``; the claim lost (liveness lease lost during
+        the upload, intent late) -> ``SessionExpired`` / ``Unavailable`` as
+        for :meth:`add_and_lock`, new blob deleted, old one untouched.
+        Ambiguous -> re-read: our request id -> success; still at
+        ``expected_version`` -> send again (its claim checked again first);
+        otherwise ``PossibleInconsistentState`` (new blob kept for the GC).
 
         ``idempotency_key``: as for :meth:`add_and_lock`, the txn also puts
         the key's record (the handle written), and a call whose key has one
@@ -1105,7 +1349,9 @@ class StateHandleStore:
         meta = old.metadata if new_meta is None else new_meta
         rid = request_id or uuid.uuid4().hex
         async with self._staged(name, data, meta, rid, max_size, expected_sha256) as st:
-            return await self._commit_replace(name, expected_version, old, st, rid, call)
+            h = await self._commit_replace(name, expected_version, old, st, rid, call)
+        self._s.held.seen(hkey, h)
+        return h
 
     async def _commit_replace(
         self,
@@ -1118,25 +1364,17 @@ class StateHandleStore:
     ) -> Handle:
         """The commit txn of :meth:`replace` (its last step), and what each of
         its answers means."""
-        blob_id, url, record = st.blob_id, st.url, st.record
+        url, record, claim = st.url, st.record, st.claim
         hkey, rkey = self._keys.handle(name), self._keys.removal(name)
-        upload_key = self._keys.upload(blob_id)
         gc_key = self._keys.gc(old.blob_ref)
         answer = json.loads(record) if call is not None else None
 
         def build(lease: int) -> Txn:
-            t = (
-                Txn()
-                .compare("mod", hkey, "==", expected_version)
-                .compare("create", rkey, "==", 0)
-                .compare("create", upload_key, ">", 0)  # see _commit_add
-                .then(
-                    Txn.put(hkey, record),
-                    Txn.put(gc_key, self._gc_entry(old, "replaced")),
-                    Txn.delete(upload_key),
-                )
-                .orelse(Txn.get(hkey), Txn.get(rkey), Txn.get(upload_key))
-            )
+            t = Txn().compare("mod", hkey, "==", expected_version).compare("create", rkey, "==", 0)
+            claim.prove(t).then(  # see _commit_add
+                Txn.put(hkey, record),
+                Txn.put(gc_key, self._gc_entry(old, "replaced")),
+            ).orelse(Txn.get(hkey), Txn.get(rkey), claim.probe())
             if call is not None:
                 put = call.put(handle=answer, handle_created=old.create_revision)
                 call.guard(t).then(put).orelse(call.get())
@@ -1144,9 +1382,10 @@ class StateHandleStore:
 
         for _ in range(_MAX_ROUNDS):
             try:
+                await claim.ready()
                 res = await self._txn(build, "replace", fenced=True, idem=call)
             except Ambiguous as e:
-                found, replay = await self._settle(hkey, call, e, blob_id, url)
+                found, replay = await self._settle(hkey, call, e, claim)
                 if replay is not None:
                     return replay.handle()
                 if found is not None and found.mod_revision == expected_version:
@@ -1155,7 +1394,7 @@ class StateHandleStore:
                     h = _read_handle(found.value, found.mod_revision, found.create_revision)
                     if h.request_id == rid:
                         return h
-                await self._forget_intent(upload_key)
+                await claim.forget_intent()
                 raise PossibleInconsistentState(
                     f"replace({name!r}): etcd did not confirm the write and the handle has "
                     "changed since; the new blob is kept for the GC to resolve. Re-read "
@@ -1163,19 +1402,19 @@ class StateHandleStore:
                     blob_url=url,
                 ) from None
             except Fenced as e:
-                await asyncio.shield(self._drop_blob(blob_id, url))
+                await asyncio.shield(self._drop_blob(claim))
                 return (await self.replay_if_fenced(call, e)).handle()
             except StateStoreError:  # definite: SessionExpired, refused, too large
-                await asyncio.shield(self._drop_blob(blob_id, url))
+                await asyncio.shield(self._drop_blob(claim))
                 raise
             if res.succeeded:
                 return _read_handle(record, res.revision, old.create_revision)
-            await asyncio.shield(self._drop_blob(blob_id, url))
-            current, removal, intent = res.results[0], res.results[1], res.results[2]
+            await asyncio.shield(self._drop_blob(claim))
+            current, removal, proof = res.results[0], res.results[1], res.results[2]
             if call is not None and (replay := call.replay_of(res.results[3])) is not None:
                 return replay.handle()
-            if not intent:
-                raise self._intent_lost(name)
+            if not claim.held(proof):
+                raise claim.lost()
             if not current:
                 raise NotFound(f"cannot replace handle {name!r}: it was removed meanwhile")
             if removal:
@@ -1212,7 +1451,9 @@ class StateHandleStore:
         kv = await self._s.client.get(self._keys.handle(name))
         if kv is None:
             raise NotFound(f"handle {name!r} does not exist in namespace {self.namespace!r}")
-        return _read_handle(kv.value, kv.mod_revision, kv.create_revision)
+        h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
+        self._s.held.seen(kv.key, h)
+        return h
 
     async def describe(self, name: str) -> tuple[Handle, list[str]]:
         """The handle and its lock holders, read together at one revision."""
@@ -1362,7 +1603,9 @@ class StateHandleStore:
         if res.succeeded:
             kv = res.results[1][0]
             holders = sorted(Layout.holder_of(lp, k.key) for k in res.results[2])
-            return _read_handle(kv.value, kv.mod_revision, kv.create_revision), holders
+            h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
+            self._s.held.locked(hkey, h)
+            return h, holders
         if res.results[0]:
             raise NotFound(
                 f"cannot lock handle {name!r}: its removal is pending (it goes as soon as "
@@ -1424,6 +1667,8 @@ class StateHandleStore:
 
         n = self._batch_size()
         await _gather([run(wanted[i : i + n]) for i in range(0, len(wanted), n)])
+        for key, h in out:
+            self._s.held.locked(key, h)
         handles = [h for _, h in out]
         handles.sort(key=lambda h: h.name)
         if with_holders:
@@ -1515,6 +1760,7 @@ class StateHandleStore:
         lock_key = self._keys.lock(name, self._s.instance_id)
         rkey = self._keys.removal(name)
         t = Txn().then(Txn.delete(lock_key), Txn.get(rkey))
+        self._s.held.drop(self._keys.handle(name))
         res = await self._until_definite(
             lambda: self._s.client.txn(t, what="release"), f"release({name!r})"
         )
@@ -1548,6 +1794,7 @@ class StateHandleStore:
         if self._s.writes_in_flight == 0 and not await self._holds_election_key():
             spare = await session.spare_lease()
         async with self._s.release_gate.releasing():
+            self._s.held.clear()
             if spare is not None and self._s.writes_in_flight == 0:
                 await self._s.client.lease_revoke(session.swap(spare))
             else:
@@ -1577,10 +1824,10 @@ class StateHandleStore:
     async def release_and_try_remove(self, name: str, deferred: bool = False) -> bool:
         """Release our lock and remove the handle if nobody else holds one.
 
-        ONE txn: ``If(mod_revision(handle) == read version, no lock key in
+        ONE txn: ``If(mod_revision(handle) == known version, no lock key in
         [lock prefix, own lock), no lock key in (own lock, prefix end) [and
         fence]) Then(delete handle, delete own lock, delete removal marker,
-        put gc/<blob>) Else(delete own lock, list lock holders)``.
+        put gc/<blob>) Else(delete own lock, get handle, list lock holders)``.
 
         Returns True when the handle is gone (also when it never existed);
         False when others hold locks: our lock is released and the handle kept.
@@ -1588,11 +1835,30 @@ class StateHandleStore:
         (``removals/<name>``) and completes as soon as the last lock goes, by
         release or lease expiry; meanwhile the handle cannot be locked.
 
-        The removal is of the handle as first read: a replace meanwhile makes
-        it decide again on the new version, but a handle removed and added
-        again meanwhile is a new one that this call does not touch (True: the
-        one asked for is gone). So the marker is put only by a txn comparing
-        the version it decided on: a removal can never land on a later write.
+        Ordering: when this instance holds the record (it locked the handle:
+        ``_HeldRecords``) the txn is sent at once with that record's version
+        and blob: one round trip. Otherwise the handle is read first, then the
+        txn is sent. The else branch returns the handle as it is now, so a
+        retry decides on that without reading again.
+
+        The removal is of the handle as first seen in etcd (by the read, or
+        by the first txn: its compare, or its else branch): a replace
+        meanwhile makes it decide again on the new version, but a handle
+        removed and added again meanwhile is a new one that this call does
+        not touch (True: the one asked for is gone). So the marker is put
+        only by a txn comparing the version it decided on: a removal can
+        never land on a later write.
+
+        Failures: a held record that is stale (replaced, removed, or added
+        again since) fails the version compare; nothing is deleted, and the
+        else branch shows the current handle, on which the call decides as
+        if it had read it (one extra round trip, only then). The gc entry is
+        always built from the record whose version the txn compares, so it
+        names the blob of the handle it deletes. Ambiguous answer -> read
+        and decide again (both branches are safe to re-run; a handle of
+        another generation than the one sent is a later write: True).
+        ``Fenced``: nothing changed, our lock is kept. No definite answer in
+        ``_MAX_ROUNDS`` -> ``Unavailable``.
         """
         return (await self.try_remove(name, deferred=deferred)).removed
 
@@ -1600,41 +1866,55 @@ class StateHandleStore:
         """``release_and_try_remove`` with the holders that blocked it."""
         name = validate_name(name)
         hkey = self._keys.handle(name)
+        try:
+            return await self._try_remove(name, hkey, deferred, self._s.held.get(hkey))
+        finally:
+            # Our lock is let go whatever the outcome (or its state is unknown).
+            self._s.held.drop(hkey)
+
+    async def _try_remove(
+        self, name: str, hkey: bytes, deferred: bool, held: Handle | None
+    ) -> Removal:
+        """:meth:`try_remove`; ``held``: the record this instance holds, if
+        any, tried first without reading."""
         lp = self._keys.lock_prefix(name)
         own = self._keys.lock(name, self._s.instance_id)
         rkey = self._keys.removal(name)
         # The handle as the last txn's else branch returned it: a retry after
         # a lost race decides on that instead of reading it again.
         seen: list[KV] | None = None
-        # The create revision of the handle first read: the one asked for.
+        # The create revision of the handle first seen in etcd: the one asked for.
         generation: int | None = None
         for _ in range(_MAX_ROUNDS):
-            if seen is None:
-                kv = await self._s.client.get(hkey)
+            if held is not None:
+                h, held = held, None  # one try: a stale record falls back to etcd's
             else:
-                kv, seen = (seen[0] if seen else None), None
-            if kv is not None and generation not in (None, kv.create_revision):
-                # Removed and added again meanwhile: that is a later write, and
-                # the handle this removal was asked for is gone (own lock: let go
-                # by the else branch that showed the new one).
-                return Removal(True, [])
-            if kv is None:
-                # Nothing to remove; still, a fenced caller must prove leadership
-                # (a deposed leader learns it is deposed, not "removed").
-                await self._txn(
-                    lambda lease: Txn().compare("create", hkey, "==", 0).then(Txn.delete(own)),
-                    "release_and_try_remove",
-                    fenced=True,
-                )
-                return Removal(True, [])
-            generation = kv.create_revision
-            h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
+                if seen is None:
+                    kv = await self._s.client.get(hkey)
+                else:
+                    kv, seen = (seen[0] if seen else None), None
+                if kv is not None and generation not in (None, kv.create_revision):
+                    # Removed and added again meanwhile: that is a later write, and
+                    # the handle this removal was asked for is gone (own lock: let go
+                    # by the else branch that showed the new one).
+                    return Removal(True, [])
+                if kv is None:
+                    # Nothing to remove; still, a fenced caller must prove leadership
+                    # (a deposed leader learns it is deposed, not "removed").
+                    await self._txn(
+                        lambda lease: Txn().compare("create", hkey, "==", 0).then(Txn.delete(own)),
+                        "release_and_try_remove",
+                        fenced=True,
+                    )
+                    return Removal(True, [])
+                generation = kv.create_revision
+                h = _read_handle(kv.value, kv.mod_revision, kv.create_revision)
             gc_key = self._keys.gc(h.blob_ref)
             gc_value = self._gc_entry(h, "removed")
 
             def build(
                 lease: int,
-                version: int = kv.mod_revision,
+                version: int = h.version,
                 gc_key: bytes = gc_key,
                 gc_value: bytes = gc_value,
             ) -> Txn:
@@ -1661,6 +1941,10 @@ class StateHandleStore:
             try:
                 res = await self._txn(build, "release_and_try_remove", fenced=True)
             except Ambiguous:
+                if generation is None:
+                    # The held record was sent: if that txn landed, the handle
+                    # asked for is gone and a later one must not be touched.
+                    generation = h.create_revision
                 continue  # both branches are safe to re-run after a re-read
             if res.succeeded:
                 return Removal(True, [])
@@ -1669,13 +1953,18 @@ class StateHandleStore:
                 await self._s.client.delete(own)
                 first = 0
             current, lock_kvs = res.results[first], res.results[first + 1]
-            if not current or current[0].mod_revision != kv.mod_revision:
-                seen = current
-                continue  # replaced or removed meanwhile: decide again
+            if generation is None and current:
+                generation = current[0].create_revision  # first seen: the one asked for
             holders = sorted(Layout.holder_of(lp, k.key) for k in lock_kvs if k.key != own)
-            if not holders:
+            if not current or current[0].create_revision != generation or not holders:
+                # Removed, or removed and added again (the next round says
+                # True), or nobody else locks it now (replaced, a stale
+                # record, or they let go): decide again on what it is now.
                 seen = current
-                continue  # they let go meanwhile: try again
+                continue
+            # Others lock the handle as it is now (replaced meanwhile or not):
+            # a removal txn on this version would fail, as this one did.
+            h = _read_handle(current[0].value, current[0].mod_revision, generation)
             if not deferred:
                 return Removal(False, holders)
             marked = await self._defer_removal(name, h, holders)
@@ -1928,6 +2217,9 @@ class StateHandleStore:
             return await self._remove_batch(batch)
         except Ambiguous:
             return False  # try_remove re-reads each: safe whichever way it went
+        if res.succeeded:
+            for h in batch:  # our locks went with them
+                self._s.held.drop(self._keys.handle(h.name))
         return res.succeeded
 
     async def release_prefix(self, prefix: str = "") -> list[str]:
@@ -1959,6 +2251,7 @@ class StateHandleStore:
                 lambda t=t: self._s.client.txn(t, what="release_prefix"), "release_prefix"
             )
             for j, hkey in enumerate(handle_keys):
+                self._s.held.drop(hkey)
                 name = self._keys.parse_handles_key(hkey)[0]
                 names.append(name)
                 if res.results[len(part) + j]:

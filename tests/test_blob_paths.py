@@ -89,6 +89,8 @@ def test_dot_namespaces_are_400_and_files_beside_the_blob_root_survive(
         # Ages count from the sweeper's own first sighting too: a short one,
         # so the sweep that proves a GC pass ran comes within the wait.
         orphan_min_age_seconds=1,
+        # Short orphan ages are allowed only with intents before every upload.
+        intent_after_seconds=0,
     )
     with client(svc.url) as api:
         sid = new_session(api)

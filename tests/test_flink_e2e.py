@@ -108,6 +108,13 @@ class Deployment:
         r.raise_for_status()
         return r.json()["value"]
 
+    def counters(self, prefix: str) -> dict[str, int]:
+        """Every counter of the cluster's namespace whose name starts with ``prefix``."""
+        r = self.http.get(f"/v1/namespaces/{NS_A}/counters", params={"prefix": prefix})
+        r.raise_for_status()
+        counters: dict[str, int] = r.json()["counters"]
+        return counters
+
     def leader(self, ns: str = NS_A) -> dict[str, Any] | None:
         """GET .../leader with its info; on a server without leader info, the plugin's
         fallback handles ``leader-info/<component>`` of the current fencing token."""
@@ -433,6 +440,7 @@ def test_5_cancelled_job_leaves_no_ha_data(dep: Deployment) -> None:
     t0 = time.monotonic()
     blobs = dep.base / "statestore" / "blobs" / NS_A
     assert dep.checkpoint_ids()
+    assert f"{dep.job_id}.checkpoint-id-counter" in dep.counters(dep.job_id)
     r = httpx.patch(f"{dep.jm.rest_url}/jobs/{dep.job_id}", params={"mode": "cancel"}, timeout=10)
     assert r.status_code in (200, 202), r.text
     wait_until(
@@ -463,11 +471,12 @@ def test_5_cancelled_job_leaves_no_ha_data(dep: Deployment) -> None:
         interval=0.5,
         message="blobs reclaimed",
     )
-    # the checkpoint id counter is deleted too (DELETE .../counters/{name}): it reads 1 again
+    # every counter of the job is deleted too (DELETE .../counters?prefix=<job-id>.), so none
+    # is listed under its id and its checkpoint id counter reads 1 again
     wait_until(
-        lambda: dep.counter() == 1,
+        lambda: dep.counters(dep.job_id) == {} and dep.counter() == 1,
         30,
         interval=0.5,
-        message=f"counter {dep.job_id}.checkpoint-id-counter removed",
+        message=f"counters of job {dep.job_id} removed",
     )
     print(f"test 5: {time.monotonic() - t0:.1f}s")

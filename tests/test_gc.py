@@ -94,7 +94,8 @@ async def test_killed_writers_blob_is_reclaimed_after_its_lease_expires(
     ttl = 2
     root = unique_root()
     reader = await open_store(make_config(root=root))
-    child_cfg = make_config(root=root, lease_ttl=ttl, blob_chunk_size=CHUNK)
+    # The intent before the first byte (intent_after 0): this test follows it.
+    child_cfg = make_config(root=root, lease_ttl=ttl, blob_chunk_size=CHUNK, intent_after_seconds=0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATESTORE_")}
     env["PYTHONPATH"] = str(REPO)
     stderr_path = tmp_path / "writer.stderr"
@@ -239,7 +240,11 @@ async def test_writer_that_lost_its_lease_mid_upload_cannot_commit_a_swept_blob(
     not commit a handle naming that blob (invariant 1): a visible handle's
     blob always exists and verifies."""
     root = unique_root()
-    writer = await open_store(make_config(root=root, lease_ttl=3, blob_chunk_size=CHUNK))
+    # The intent before the first byte (tests/test_deferred_intent.py has
+    # the same for a writer that defers it).
+    writer = await open_store(
+        make_config(root=root, lease_ttl=3, blob_chunk_size=CHUNK, intent_after_seconds=0)
+    )
     gc_store = await open_store(make_config(root=root))
     directory = blob_dir(tmp_path, namespace)
     old = None
@@ -870,6 +875,8 @@ def gc_cli(cfg: StoreConfig, *args: str) -> subprocess.CompletedProcess[str]:
         STATESTORE_BLOB_ROOT=cfg.blob_root,
         STATESTORE_ROOT=cfg.root,
         STATESTORE_ORPHAN_MIN_AGE_SECONDS="0",
+        # No minimum age is accepted only with every intent put up front.
+        STATESTORE_INTENT_AFTER_SECONDS="0",
         STATESTORE_GC_GRACE_SECONDS=str(cfg.gc_grace_seconds),
         STATESTORE_ALLOW_SHORT_GC_GRACE="true",
         COLUMNS="1000",

@@ -270,6 +270,9 @@ def test_leadership_fencing_and_counters(client: Any, sid: str, other: str) -> N
     assert client.leader() is None
     lead = client.campaign(sid)
     assert lead == Leadership(sid, lead.fencing_token) == client.leader()
+    # each answer names the revision it was read at (watch from it: exact)
+    assert isinstance(lead.revision, int) and client.leader().revision >= lead.revision
+    assert client.watch(since=lead.revision, timeout=1, kinds=["leader"]).events == []
     with pytest.raises(NotLeader) as info:
         client.campaign(other)
     assert info.value.details["leader"] == sid

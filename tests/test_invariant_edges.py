@@ -430,8 +430,9 @@ async def test_reserved_namespace_refused_by_the_sdk(
     with pytest.raises(InvalidArgument, match="reserved"):  # the REST service's path
         store.backend.store(reserved, "instance", store.session)
     await store.add_and_lock("ok", b"a normal namespace still works")
-    assert await keys_under(store.etcd, f"{root}/{reserved}".encode()) == []
+    assert await keys_under(store.etcd, f"{root}/{reserved}/".encode()) == []
     assert await keys_under(store.etcd, f"{root}/".encode()) == [
+        store.backend.liveness.key,  # <root>/_live/<writer-id>: beside the namespaces
         store.keys.handle("ok"),
         store.keys.lock("ok", store.instance_id),
     ]

@@ -31,6 +31,8 @@ def test_root_level_keys_are_pinned() -> None:
     assert roots.maintenance_leader_prefix == b"/statestore/v1/_maintenance/leader/"
     assert roots.sessions_prefix == b"/statestore/v1/_sessions/"
     assert roots.session("1a-00ff") == b"/statestore/v1/_sessions/1a-00ff"
+    assert roots.live_prefix == b"/statestore/v1/_live/"
+    assert roots.live("0f1e") == b"/statestore/v1/_live/0f1e"
     keys = Layout(ROOT, "job a")
     assert keys.lock("h/x", "i1") == b"/statestore/v1/job a/handles/h%2Fx/locks/i1"
     assert keys.removal("h/x") == b"/statestore/v1/job a/removals/h%2Fx"
@@ -84,7 +86,13 @@ def test_root_layout_refuses_other_keys(ns: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", [b"/statestore/v1/_compactor", b"/statestore/v1/_sessions/1-ab", b"/statestore/v1/"]
+    "key",
+    [
+        b"/statestore/v1/_compactor",
+        b"/statestore/v1/_sessions/1-ab",
+        b"/statestore/v1/_live/0f1e",
+        b"/statestore/v1/",
+    ],
 )
 def test_reserved_keys_belong_to_no_namespace(key: bytes) -> None:
     assert RootLayout(ROOT).namespace_of(key) is None

@@ -105,6 +105,8 @@ def test_service_completes_removals_collects_blobs_and_compacts(
         compaction_interval_seconds=1,
         gc_grace_seconds=0,
         orphan_min_age_seconds=1,
+        # Short orphan ages are allowed only with intents before every upload.
+        intent_after_seconds=0,
         lease_ttl=SERVICE_LEASE_TTL,
     )
     layout = Layout(root, namespace)
@@ -198,6 +200,8 @@ def test_service_gc_ages_an_orphan_from_its_own_first_sighting(
         blob_root=f"file://{blobs}",
         gc_interval_seconds=0.2,
         orphan_min_age_seconds=min_age,
+        # Short orphan ages are allowed only with intents before every upload.
+        intent_after_seconds=0,
         lease_ttl=SERVICE_LEASE_TTL,
     )
     wait_until(lambda: metric(svc, "statestore_maintenance_leader") == 1, 10)
@@ -263,6 +267,8 @@ def test_two_replicas_one_maintenance_leader_and_takeover(
         "compaction_interval_seconds": 1,
         "gc_grace_seconds": 0,
         "orphan_min_age_seconds": 1,
+        # Short orphan ages are allowed only with intents before every upload.
+        "intent_after_seconds": 0,
         "lease_ttl": SERVICE_LEASE_TTL,
     }
     replicas = [service_factory(**settings), service_factory(**settings)]

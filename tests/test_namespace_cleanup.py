@@ -248,7 +248,12 @@ async def test_blob_of_a_crashed_writer_is_not_left_behind(
     with stderr.open("wb") as err:
         proc = await asyncio.to_thread(
             subprocess.Popen,
-            [sys.executable, "-c", _CRASHING_WRITER, make_config(lease_ttl=ttl).model_dump_json()],
+            [
+                sys.executable,
+                "-c",
+                _CRASHING_WRITER,
+                make_config(lease_ttl=ttl, intent_after_seconds=0).model_dump_json(),
+            ],
             stdout=subprocess.PIPE,
             stderr=err,
             cwd=REPO,

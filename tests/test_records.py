@@ -27,6 +27,7 @@ from statestore.handle import Handle, blob_id_of
 from statestore.records import (
     GcEntry,
     IdempotencyRecord,
+    LivenessRecord,
     MalformedRecord,
     RemovalMarker,
     SessionRecord,
@@ -112,6 +113,11 @@ def stored_handle(*, without: tuple[str, ...] = (), **overrides: Any) -> bytes:
             b'{"blob_url":"s3://bucket/job-1/1700000000000-0f1e","started_at":1700000000.125,'
             b'"writer":"inst-1"}',
             id="upload-intent",
+        ),
+        pytest.param(
+            LivenessRecord("host-1", 4242, 1700000000.5).encode(),
+            b'{"host":"host-1","pid":4242,"since":1700000000.5}',
+            id="liveness",
         ),
         pytest.param(encode_counter(18, "5f0c"), b"18 5f0c", id="counter"),
         pytest.param(
@@ -223,6 +229,11 @@ def test_upload_intent_round_trip(intent: UploadIntent) -> None:
     assert UploadIntent.decode(intent.encode()) == intent
 
 
+@given(st.builds(LivenessRecord, text, st.integers(1, 2**22), times))
+def test_liveness_record_round_trip(record: LivenessRecord) -> None:
+    assert LivenessRecord.decode(record.encode()) == record
+
+
 @given(st.builds(SessionRecord, st.none() | text, st.integers(2, 3600), times, st.none() | text))
 def test_session_record_round_trip(record: SessionRecord) -> None:
     assert SessionRecord.decode(record.encode()) == record
@@ -279,6 +290,7 @@ DECODERS: dict[str, Decoder] = {
     "removal-marker": RemovalMarker.decode,
     "gc-entry": GcEntry.decode,
     "upload-intent": UploadIntent.decode,
+    "liveness": LivenessRecord.decode,
     "counter": decode_counter,
     "compactor": decode_compactor_revision,
     "session": SessionRecord.decode,
@@ -298,7 +310,14 @@ MALFORMED = [
     ("holder", b"\xff"),
     *[
         (kind, v)
-        for kind in ("removal-marker", "gc-entry", "upload-intent", "session", "idempotency")
+        for kind in (
+            "removal-marker",
+            "gc-entry",
+            "upload-intent",
+            "liveness",
+            "session",
+            "idempotency",
+        )
         for v in NOT_JSON_OBJECTS
     ],
     ("idempotency", b'{"target": "h"}'),

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from rest import assert_problem, bearer, hpath, lpath
+from rest import assert_problem, bearer, cpath, hpath, lpath
 from service import ServiceProcess, serving_with_tokens
 
 from statestore.local.etcd_process import EtcdProcess, free_port
@@ -210,6 +210,32 @@ def test_write_role_writes(api: httpx.Client, ns: str, token: str) -> None:
     assert api.delete(hpath(ns, "w", "/lock"), headers=h).status_code == 204
     assert api.delete(hpath(ns, "w"), headers=h).status_code == 204
     assert api.get(hpath(ns, "w"), headers=h).status_code == 404
+
+
+def test_counters_by_prefix_need_read_to_list_and_write_to_delete(
+    api: httpx.Client, ns: str
+) -> None:
+    """``GET .../counters`` is a read and ``DELETE .../counters`` a write, each
+    within the token's namespaces; a refused delete deletes nothing."""
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    for where, token in ((ns, WRITER), (other, ADMIN)):
+        r = api.put(cpath(where, "j.ids"), json={"value": 4}, headers=bearer(token))
+        assert r.status_code == 200, r.text
+    path = f"/v1/namespaces/{ns}/counters"
+    for token in (READER, WRITER, ADMIN):
+        assert api.get(path, headers=bearer(token)).json()["counters"] == {"j.ids": 4}
+    assert_problem(api.get(path), 401, "unauthorized")
+    assert_problem(api.delete(path), 401, "unauthorized")
+    assert_problem(api.delete(path, headers=bearer(READER)), 403, "forbidden")
+    for token in (READER, WRITER):
+        elsewhere = f"/v1/namespaces/{other}/counters"
+        assert_problem(api.get(elsewhere, headers=bearer(token)), 403, "forbidden")
+        assert_problem(api.delete(elsewhere, headers=bearer(token)), 403, "forbidden")
+    assert api.get(path, headers=bearer(READER)).json()["counters"] == {"j.ids": 4}
+    r = api.get(f"/v1/namespaces/{other}/counters", headers=bearer(ADMIN))
+    assert r.json()["counters"] == {"j.ids": 4}
+    r = api.delete(path, params={"prefix": "j."}, headers=bearer(WRITER))
+    assert r.json() == {"deleted": ["j.ids"]}
 
 
 def test_admin_is_allowed_every_namespace(api: httpx.Client) -> None:

@@ -1,10 +1,11 @@
 """``/openapi.json`` describes rest-v1.md "Idempotent retries" and "Bulk
-calls", and the service keeps to that description.
+calls" (with the counter listing and deletion by prefix), and the service
+keeps to that description.
 
 The description is read from a real ``statestore serve``. The conformance
 run is ``tests/test_rest_schema.py``'s (same checks, settings and failure
-report) over the operations that file does not fuzz: the counter calls and
-the lock release by prefix (``DELETE .../handles`` is under its
+report) over the operations that file does not fuzz: the counter calls (by
+name and by prefix) and the lock release by prefix (``DELETE .../handles`` is under its
 ``/handles`` prefix and runs there).
 """
 
@@ -30,8 +31,10 @@ KEYED = {
     ("post", NS + "/checkpoints/{checkpoint_id}"),
     ("post", NS + "/counters/{name}/increment"),
 }
-FUZZED = re.compile(r"^/v1/namespaces/\{ns\}/(counters/|locks$)")
+FUZZED = re.compile(r"^/v1/namespaces/\{ns\}/(counters/|counters$|locks$)")
 EXPECTED_FUZZED = {
+    "GET /v1/namespaces/{ns}/counters",
+    "DELETE /v1/namespaces/{ns}/counters",
     "GET /v1/namespaces/{ns}/counters/{name}",
     "PUT /v1/namespaces/{ns}/counters/{name}",
     "DELETE /v1/namespaces/{ns}/counters/{name}",
@@ -86,6 +89,21 @@ def test_the_document_describes_idempotency_keys_and_bulk_calls(service: Service
     counter = paths[NS + "/counters/{name}"]["delete"]
     assert {"x-fencing-token", "x-session-id"} <= set(parameters(counter))
     assert {"204", "409"} <= set(counter["responses"])
+
+    def answer(op: dict[str, Any]) -> dict[str, Any]:
+        ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        schema: dict[str, Any] = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        return schema
+
+    counters = paths[NS + "/counters"]
+    listing, deletion = counters["get"], counters["delete"]
+    assert parameters(listing)["prefix"]["in"] == "query"
+    assert set(answer(listing)["required"]) == {"counters", "revision"}
+    values = answer(listing)["properties"]["counters"]
+    assert values["type"] == "object" and values["additionalProperties"]["type"] == "integer"
+    assert {"prefix", "x-fencing-token", "x-session-id"} <= set(parameters(deletion))
+    assert answer(deletion)["properties"]["deleted"]["items"]["type"] == "string"
+    assert {"200", "400"} <= set(deletion["responses"])
 
 
 @pytest.mark.timeout(120 + 10 * MAX_EXAMPLES)

@@ -66,10 +66,21 @@ def campaign(c: httpx.Client, ns: str, sid: str, **params: Any) -> int:
     return int(r.json()["fencing_token"])
 
 
+def without_revision(body: dict[str, Any]) -> dict[str, Any]:
+    """A leadership answer (GET or POST) less its ``revision``, an int it must hold."""
+    rest = dict(body)
+    revision = rest.pop("revision")
+    assert isinstance(revision, int) and not isinstance(revision, bool) and revision > 0, body
+    return rest
+
+
 def leadership(c: httpx.Client, ns: str) -> dict[str, Any] | None:
+    """``GET .../leader`` less its revision; None when nobody leads."""
     body = leadership_body(c, ns)
-    assert body is None or set(body) == {"leader", "fencing_token", "info"}, body
-    return body
+    if body is None:
+        return None
+    assert set(body) == {"leader", "fencing_token", "info", "revision"}, body
+    return without_revision(body)
 
 
 @asynccontextmanager
@@ -147,7 +158,7 @@ def test_leader_info_round_trips_and_is_read_with_its_leadership(
     assert leadership(api, namespace) == {"leader": a, "fencing_token": token, "info": expected}
     # POST .../leader answers as before: no info in it.
     r = api.post(leader_path(namespace), headers=sess(a))
-    assert r.json() == {"leader": a, "fencing_token": token}
+    assert without_revision(r.json()) == {"leader": a, "fencing_token": token}
 
 
 def test_only_the_leader_writes_info(api: httpx.Client, etcd: EtcdProcess, namespace: str) -> None:
@@ -231,6 +242,47 @@ def test_a_deleted_session_takes_its_info_in_the_same_revision(
 
     seen = asyncio.run(run())
     assert len(set(seen.values())) == 1, seen
+
+
+# -- the revision of a leadership answer ---------------------------------------------------
+
+
+def leader_events(c: httpx.Client, ns: str, since: int) -> list[dict[str, Any]]:
+    """The leader events after ``since`` (waiting at most a second for one)."""
+    params = {"since": since, "kinds": "leader", "timeout": 1}
+    r = c.get(f"/v1/namespaces/{enc(ns)}/watch", params=params)
+    assert r.status_code == 200, r.text
+    events: list[dict[str, Any]] = r.json()["events"]
+    return events
+
+
+def test_leadership_answers_name_the_revision_to_watch_from(
+    api: httpx.Client, namespace: str
+) -> None:
+    """GET and POST .../leader (and the 404 when nobody leads) carry the
+    revision they were read at: watching from it yields every later
+    leadership change once and none earlier (list-then-watch, as a job
+    manager's leader retrieval does it)."""
+    a = new_session(api)
+    nobody = assert_problem(api.get(leader_path(namespace)), 404, "not-found")["revision"]
+    won = api.post(leader_path(namespace), headers=sess(a)).json()
+
+    events = leader_events(api, namespace, nobody)
+    assert [e["leader"]["leader"] for e in events] == [a]
+    assert nobody < events[0]["revision"] <= won["revision"]
+    assert leader_events(api, namespace, won["revision"]) == [], "nothing earlier again"
+
+    assert put_info(api, namespace, a, "address", "jm-a").status_code == 204
+    events = leader_events(api, namespace, won["revision"])
+    assert [e["leader"]["info"] for e in events] == [{"address": "jm-a"}]
+    current = api.get(leader_path(namespace)).json()
+    assert current["revision"] >= events[0]["revision"]
+    again = api.post(leader_path(namespace), headers=sess(a)).json()  # already leads
+    assert again["revision"] >= current["revision"]
+    assert leader_events(api, namespace, again["revision"]) == []
+
+    assert api.delete(leader_path(namespace), headers=sess(a)).status_code == 204
+    assert [e["leader"] for e in leader_events(api, namespace, current["revision"])] == [None]
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -334,7 +386,7 @@ def test_a_waiting_campaign_wins_within_a_second_of_the_leaders_session_delete(
     assert r.status_code == 200, r.text
     assert answered - ended < 1.0, answered - ended
     t_b = r.json()["fencing_token"]
-    assert r.json() == {"leader": b, "fencing_token": t_b} and t_b > t_a
+    assert without_revision(r.json()) == {"leader": b, "fencing_token": t_b} and t_b > t_a
     assert leadership(api, namespace) == {"leader": b, "fencing_token": t_b, "info": {}}
 
 
@@ -468,7 +520,11 @@ def test_info_writes_need_write_and_reads_need_read(auth_service: ServiceProcess
         r = c.put(info_path(ns, "address"), content=b'"jm-1"', headers=writer)
         assert r.status_code == 204, r.text
         r = c.get(leader_path(ns), headers=bearer(READER))
-        assert r.json() == {"leader": sid, "fencing_token": token, "info": {"address": "jm-1"}}
+        assert without_revision(r.json()) == {
+            "leader": sid,
+            "fencing_token": token,
+            "info": {"address": "jm-1"},
+        }
         assert c.delete(info_path(ns, "address"), headers=writer).status_code == 204
         assert c.get(leader_path(ns), headers=bearer(READER)).json()["info"] == {}
 

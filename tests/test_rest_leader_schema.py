@@ -66,7 +66,11 @@ def test_the_document_describes_the_leadership_calls(leader_service: ServiceProc
     get = paths["/v1/namespaces/{ns}/leader"]["get"]
     ref = get["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     body = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
-    assert set(body["required"]) == {"leader", "fencing_token", "info"}
+    assert set(body["required"]) == {"leader", "fencing_token", "info", "revision"}
+    assert body["properties"]["revision"]["type"] == "integer"
+    ref = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    won = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert set(won["required"]) == {"leader", "fencing_token", "revision"}
     assert body["properties"]["info"]["type"] == "object"
     assert "404" in get["responses"]
 

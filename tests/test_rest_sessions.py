@@ -342,3 +342,77 @@ async def test_an_unreadable_session_record_stays_an_unexpected_error(etcd: Etcd
                 await registry.list()
         finally:
             await etcd_client.lease_revoke(info.lease_id)
+
+
+def test_a_deleted_session_is_410_at_once_through_every_service(
+    service_factory: Callable[..., ServiceProcess], namespace: str
+) -> None:
+    """No service keeps a session it has served: deleted through A, it is 410
+    at once through B, which used it a moment before, and through A, for the
+    calls whose txns never touch the session's lease too (a removal of an
+    unlocked handle, a release, a replayed add), so nothing changes.
+    docs/design.md, "The session lookup is not cached"."""
+    svc_a, svc_b = service_factory(), service_factory()
+    with client(svc_a.url) as a, client(svc_b.url) as b:
+        sid = new_session(a, ttl=20)
+        replayed = sess(sid, **{"Idempotency-Key": f"add-{uuid.uuid4()}"})
+        assert b.put(hpath(namespace, "mine"), content=b"x", headers=replayed).status_code == 201
+        put(b, namespace, "free", sid)
+        assert b.delete(hpath(namespace, "free", "/lock"), headers=sess(sid)).status_code == 204
+        before = b.get(lpath(namespace)).json()["handles"]
+
+        assert a.delete(f"/v1/sessions/{sid}").status_code == 204
+        for c in (b, a):
+            calls = {
+                "remove unlocked": c.delete(hpath(namespace, "free"), headers=sess(sid)),
+                "release": c.delete(hpath(namespace, "mine", "/lock"), headers=sess(sid)),
+                "replayed add": c.put(hpath(namespace, "mine"), content=b"x", headers=replayed),
+                "add": c.put(hpath(namespace, "new"), content=b"x", headers=sess(sid)),
+                "lock": c.post(hpath(namespace, "free", "/lock"), headers=sess(sid)),
+                "keepalive": c.post(f"/v1/sessions/{sid}/keepalive"),
+            }
+            for what, r in calls.items():
+                assert r.status_code == 410, (what, r.status_code, r.text)
+                assert_problem(r, 410, "session-expired")
+        after = b.get(lpath(namespace)).json()["handles"]
+        assert [(h["name"], h["version"]) for h in after] == [
+            (h["name"], h["version"]) for h in before
+        ]
+
+
+def _etcd_reads(c: httpx.Client) -> float:
+    """How many etcd reads (``get`` and ``range`` requests) the service has
+    made, by its /metrics."""
+    ops = ('{op="get"}', '{op="range"}')
+    lines = c.get("/metrics").text.splitlines()
+    return sum(
+        float(line.split()[-1])
+        for line in lines
+        if line.startswith("statestore_etcd_request_seconds_count")
+        and line.split()[0].endswith(ops)
+    )
+
+
+def test_a_session_removes_what_it_added_in_one_round_trip(
+    service_factory: Callable[..., ServiceProcess], namespace: str
+) -> None:
+    """A service keeps one store identity per session (docs/design.md, "One
+    store identity per session"), so a removal of a handle the session added
+    through it sends its txn without reading the handle first: the only read
+    is the session lookup. (Maintenance off: no background reads.)"""
+    svc = service_factory(maintenance="false")
+    with client(svc.url) as c:
+        sid = new_session(c)
+        put(c, namespace, "added", sid)
+        scrape = _etcd_reads(c)
+        scrape = _etcd_reads(c) - scrape  # what a scrape itself reads (live sessions)
+        before = _etcd_reads(c)
+        assert c.delete(hpath(namespace, "added"), headers=sess(sid)).status_code == 204
+        assert _etcd_reads(c) - before - scrape == 1
+        assert c.get(hpath(namespace, "added")).status_code == 404
+        # A handle it did not lock through this service is read first, as before.
+        put(c, namespace, "other", new_session(c))
+        c.delete(hpath(namespace, "other", "/lock"), headers=sess(sid))
+        before = _etcd_reads(c)
+        assert c.delete(hpath(namespace, "other"), headers=sess(sid)).status_code == 409
+        assert _etcd_reads(c) - before - scrape == 2

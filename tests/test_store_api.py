@@ -798,9 +798,12 @@ async def test_release_all(store: StateHandleStore, other: StateHandleStore) -> 
     assert await store.holders("d") == []
 
 
-async def test_release_all_during_a_write_keeps_its_upload_intent(
+async def test_release_all_during_a_write_keeps_its_liveness_key(
     store: StateHandleStore,
 ) -> None:
+    """A quick write's claim to its blob is the liveness key on the store's
+    lease (protocol.md s5, deferred intent): ``release_all``'s fast path,
+    which revokes that lease, must not run under it."""
     await store.add_and_lock("held", b"x")
     asked_second = asyncio.Event()
     go = asyncio.Event()
@@ -811,16 +814,17 @@ async def test_release_all_during_a_write_keeps_its_upload_intent(
         await go.wait()
         yield b"second"
 
+    live = store.backend.liveness.key
     task = asyncio.create_task(store.add_and_lock("slow", slow()))
     try:
         await asyncio.wait_for(asked_second.wait(), 10)
-        intents = await raw_keys(store, store.keys.uploads_prefix)
-        assert len(intents) == 1, "no upload intent before the first byte"
+        before = await store.etcd.get(live)
+        assert before is not None and before.lease == store.session.lease_id
         await store.release_all()
         assert await store.holders("held") == []
-        assert await raw_keys(store, store.keys.uploads_prefix) == intents
-        ikv = await store.etcd.get(intents[0])
-        assert ikv is not None and await store.etcd.lease_ttl(ikv.lease) > 0
+        after = await store.etcd.get(live)
+        assert after is not None and after.create_revision == before.create_revision
+        assert await store.etcd.lease_ttl(after.lease) > 0
     finally:
         go.set()
     h = await asyncio.wait_for(task, 10)

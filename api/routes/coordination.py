@@ -7,7 +7,10 @@ caller's session, so the HTTP rows behave exactly as the Python ones:
 cancelled when the client goes away so that its candidacy is withdrawn;
 ``PUT``/``DELETE .../leader/info/{key}`` are ``publish_info`` /
 ``remove_info``; ``GET .../leader`` is ``leadership()`` (one read: never
-one leader's token with another's info); writes carrying
+one leader's token with another's info), and both leadership answers name
+the revision they were read at (watch from it: exact); ``GET``/``DELETE
+.../counters?prefix=`` are ``counter.list_counters`` / ``delete_counters``;
+writes carrying
 ``X-Fencing-Token`` use a fenced store. Counter writes take no lock, so they
 accept the token without ``X-Session-Id``: it is fenced by the leader key
 whose create revision the token is.
@@ -27,7 +30,7 @@ from statestore.checkpoints import (
     CompletedCheckpointStore,
     checkpoints_of,
 )
-from statestore.counter import MAX_VALUE, CheckpointIDCounter
+from statestore.counter import MAX_VALUE, CheckpointIDCounter, delete_counters, list_counters
 from statestore.election import MAX_INFO_VALUE_BYTES, LeaderElection
 from statestore.maintenance.cleanup import clear_namespace
 from statestore.store import StateHandleStore
@@ -60,9 +63,38 @@ class CounterValue(BaseModel):
     value: int = Field(ge=0, le=MAX_VALUE, strict=True)
 
 
+#: ``revision`` of the leadership answers (an extra field, welcome by rest-v1).
+REVISION_DESCRIPTION = (
+    "the etcd revision this answer was read at: watch from it (GET .../watch?since=) to see "
+    "every later leadership change once and none earlier"
+)
+
+
+class CounterListing(BaseModel):
+    counters: dict[str, int] = Field(
+        description="name -> value (what the next increment answers), sorted by name"
+    )
+    revision: int = Field(description="the etcd revision the counters were read at")
+
+
+class DeletedCounters(BaseModel):
+    deleted: list[str] = Field(description="the names of the counters deleted, sorted")
+
+
+#: ``?prefix=`` of the counter listing and prefix delete.
+CounterPrefix = Annotated[
+    str,
+    Query(
+        description="only counters whose names start with this (the name rules: no control "
+        "characters, at most 512 bytes); empty: all counters of the namespace"
+    ),
+]
+
+
 class Leadership(BaseModel):
     leader: str
     fencing_token: int
+    revision: int = Field(description=REVISION_DESCRIPTION)
 
 
 class LeadershipInfo(Leadership):
@@ -83,6 +115,40 @@ INFO_BODY = {
 
 
 # -- counters ---------------------------------------------------------------------
+
+
+@router.get("/counters", response_model=CounterListing)
+async def list_counters_by_prefix(
+    ns: str, request: Request, svc: Svc, prefix: CounterPrefix = ""
+) -> CounterListing:
+    """Every counter whose name starts with ``prefix``, with its value, sorted
+    by name, from one consistent snapshot (read in pages: tens of thousands
+    are fine), and the revision it was read at."""
+    ns = path_namespace(ns)
+    svc.authorize(request, ns, Role.read)
+    listing = await list_counters(svc.store(ns), prefix)
+    return CounterListing(counters=listing.counters, revision=listing.revision)
+
+
+@router.delete("/counters", response_model=DeletedCounters)
+async def delete_counters_by_prefix(
+    ns: str,
+    request: Request,
+    svc: Svc,
+    prefix: CounterPrefix = "",
+    x_session_id: SessionHeader = None,
+    x_fencing_token: FencingHeader = None,
+) -> DeletedCounters:
+    """Delete every counter whose name starts with ``prefix`` (empty: all), in
+    txns of at most ``max_txn_ops`` deletes: 200 ``{"deleted": [names]}``.
+    With ``X-Fencing-Token`` every txn carries the leadership compare: a
+    stale token is 409 ``fenced`` and nothing is deleted (leadership lost
+    midway: 409 after the batches before it). Counters created while the
+    call runs may remain: call again."""
+    ns = path_namespace(ns)
+    caller = svc.authorize(request, ns, Role.write)
+    store = await _writer(svc, ns, request, caller)
+    return DeletedCounters(deleted=await delete_counters(store, prefix))
 
 
 @router.get("/counters/{name}", response_model=CounterValue)
@@ -205,19 +271,22 @@ async def campaign(
         token = await unless_client_gone(request, election.campaign(timeout=wait))
     else:
         token = await election.campaign(timeout=0)
-    return Leadership(leader=session.session_id, fencing_token=token)
+    assert election.won_at is not None  # a fresh election object that won
+    return Leadership(leader=session.session_id, fencing_token=token, revision=election.won_at)
 
 
 @router.get("/leader", response_model=LeadershipInfo)
 async def get_leader(ns: str, request: Request, svc: Svc) -> Any:
     """The current leader, its fencing token and the info it published, from
-    one read; 404 when nobody leads."""
+    one read, with the ``revision`` of that read (list-then-watch: watching
+    from it is exact); 404 when nobody leads, its problem also naming
+    ``revision``."""
     ns = path_namespace(ns)
     svc.authorize(request, ns, Role.read)
-    current, _ = await LeaderElection(svc.store(ns)).leadership()
+    current, revision = await LeaderElection(svc.store(ns)).leadership()
     if current is None:
-        return problem(404, "not-found", f"nobody leads namespace {ns!r}")
-    return current.to_json()
+        return problem(404, "not-found", f"nobody leads namespace {ns!r}", revision=revision)
+    return {**current.to_json(), "revision": revision}
 
 
 @router.delete("/leader", status_code=204)

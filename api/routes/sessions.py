@@ -84,6 +84,7 @@ async def delete_session(sid: str, svc: Svc, request: Request) -> Response:
     except SessionExpired:  # unknown or expired: already gone, nothing to do
         return Response(status_code=204)
     lock_keys = await svc.sessions.delete(info)
+    svc.identities.pop(info.session_id, None)
     roots = RootLayout(svc.settings.root)
     held: dict[str, set[str]] = {}
     for key in lock_keys:

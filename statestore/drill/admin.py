@@ -14,7 +14,8 @@ one implementation per way of reaching the deployment:
   replica's reconciler completes deferred removals; otherwise the drill's
   does, and :attr:`~Admin.maintenance_note` names which. Reclaiming runs the
   GC's orphan sweep with no minimum age (the drill owns the namespace and its
-  writers are dead; live intents still protect uploads in progress);
+  writers are dead: no upload is in progress there, and a quick one would
+  have no intent yet to protect it, protocol.md s5);
   clearing is the REST namespace cleanup's own code (``clear_namespace``).
 - :class:`RestAdmin`: ``DELETE /v1/namespaces/<ns>``, which answers 204 only
   once no key and no blob is left; the service's own maintenance completes

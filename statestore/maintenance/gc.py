@@ -14,12 +14,18 @@ store error leaves the entry for the next pass.
 Orphans (:func:`sweep_orphans`): a blob no handle, gc entry or upload intent
 names, older than ``orphan_min_age`` — left by a writer that crashed after
 its lease expired, or kept after an unresolved ambiguous commit. The blob
-listing is taken BEFORE etcd is read: a writer puts its intent before its
-first byte, so any blob in the listing is, at the later etcd read, either
-still named by a live intent, or committed (a handle, or a gc entry after a
-removal), or truly unreferenced. The minimum age covers writes whose commit
-etcd applies late. On S3, multipart uploads of writers without a live intent
-are aborted after the same age.
+listing is taken BEFORE etcd is read: a live writer has its intent in etcd
+once its upload has run ``intent_after_seconds`` (protocol.md s5, deferred
+intent), far less than the minimum age (``StoreConfig`` refuses anything
+closer), so any blob in the listing that is old enough is, at the later
+etcd read, either still named by a live intent, or committed (a handle, or
+a gc entry after a removal), or truly unreferenced. A younger blob may
+belong to a quick upload without an intent: it is never old enough. A
+writer that was paused (or cut off) past the minimum age can no longer
+commit its blob: its intent went with its liveness lease, or its commit's
+liveness compare fails (``statestore.store._UploadClaim``). The minimum age
+also covers writes whose commit etcd applies late. On S3, multipart uploads
+of writers without a live intent are aborted after the same age.
 
 Clocks (protocol.md s5). No age is taken from a time a writer wrote (a gc
 entry's ``queued_at``, the timestamp in a blob id): a writer whose clock is

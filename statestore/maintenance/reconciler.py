@@ -102,6 +102,44 @@ class RemovalReconciler:
             if await self._complete(ns, name):
                 self.stats.pending = max(0, self.stats.pending - 1)
 
+    async def _follow(self, start_revision: int) -> None:
+        """Watch deletions from ``start_revision`` and check them in rounds:
+        each round takes every deletion that arrived while the previous one's
+        marker check ran, so a burst of removals (64 clients removing at once)
+        costs a few txns, not one per removal; an idle cluster's lone
+        deletion is checked at once, as before. Returns when the watch ends or
+        ``stop()`` was called; raises what broke the watch or a check."""
+        root = self._roots.prefix
+        arrived: asyncio.Queue[list[bytes]] = asyncio.Queue()
+
+        async def receive() -> None:
+            async for _, events in self._store.etcd.watch(
+                root, prefix_end(root), start_revision=start_revision, deletes_only=True
+            ):
+                arrived.put_nowait([kv.key for kind, kv in events if kind == "delete"])
+
+        watching = asyncio.create_task(receive())
+        first: asyncio.Future[list[bytes]] | None = None
+        try:
+            while True:
+                first = asyncio.ensure_future(arrived.get())
+                await asyncio.wait({first, watching}, return_when=asyncio.FIRST_COMPLETED)
+                if not first.done():
+                    first.cancel()
+                    watching.result()  # the watch ended: raise what ended it
+                    return
+                keys = first.result()
+                while not arrived.empty():
+                    keys += arrived.get_nowait()
+                await self._on_deleted(keys)
+                if self._stop.is_set():
+                    return
+        finally:
+            if first is not None:
+                first.cancel()
+            watching.cancel()
+            await asyncio.wait({watching})
+
     async def run(self) -> None:
         """Resync, then watch; on any break resync again. Runs until ``stop()``."""
         backoff = 0.2
@@ -109,13 +147,9 @@ class RemovalReconciler:
             try:
                 rev, _ = await self.resync()
                 backoff = 0.2
-                root = self._roots.prefix
-                async for _, events in self._store.etcd.watch(
-                    root, prefix_end(root), start_revision=rev + 1, deletes_only=True
-                ):
-                    await self._on_deleted([kv.key for kind, kv in events if kind == "delete"])
-                    if self._stop.is_set():
-                        return
+                await self._follow(rev + 1)
+                if self._stop.is_set():
+                    return
             except Compacted as e:
                 log.info("reconciler watch compacted (%s): re-listing", e)
             except StateStoreError as e:

@@ -30,6 +30,21 @@ public final class StatestoreCheckpointIDCounter implements CheckpointIDCounter 
     @Override
     public void start() {}
 
+    /**
+     * Deletes every counter whose name starts with {@code prefix} (empty: all of the namespace) in one
+     * call, fenced by this process's leadership, so the counters of a job go with it even when
+     * nothing names them one by one.
+     */
+    static void deleteAll(StatestoreClient client, String prefix) throws Exception {
+        String what = "delete counters " + prefix + "*";
+        Resp r = client.call("DELETE", "/counters?prefix=" + StatestoreClient.enc(prefix), null,
+                StatestoreClient.headers("X-Fencing-Token", client.fencingHeader()), null);
+        client.checkSessionAndFence(r, null, what);
+        if (r.status != 200) {
+            throw new StatestoreException(what, r);
+        }
+    }
+
     @Override
     public CompletableFuture<Void> shutdown(JobStatus jobStatus) {
         if (jobStatus.isGloballyTerminalState()) {

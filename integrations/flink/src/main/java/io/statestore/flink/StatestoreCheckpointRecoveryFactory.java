@@ -45,8 +45,13 @@ public final class StatestoreCheckpointRecoveryFactory implements CheckpointReco
         return jobId + "/checkpoints/";
     }
 
+    /** The start of the name of every counter of the job (deleted together when the job's HA data goes). */
+    static String counterPrefix(JobID jobId) {
+        return jobId + ".";
+    }
+
     static String counterName(JobID jobId) {
-        return jobId + ".checkpoint-id-counter";
+        return counterPrefix(jobId) + "checkpoint-id-counter";
     }
 
     @Override

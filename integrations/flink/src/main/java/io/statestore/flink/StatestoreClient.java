@@ -397,14 +397,17 @@ public final class StatestoreClient implements AutoCloseable {
 
     /** A fresh read of the namespace's leadership (null when nobody leads). */
     public LeaderState readLeader() throws IOException {
+        Resp r = getLeader();
+        return r.status == 404 ? null : new LeaderState(r.json());
+    }
+
+    /** GET .../leader: 200 (someone leads) or 404 (nobody does); anything else throws. */
+    private Resp getLeader() throws IOException {
         Resp r = call("GET", "/leader", null, null, null);
-        if (r.status == 404) {
-            return null;
-        }
-        if (r.status != 200) {
+        if (r.status != 200 && r.status != 404) {
             throw new StatestoreException("GET leader", r);
         }
-        return new LeaderState(r.json());
+        return r;
     }
 
     private synchronized void publish(LeaderState s) {
@@ -418,13 +421,20 @@ public final class StatestoreClient implements AutoCloseable {
         }
     }
 
-    private long currentRevision() throws IOException {
-        // an empty listing is one consistent snapshot and names its revision (rest-v1 Watch: list-then-watch)
-        Resp r = call("GET", "/handles?prefix=" + enc("statestore-flink/revision-probe/"), null, null, null);
-        if (r.status != 200) {
-            throw new StatestoreException("GET handles (revision)", r);
+    /**
+     * Reads the leadership, hands it to the listeners and returns the revision it was read at: GET
+     * .../leader names it in its 200 answer and in its 404 problem, so watching from it sees every
+     * later change once and none earlier (list-then-watch in one request).
+     */
+    private long readAndPublishLeader() throws IOException {
+        Resp r = getLeader();
+        JsonNode body = r.json();
+        JsonNode revision = body.get("revision");
+        if (revision == null || !revision.canConvertToLong()) {
+            throw new StatestoreException("GET leader answered no revision to watch from", r);
         }
-        return r.json().get("revision").asLong();
+        publish(r.status == 404 ? null : new LeaderState(body));
+        return revision.asLong();
     }
 
     private void watchLoop() {
@@ -433,8 +443,7 @@ public final class StatestoreClient implements AutoCloseable {
         while (!closed) {
             try {
                 if (rev < 0) {
-                    rev = currentRevision();
-                    publish(readLeader());
+                    rev = readAndPublishLeader();
                 }
                 Resp r = once("GET", "/watch?kinds=leader&timeout=30&since=" + rev, null, null,
                         Duration.ofSeconds(45));

@@ -99,17 +99,19 @@ public final class StatestoreHaServices extends AbstractHaServices {
 
     @Override
     protected void internalCleanup() throws Exception {
-        // the whole cluster's HA data: every handle of the namespace (the namespace itself needs admin)
+        // the whole cluster's HA data: every handle and counter of the namespace (the namespace
+        // itself needs admin)
         StatestoreStateHandleStore.removeAll(client, "");
+        StatestoreCheckpointIDCounter.deleteAll(client, "");
     }
 
     @Override
     protected void internalCleanupJobData(JobID jobId) throws Exception {
-        // every handle under <job-id>/ (its checkpoints); the execution plan, job result and
-        // leader info are removed by their own stores and by the JobMaster's leader election
+        // every handle under <job-id>/ (its checkpoints) and every counter named <job-id>.*; the
+        // execution plan, job result and leader info are removed by their own stores and by the
+        // JobMaster's leader election
         StatestoreStateHandleStore.removeAll(client, jobId + "/");
-        new StatestoreCheckpointIDCounter(client, StatestoreCheckpointRecoveryFactory.counterName(jobId))
-                .shutdown(org.apache.flink.api.common.JobStatus.FINISHED).get();
+        StatestoreCheckpointIDCounter.deleteAll(client, StatestoreCheckpointRecoveryFactory.counterPrefix(jobId));
     }
 
     @Override
