@@ -111,9 +111,12 @@ class ZooKeeperProcess:
     ``zookeeper.log`` (the JVM's stdout and stderr; the server itself logs
     nothing: Debian's jar finds no SLF4J binding on this class path)."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, tick_ms: int = 2000) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        # ZooKeeper grants session timeouts between 2 and 20 ticks and expires sessions
+        # on tick boundaries (flink_failover.py sets it to honour its timeout)
+        self.tick_ms = tick_ms
         self.config = data_dir / "zoo.cfg"
         self.log_file = data_dir / "zookeeper.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -134,7 +137,7 @@ class ZooKeeperProcess:
             raise RuntimeError(f"{ZOOKEEPER_JAR} not found: `make bench` installs it")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
-            "tickTime=2000\n"
+            f"tickTime={self.tick_ms}\n"
             f"dataDir={self.data_dir / 'data'}\n"
             f"clientPort={self.port}\n"
             "clientPortAddress=127.0.0.1\n"
@@ -200,11 +203,13 @@ class ZooKeeperProcess:
 
 
 @contextlib.contextmanager
-def scratch_zookeeper(prefix: str, parent: str | None = None) -> Iterator[ZooKeeperProcess]:
+def scratch_zookeeper(
+    prefix: str, parent: str | None = None, tick_ms: int = 2000
+) -> Iterator[ZooKeeperProcess]:
     """A ZooKeeper in a fresh temp dir ``{prefix}-zk-*``: started, ready, and on the
     way out (errors, Ctrl-C, SIGTERM unwinding through here) stopped and removed."""
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}-zk-", dir=parent))
-    server = ZooKeeperProcess(tmp)
+    server = ZooKeeperProcess(tmp, tick_ms=tick_ms)
     try:
         server.start()
         server.wait_ready()

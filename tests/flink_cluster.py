@@ -1,11 +1,13 @@
-"""Real Flink 2.3 processes on statestore HA, for tests/test_flink_e2e.py.
+"""Real Flink 2.3 processes, for tests/test_flink_e2e.py and benchmarks/flink_failover.py.
 
 The Flink distribution and the plugin come from ``make flink-plugin`` (the
 ``test`` target builds them): a Flink home cached under
 ``~/.cache/statestore/flink-2.3.0/home`` (``STATESTORE_FLINK_HOME`` overrides)
 and ``integrations/flink/build/*.jar``. Each cluster gets its own home whose
 ``lib/`` links the cached jars plus the plugin, and each process its own conf
-dir (``FLINK_CONF_DIR``) with a generated ``config.yaml``.
+dir (``FLINK_CONF_DIR``) with a generated ``config.yaml``. The HA backend is a
+block of settings: ``statestore_ha(...)`` (the plugin), or Flink's own ZooKeeper HA
+in the failover benchmark; everything else is the same for every cluster.
 """
 
 from __future__ import annotations
@@ -108,21 +110,31 @@ class FlinkProcess:
         self.kill()
 
 
-class FlinkCluster:
-    """A Flink session cluster whose HA is statestore namespace ``namespace``."""
+def statestore_ha(url: str, token: str | None, namespace: str, ttl: float) -> dict[str, Any]:
+    """The config block of statestore HA (the plugin) for one cluster; session TTL in s."""
+    settings: dict[str, Any] = {
+        "high-availability.type": FACTORY,
+        "high-availability.cluster-id": namespace,
+        "high-availability.statestore.url": url,
+        "high-availability.statestore.session-ttl": f"{ttl:g} s",
+    }
+    if token is not None:
+        settings["high-availability.statestore.token"] = token
+    return settings
 
-    def __init__(
-        self, base: Path, statestore_url: str, token: str, namespace: str, ttl: int, **extra: Any
-    ) -> None:
+
+class FlinkCluster:
+    """A Flink session cluster with the HA settings ``ha`` (e.g. ``statestore_ha(...)``);
+    ``extra`` overrides any other setting."""
+
+    def __init__(self, base: Path, ha: dict[str, Any], **extra: Any) -> None:
         check_built()
         self.base = base
-        self.url = statestore_url
-        self.token = token
-        self.namespace = namespace
-        self.ttl = ttl
+        self.ha = ha
         self.extra = extra
         base.mkdir(parents=True, exist_ok=True)
         (base / "log").mkdir(exist_ok=True)
+        (base / "tmp").mkdir(exist_ok=True)
         self.home = base / "home"
         if not self.home.exists():
             (self.home / "lib").mkdir(parents=True)
@@ -152,12 +164,7 @@ class FlinkCluster:
             "taskmanager.memory.process.size": "1280m",
             "taskmanager.numberOfTaskSlots": 1,
             "parallelism.default": 1,
-            "high-availability.type": FACTORY,
-            "high-availability.cluster-id": self.namespace,
             "high-availability.storageDir": f"file://{self.base}/ha",
-            "high-availability.statestore.url": self.url,
-            "high-availability.statestore.token": self.token,
-            "high-availability.statestore.session-ttl": f"{self.ttl} s",
             "state.checkpoints.dir": f"file://{self.base}/checkpoints",
             "state.checkpoints.num-retained": 3,
             "execution.checkpointing.tolerable-failed-checkpoints": 100,
@@ -167,7 +174,11 @@ class FlinkCluster:
             "heartbeat.interval": 2000,
             "heartbeat.timeout": 10000,
             "web.upload.dir": str(self.base / "uploads"),
+            # working dirs, BLOB caches, archived jobs: under base, not /tmp, where a
+            # SIGKILLed JobManager would leave them behind
+            "io.tmp.dirs": str(self.base / "tmp"),
         }
+        settings.update(self.ha)
         settings.update(self.extra)
         lines = [f'{k}: "{v}"' if isinstance(v, str) else f"{k}: {v}" for k, v in settings.items()]
         (conf_dir / "config.yaml").write_text("\n".join(lines) + "\n")

@@ -21,7 +21,14 @@ from typing import Any
 
 import httpx
 import pytest
-from flink_cluster import FlinkCluster, FlinkProcess, read_output, rest_json, submit
+from flink_cluster import (
+    FlinkCluster,
+    FlinkProcess,
+    read_output,
+    rest_json,
+    statestore_ha,
+    submit,
+)
 from helpers import require_tool, wait_until
 from rest import bearer, enc
 from service import ServiceProcess
@@ -60,7 +67,9 @@ class Deployment:
         self.http = httpx.Client(
             base_url=self.svc.url, headers=bearer(ADMIN), timeout=10, trust_env=False
         )
-        self.cluster = FlinkCluster(base / "cluster-a", self.svc.url, TOKEN_A, NS_A, TTL)
+        self.cluster = FlinkCluster(
+            base / "cluster-a", statestore_ha(self.svc.url, TOKEN_A, NS_A, TTL)
+        )
         self.jm: FlinkProcess = self.cluster.start_jobmanager()
         self.tm: FlinkProcess = self.cluster.start_taskmanager()
         self.out = base / "counts.txt"
@@ -377,9 +386,11 @@ def test_6_two_clusters_cannot_touch_each_other(dep: Deployment) -> None:
     t0 = time.monotonic()
     lead_a = dep.leader()
     assert lead_a is not None
-    b = FlinkCluster(dep.base / "cluster-b", dep.svc.url, TOKEN_B, NS_B, TTL)
+    b = FlinkCluster(dep.base / "cluster-b", statestore_ha(dep.svc.url, TOKEN_B, NS_B, TTL))
     # a JobManager with cluster B's token pointed at cluster A's namespace
-    intruder = FlinkCluster(dep.base / "cluster-b-wrong-ns", dep.svc.url, TOKEN_B, NS_A, TTL)
+    intruder = FlinkCluster(
+        dep.base / "cluster-b-wrong-ns", statestore_ha(dep.svc.url, TOKEN_B, NS_A, TTL)
+    )
     try:
         jm_b = b.start_jobmanager()
         jm_x = intruder.start_jobmanager()
