@@ -23,6 +23,7 @@ from statestore import errors
 from statestore.errors import IntegrityError, StateStoreError
 from statestore.etcd import Ambiguous, Compacted, ResponseTooLarge, TooManyOps
 from statestore.http import Forbidden, Unauthorized
+from statestore_api.shutdown import ShuttingDown
 from statestore_api.watch import WatchesFull
 
 log = logging.getLogger("statestore.api")
@@ -74,6 +75,8 @@ STATUS: dict[type[StateStoreError], tuple[int, str]] = {
     errors.Unavailable: (503, "unavailable"),
     # This process is at its watch feed or poll limit (with Retry-After).
     WatchesFull: (503, "unavailable"),
+    # A long wait ended by a graceful shutdown of the service: retry.
+    ShuttingDown: (503, "unavailable"),
     Ambiguous: (503, "unavailable"),
     ResponseTooLarge: (503, "unavailable"),
     # A read or watch below etcd's compaction point (listings re-read by

@@ -61,6 +61,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from statestore_api.shutdown import end_long_waits
 from statestore_api.watch import drain_all
 
 log = logging.getLogger("statestore.api.http")
@@ -87,9 +88,11 @@ class HttpProtocol(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         """The server begins a graceful shutdown: waiting watch polls are
-        answered now (``watch.drain_all``), so that they end with their
-        connections instead of holding the exit up to their timeout."""
+        answered now (``watch.drain_all``) and waiting campaigns end with 503
+        (``shutdown.end_long_waits``), so that they end with their connections
+        instead of holding the exit up to their timeout."""
         drain_all()
+        end_long_waits()
         super().shutdown()
 
     def __init__(

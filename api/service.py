@@ -31,6 +31,7 @@ from statestore_api.observability import Metrics
 from statestore_api.problems import ApiError
 from statestore_api.session_registry import SessionInfo, SessionRegistry
 from statestore_api.settings import ServiceSettings
+from statestore_api.shutdown import LONG_WAITS, ShuttingDown
 
 T = TypeVar("T")
 
@@ -223,19 +224,28 @@ async def unless_client_gone(request: Request, work: Coroutine[Any, Any, T]) -> 
     then cancelled and awaited (so its own cleanup, such as withdrawing a
     candidacy, is done before the handler ends) and ``ClientDisconnect``
     raised (logged as 499). A handler that is cancelled itself cancels
-    ``work`` the same way. For handlers that wait long (``POST
-    .../leader?wait=``): the ASGI server does not cancel a handler whose
-    client went away, it only notices when the answer is sent."""
+    ``work`` the same way, and so does a graceful shutdown of the server
+    (:func:`end_long_waits`), answered 503. For handlers that wait long
+    (``POST .../leader?wait=``): the ASGI server does not cancel a handler
+    whose client went away, it only notices when the answer is sent."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(until_client_gone(request))
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    LONG_WAITS.add(stop)
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        LONG_WAITS.discard(stop)
         gone.cancel()
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
     if task.cancelled():
+        if stop.done():
+            raise ShuttingDown(
+                "the service is shutting down and ended this wait; retry (another replica, "
+                "or this one once it is back)"
+            )
         raise ClientDisconnect()
     return task.result()
 

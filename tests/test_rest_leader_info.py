@@ -542,3 +542,27 @@ def test_unreachable_etcd_is_503_for_the_leadership_calls(
             c.delete(info_path("ns-x", "address"), headers=h),
         ):
             assert_problem(r, 503, "unavailable")
+
+
+def test_shutdown_ends_a_waiting_campaign_with_503_and_withdraws_it(
+    service_factory: Callable[..., ServiceProcess], etcd: EtcdProcess, namespace: str
+) -> None:
+    """SIGTERM while a campaign waits: it is answered 503 at once, its
+    candidacy is withdrawn, and the service exits in seconds instead of
+    holding its exit up to the 60 s wait (which left the embedded etcd of a
+    SIGKILLed service running after the Flink end-to-end tests)."""
+    svc = service_factory()
+    with client(svc.url) as c:
+        a, b = new_session(c), new_session(c)
+        campaign(c, namespace, a)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(_wait_for_leadership, svc.url, namespace, b, 60)
+        wait_until(lambda: line(etcd, namespace) == [a, b], 10, message="b never lined up")
+        stopping = time.monotonic()
+        svc.proc.send_signal(15)
+        svc.proc.wait(timeout=20)
+        exited = time.monotonic() - stopping
+        r, _ = waiting.result(timeout=30)
+    assert_problem(r, 503, "unavailable")
+    assert exited < 10, f"the service took {exited:.1f} s to exit with a campaign waiting"
+    assert line(etcd, namespace) == [a]  # b's candidacy withdrawn
