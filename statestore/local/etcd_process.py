@@ -428,9 +428,19 @@ class EtcdProcess:
         self._proc.wait()
         _live.discard(self)
 
-    def pause(self) -> None:
-        """SIGSTOP: the member keeps its sockets but answers nothing."""
+    def pause(self, timeout: float = 5.0) -> None:
+        """SIGSTOP: the member keeps its sockets but answers nothing. Returns
+        once every thread of it is stopped (``/proc``): the signal is
+        delivered asynchronously, and on a loaded machine a request sent
+        right after ``kill`` could still be answered."""
         self._signal(signal.SIGSTOP)
+        if self._proc is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not _all_threads_stopped(self._proc.pid):
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"etcd (pid {self._proc.pid}) did not stop within {timeout} s")
+            time.sleep(0.005)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
@@ -605,3 +615,18 @@ class EtcdCluster:
 
     def __repr__(self) -> str:
         return f"EtcdCluster(endpoints={self.endpoints!r})"
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is in the stopped state (or it is gone)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                # The state follows the parenthesised command name, which may hold spaces.
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state not in ("T", "t"):
+                return False
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return True
