@@ -370,6 +370,14 @@ def _results(resp: Any) -> list[Any]:
 #: third of it as margin for the outer txn and the raft entry around it.
 GROUP_COMMIT_MAX_BYTES = 1024 * 1024
 
+#: Seconds a queued txn waits for the requests in flight before it goes out in
+#: a request of its own beside them. A request can hang to its deadline (sent
+#: to a member while the etcd leader was lost: etcd drops the proposal and
+#: answers only at the timeout), and without this everything queued behind
+#: it would hang with it: writes issued after a new leader was elected
+#: resumed only at the old request's deadline, 5 s, instead of at once.
+GROUP_COMMIT_STALL = 0.025
+
 #: A key interval ``[start, end)``; ``end`` None: every key from ``start`` on.
 _Span = tuple[bytes, bytes | None]
 
@@ -459,10 +467,12 @@ class _TxnBatcher:
     each caller gets its own succeeded flag and results (and the revision of
     the one request).
 
-    Batching is natural, with no timer: while no request of this batcher is
-    in flight a txn goes out at once, alone, as without group commit (one
-    caller waits no longer); txns arriving while one is in flight queue, and
-    when its answer comes the queue goes out as one request.
+    Batching is natural: while no request of this batcher is in flight a txn
+    goes out at once, alone, as without group commit (one caller waits no
+    longer); txns arriving while one is in flight queue, and when its answer
+    comes the queue goes out as one request. A queue that has waited
+    :data:`GROUP_COMMIT_STALL` for the requests in flight goes out beside
+    them instead (one stuck request never holds up the txns after it).
 
     What etcd 3.4 does with nested txns, and the rules that follow (each
     checked by tests/test_group_commit.py against a real etcd):
@@ -504,9 +514,12 @@ class _TxnBatcher:
         self.max_ops = max_ops
         self.max_bytes = max_bytes
         self._queue: deque[_Member] = deque()
-        self._in_flight: list[_Member] = []
-        self._busy = False  # a request of this batcher is in flight
-        self._flusher: asyncio.Task[None] | None = None
+        #: Members of the requests in flight, for :meth:`close`.
+        self._in_flight: set[_Member] = set()
+        #: Requests of this batcher in flight (alone or by a flusher).
+        self._sending = 0
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._stall_timer: asyncio.TimerHandle | None = None
         #: Requests answered holding more than one txn, the txns they held,
         #: the most txns and bytes one held, and how many etcd refused whole.
         self.batches = 0
@@ -516,13 +529,13 @@ class _TxnBatcher:
         self.refused = 0
 
     async def txn(self, txn: Txn, what: str) -> TxnResult:
-        if not self._busy and not self._queue:
+        if not self._sending and not self._queue:
             # Nothing in flight: send at once, alone; newcomers queue meanwhile.
-            self._busy = True
+            self._sending += 1
             try:
                 return await self._client._send_txn(txn.request(), what)
             finally:
-                self._busy = False
+                self._sending -= 1
                 self._kick()
         ops = max(len(txn.compares), len(txn.success), len(txn.failure))
         member = None
@@ -535,21 +548,40 @@ class _TxnBatcher:
         return await member.future
 
     def _kick(self) -> None:
-        """Start sending the queue unless a request is in flight."""
-        if self._busy or not self._queue:
+        """Start sending the queue when no request is in flight, else make
+        sure it goes out beside them if they take too long."""
+        if not self._queue:
             return
-        self._busy = True
-        self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        if not self._sending:
+            self._start_flusher()
+        elif self._stall_timer is None:
+            self._stall_timer = asyncio.get_running_loop().call_later(
+                GROUP_COMMIT_STALL, self._stalled
+            )
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self._queue:
+            self._start_flusher()
+
+    def _start_flusher(self) -> None:
+        self._sending += 1
+        task = asyncio.get_running_loop().create_task(self._flush())
+        self._flushers.add(task)
+        task.add_done_callback(self._flushers.discard)
 
     async def _flush(self) -> None:
         try:
             while self._queue:
                 batch = self._take()
-                self._in_flight = batch
-                await self._send(batch)
+                self._in_flight.update(batch)
+                try:
+                    await self._send(batch)
+                finally:
+                    self._in_flight.difference_update(batch)
         finally:
-            self._in_flight = []
-            self._busy = False
+            self._sending -= 1
+            self._kick()
 
     def _take(self) -> list[_Member]:
         """The next batch: queued members in order, within the bounds, each
@@ -635,8 +667,11 @@ class _TxnBatcher:
     def close(self) -> None:
         """Fail what is queued (never sent: ``Unavailable``) or in flight
         (maybe applied: ``Ambiguous``); the client is closing."""
-        if self._flusher is not None:
-            self._flusher.cancel()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        for task in list(self._flushers):
+            task.cancel()
         for m in self._queue:
             _settle(m.future, error=Unavailable(f"{m.what}: the etcd client was closed"))
         for m in self._in_flight:
