@@ -44,6 +44,14 @@ class ServiceSettings(StoreConfig):
         description="Idle keep-alive of client connections; keep it above any load "
         "balancer's idle timeout, or pooled clients race the server's close.",
     )
+    shutdown_grace_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="On SIGTERM, how long requests still in flight may run before they are "
+        "cancelled and the service stops (waiting watches and campaigns are answered at "
+        "once). Keep it well under the session TTLs of the job managers it serves.",
+    )
     max_session_ttl_seconds: int = Field(
         default=120,
         ge=MIN_TTL,

@@ -157,6 +157,10 @@ def serve(
             http=create_protocol(HeaderLimits(settings.header_limit, settings.max_header_count)),
             access_log=False,  # the service logs every request itself, with its request id
             timeout_keep_alive=settings.keep_alive_seconds,
+            # A request that still hangs after the shutdown began (its client
+            # gone, etcd slow) must not keep the service, and the embedded etcd
+            # stopped in the ``finally`` below, up past the job managers' TTLs.
+            timeout_graceful_shutdown=settings.shutdown_grace_seconds,
             log_level=settings.log_level,
         )
     finally:

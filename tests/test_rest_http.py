@@ -20,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -341,3 +341,26 @@ def test_h2c_upgrade_is_ignored_without_a_body_and_with_a_chunked_body(
             doc = r.json()
             assert isinstance(doc, dict)
             assert doc["sha256"] == hashlib.sha256(b"hello world").hexdigest(), doc
+
+
+def test_a_request_still_running_at_shutdown_is_cancelled_after_the_grace(
+    service_factory: Callable[..., ServiceProcess], namespace: str
+) -> None:
+    """SIGTERM while a PUT waits for a body its client never sends: the
+    service stops once STATESTORE_SHUTDOWN_GRACE_SECONDS are over, instead of
+    waiting for the request forever (which kept a killed service's embedded
+    etcd running). ``Expect: 100-continue`` shows when the handler reads."""
+    svc = service_factory(shutdown_grace_seconds=1)
+    with client(svc.url) as c:
+        sid = new_session(c)
+    with connect(svc) as sock:
+        sock.sendall(
+            f"PUT {hpath(namespace, 'never-sent')} HTTP/1.1\r\nHost: x\r\n"
+            f"X-Session-Id: {sid}\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        assert sock.recv(64).startswith(b"HTTP/1.1 100"), "the handler never read the body"
+        stopping = time.monotonic()
+        svc.proc.send_signal(15)
+        svc.proc.wait(timeout=20)
+    stopped = time.monotonic() - stopping
+    assert stopped < 5, f"the service took {stopped:.1f} s to stop (grace 1 s)"
