@@ -980,29 +980,6 @@ class StateHandleStore:
         """:meth:`add_and_lock` sent as ``call`` (from :meth:`idempotent_call`,
         or ``None``), also returning the stored answer when it was one (for
         the checkpoint store, whose answer holds more than the handle)."""
-        h, replay = await self._add_and_lock_answer(
-            call,
-            name,
-            data,
-            metadata,
-            request_id=request_id,
-            expected_sha256=expected_sha256,
-            max_size=max_size,
-        )
-        self._s.held.locked(self._keys.handle(h.name), h)
-        return h, replay
-
-    async def _add_and_lock_answer(
-        self,
-        call: IdempotentCall | None,
-        name: str,
-        data: Data,
-        metadata: dict[str, Any] | None = None,
-        *,
-        request_id: str | None = None,
-        expected_sha256: str | None = None,
-        max_size: int | None = None,
-    ) -> tuple[Handle, Replay | None]:
         name = validate_name(name)
         meta = encode_metadata(metadata, self._cfg.max_metadata_bytes)
         replay = await self._fence_or_replay(call)  # fail fast before uploading anything
@@ -1163,7 +1140,9 @@ class StateHandleStore:
                 await asyncio.shield(self._drop_blob(claim))
                 raise
             if res.succeeded:
-                return _read_handle(record, res.revision, res.revision), None
+                h = _read_handle(record, res.revision, res.revision)
+                self._s.held.locked(hkey, h)
+                return h, None
             existing, proof = res.results[0], res.results[1]
             await asyncio.shield(self._drop_blob(claim))
             if call is not None and (replay := call.replay_of(res.results[2])) is not None:
@@ -1240,6 +1219,7 @@ class StateHandleStore:
                 **e.details,
             ) from None
         if res.succeeded:
+            self._s.held.locked(hkey, h)
             return h
         current, marker = res.results
         if not current:

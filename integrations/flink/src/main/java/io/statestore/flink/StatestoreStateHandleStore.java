@@ -52,28 +52,14 @@ public final class StatestoreStateHandleStore<T extends Serializable>
         String digest = StatestoreClient.sha256(bytes);
         String sid = client.sessionId();
         AtomicBoolean retried = new AtomicBoolean();
-        Resp r;
-        try {
-            r = client.call("PUT", StatestoreClient.handlePath(full(name)), bytes,
-                    StatestoreClient.headers("X-Session-Id", sid, "X-Fencing-Token", client.fencingHeader(),
-                            "X-Content-SHA256", digest, "X-Handle-Metadata", metadata,
-                            "Idempotency-Key", UUID.randomUUID().toString(),
-                            "Content-Type", "application/octet-stream"),
-                    () -> retried.set(true));
-        } catch (IOException e) {
-            throw new PossibleInconsistentStateException("adding " + full(name) + " may or may not have happened", e);
-        }
+        Resp r = putState("adding", name, bytes, digest, sid, null, retried);
         if (r.status == 201) {
             return new StatestoreRetrievableStateHandle<>(full(name), bytes, state);
         }
         client.checkSessionAndFence(r, sid, "add " + full(name));
         if (r.status == 409 && "already-exists".equals(r.type())) {
-            if (retried.get()) {
-                // an earlier attempt whose answer was lost may have stored exactly these bytes
-                JsonNode h = client.getHandle(full(name));
-                if (h != null && digest.equals(h.path("sha256").asText())) {
-                    return new StatestoreRetrievableStateHandle<>(full(name), bytes, state);
-                }
+            if (storedByLostAttempt(name, digest, retried)) {
+                return new StatestoreRetrievableStateHandle<>(full(name), bytes, state);
             }
             throw new AlreadyExistException("statestore handle " + full(name) + " already exists");
         }
@@ -86,17 +72,7 @@ public final class StatestoreStateHandleStore<T extends Serializable>
         String digest = StatestoreClient.sha256(bytes);
         String sid = client.sessionId();
         AtomicBoolean retried = new AtomicBoolean();
-        Resp r;
-        try {
-            r = client.call("PUT", StatestoreClient.handlePath(full(name)), bytes,
-                    StatestoreClient.headers("X-Session-Id", sid, "X-Fencing-Token", client.fencingHeader(),
-                            "If-Match", "\"" + version.value() + "\"", "X-Content-SHA256", digest,
-                            "X-Handle-Metadata", metadata, "Idempotency-Key", UUID.randomUUID().toString(),
-                            "Content-Type", "application/octet-stream"),
-                    () -> retried.set(true));
-        } catch (IOException e) {
-            throw new PossibleInconsistentStateException("replacing " + full(name) + " may or may not have happened", e);
-        }
+        Resp r = putState("replacing", name, bytes, digest, sid, "\"" + version.value() + "\"", retried);
         if (r.status == 200 || r.status == 201) {
             return;
         }
@@ -104,13 +80,38 @@ public final class StatestoreStateHandleStore<T extends Serializable>
         if (r.status == 404) {
             throw new NotExistException("statestore handle " + full(name) + " does not exist");
         }
-        if (r.status == 412 && retried.get()) {
-            JsonNode h = client.getHandle(full(name));
-            if (h != null && digest.equals(h.path("sha256").asText())) {
-                return;
-            }
+        if (r.status == 412 && storedByLostAttempt(name, digest, retried)) {
+            return;
         }
         throw new StatestoreException("replace " + full(name), r);
+    }
+
+    /**
+     * One PUT of the state (add, or replace with {@code ifMatch}), fenced and with an idempotency
+     * key; {@code retried} is set when the client sent it again after a broken connection. No
+     * answer at all is Flink's PossibleInconsistentStateException.
+     */
+    private Resp putState(String doing, String name, byte[] bytes, String digest, String sid, String ifMatch,
+            AtomicBoolean retried) throws Exception {
+        try {
+            return client.call("PUT", StatestoreClient.handlePath(full(name)), bytes,
+                    StatestoreClient.headers("X-Session-Id", sid, "X-Fencing-Token", client.fencingHeader(),
+                            "If-Match", ifMatch, "X-Content-SHA256", digest, "X-Handle-Metadata", metadata,
+                            "Idempotency-Key", UUID.randomUUID().toString(),
+                            "Content-Type", "application/octet-stream"),
+                    () -> retried.set(true));
+        } catch (IOException e) {
+            throw new PossibleInconsistentStateException(doing + " " + full(name) + " may or may not have happened", e);
+        }
+    }
+
+    /** After a retried PUT was refused: whether an earlier attempt whose answer was lost stored exactly these bytes. */
+    private boolean storedByLostAttempt(String name, String digest, AtomicBoolean retried) throws Exception {
+        if (!retried.get()) {
+            return false;
+        }
+        JsonNode h = client.getHandle(full(name));
+        return h != null && digest.equals(h.path("sha256").asText());
     }
 
     @Override
